@@ -1,0 +1,126 @@
+"""Every error asyncproc raises, and nothing else.
+
+The tree::
+
+    AsyncprocError(message, pid=, exitcode=)   base of all library errors
+     ├── ChildCrashed                          the child died without answering
+     │    │                                    (signal, abort, os._exit, sys.exit, killed);
+     │    │                                    .signal, .fault_log (child's Python stack)
+     │    └── MemoryLimitExceeded              ... because it went over memory_limit;
+     │                                         also a builtin MemoryError
+     └── RemoteError                           the child's exception or return value could
+                                               not be carried back; .type_name, .traceback_text
+
+What is *not* here, on purpose: a call that runs past its timeout raises the builtin
+``TimeoutError``; a call whose caller is cancelled sees the cancellation unchanged; bad
+arguments raise ``TypeError``/``ValueError`` before any process starts; an exception raised
+by the called function is re-raised as itself.
+"""
+
+from __future__ import annotations
+
+import signal as _signal
+from typing import Any
+
+__all__ = [
+    "AsyncprocError",
+    "ChildCrashed",
+    "MemoryLimitExceeded",
+    "RemoteError",
+    "describe_exitcode",
+]
+
+
+def _signal_or_none(exitcode: int | None) -> _signal.Signals | None:
+    if exitcode is None or exitcode >= 0:
+        return None
+    try:
+        return _signal.Signals(-exitcode)
+    except ValueError:
+        return None
+
+
+def describe_exitcode(exitcode: int | None) -> str:
+    """``"killed by SIGSEGV (signal 11)"`` / ``"exited with code 3"``, as a user reads it."""
+    if exitcode is None:
+        return "ended with an unknown status"
+    sig = _signal_or_none(exitcode)
+    if sig is not None:
+        return f"was killed by {sig.name} (signal {sig.value})"
+    if exitcode < 0:
+        return f"was killed by signal {-exitcode}"
+    return f"exited with code {exitcode}"
+
+
+class AsyncprocError(Exception):
+    """Base of every asyncproc error; carries the process it is about, like psutil's."""
+
+    def __init__(self, message: str = "", *, pid: int | None = None, exitcode: int | None = None):
+        super().__init__(message)
+        self.pid = pid
+        self.exitcode = exitcode
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Keyword-only attributes are not in .args: rebuild from __dict__ so that an
+        # asyncproc error raised inside a child (nested calls) crosses back intact.
+        return (_rebuild, (type(self), self.args, self.__dict__))
+
+
+def _rebuild(cls: type[AsyncprocError], args: tuple[Any, ...], state: dict[str, Any]) -> AsyncprocError:
+    err = cls.__new__(cls)
+    Exception.__init__(err, *args)
+    err.__dict__.update(state)
+    return err
+
+
+class ChildCrashed(AsyncprocError):
+    """The child died before it answered.
+
+    ``exitcode`` follows ``Popen.returncode``: negative means killed by that signal, and
+    ``signal`` is then the ``signal.Signals`` member. ``fault_log`` holds what faulthandler
+    wrote in the child when a fatal signal hit it: the Python stack of every thread.
+    """
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        pid: int | None,
+        exitcode: int | None,
+        fault_log: str = "",
+    ):
+        self.signal = _signal_or_none(exitcode)
+        self.fault_log = fault_log
+        if message is None:
+            message = f"child process {pid} {describe_exitcode(exitcode)} before it returned"
+            if fault_log.strip():
+                message += "\n\nPython stack of the child when it crashed:\n" + fault_log.rstrip()
+        super().__init__(message, pid=pid, exitcode=exitcode)
+
+
+class MemoryLimitExceeded(ChildCrashed, MemoryError):
+    """The child went over ``memory_limit``; catchable as ``MemoryError`` too."""
+
+
+class RemoteError(AsyncprocError):
+    """The child's exception or return value could not be carried back by pickle.
+
+    ``type_name`` is the qualified name of the type, ``traceback_text`` the child's
+    formatted traceback (empty for an unpicklable return value).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        type_name: str,
+        traceback_text: str = "",
+        pid: int | None = None,
+        exitcode: int | None = None,
+    ):
+        self.type_name = type_name
+        self.traceback_text = traceback_text
+        full = message
+        if traceback_text:
+            full += "\n\nTraceback in the child:\n" + traceback_text.rstrip()
+        super().__init__(full, pid=pid, exitcode=exitcode)

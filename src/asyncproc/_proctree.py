@@ -1,0 +1,197 @@
+"""Finding, signalling, awaiting and reaping a process and everything it started.
+
+Shared by every part of asyncproc that ends processes. The rules it encodes:
+
+* A process group outlives its leader while members remain, and the leader's pid stays
+  reserved (so cannot be reused) until the leader is reaped. So ``killpg`` is safe while
+  the leader is alive or a zombie we have not reaped yet: signal first, reap last.
+* A descendant that called ``setsid()`` left the group; only a walk of the process tree
+  (psutil) finds it, and only while its ancestors are alive: take the snapshot before
+  killing anyone.
+* No wait is unbounded: a process in uninterruptible sleep ignores SIGKILL until the
+  kernel lets go, and we must not hang with it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import select
+import signal
+import time
+from collections.abc import Iterable
+
+import psutil
+
+__all__ = [
+    "descendants",
+    "exitcode_of",
+    "make_subreaper",
+    "pidfd_open",
+    "reap",
+    "set_comm",
+    "set_parent_death_signal",
+    "signal_tree",
+    "wait_fds",
+    "kill_tree_sync",
+]
+
+_PR_SET_PDEATHSIG = 1
+_PR_SET_CHILD_SUBREAPER = 36
+
+_libc: ctypes.CDLL | None = None
+
+
+def _prctl(option: int, arg: int) -> None:
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    if _libc.prctl(option, ctypes.c_ulong(arg), 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def set_parent_death_signal(sig: int) -> None:
+    """Have the kernel send ``sig`` to us when the *thread* that forked us exits."""
+    _prctl(_PR_SET_PDEATHSIG, sig)
+
+
+def make_subreaper() -> None:
+    """Orphaned descendants are re-parented to us instead of init, so we can find them."""
+    _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+
+
+def set_comm(name: str) -> None:
+    """Set the name ``ps`` and ``/proc/PID/comm`` show (15 bytes at most)."""
+    try:
+        with open("/proc/self/comm", "w") as f:
+            f.write(name[:15])
+    except OSError:
+        pass
+
+
+def exitcode_of(wait_status: int) -> int:
+    """A ``waitpid`` status as ``Popen.returncode``: negative for a signal."""
+    return os.waitstatus_to_exitcode(wait_status)
+
+
+def pidfd_open(pid: int) -> int | None:
+    """A pidfd (readable once ``pid`` has exited), or None where the kernel has none."""
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
+
+
+def reap(pid: int) -> int | None:
+    """Reap our child ``pid`` if it has exited: its returncode, else None."""
+    try:
+        got, status = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return None
+    return exitcode_of(status) if got == pid else None
+
+
+def descendants(pid: int) -> list[psutil.Process]:
+    """Every live descendant of ``pid`` (children first); [] if ``pid`` is gone."""
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return []
+
+
+def signal_tree(pgid: int | None, procs: Iterable[psutil.Process], sig: int) -> None:
+    """Signal a process group and every process of a snapshot; vanished ones are fine."""
+    if pgid is not None:
+        try:
+            os.killpg(pgid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+    for proc in procs:
+        try:
+            # psutil checks the create time first, so a recycled pid is never hit.
+            proc.send_signal(sig)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+
+
+def wait_fds(fds: Iterable[int], timeout: float) -> set[int]:
+    """Block up to ``timeout`` until each fd is readable; the set of those that are."""
+    pending = set(fds)
+    ready: set[int] = set()
+    deadline = time.monotonic() + timeout
+    while pending:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        poller = select.poll()
+        for fd in pending:
+            poller.register(fd, select.POLLIN)
+        try:
+            events = poller.poll(remaining * 1000)
+        except InterruptedError:  # pragma: no cover - PEP 475 retries for us
+            continue
+        for fd, _ in events:
+            ready.add(fd)
+            pending.discard(fd)
+    return ready
+
+
+def _gone_after(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Wait (event-driven, on pidfds) up to ``timeout`` for ``procs`` to exit; the living."""
+    fds: dict[int, psutil.Process] = {}
+    alive: list[psutil.Process] = []
+    for proc in procs:
+        fd = pidfd_open(proc.pid)
+        if fd is None:
+            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                alive.append(proc)
+            continue
+        fds[fd] = proc
+    try:
+        ready = wait_fds(fds, timeout)
+        alive += [p for fd, p in fds.items() if fd not in ready]
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return alive
+
+
+def kill_tree_sync(pid: int, *, grace: float = 1.0, is_child: bool = True, bound: float = 2.0) -> int | None:
+    """SIGTERM ``pid``'s group and descendants, SIGKILL after ``grace``, reap if our child.
+
+    Blocks at most ``grace + bound`` seconds in all; returns the returncode if reaped.
+    """
+    try:
+        leader = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return reap(pid) if is_child else None
+    tree = [leader, *descendants(pid)]
+    signal_tree(_pgid_led_by(pid), tree, signal.SIGTERM)
+    alive = _gone_after(tree, grace) if grace > 0 else tree
+    if alive:
+        tree = alive + [p for p in descendants(pid) if p not in alive]
+        signal_tree(_pgid_led_by(pid), tree, signal.SIGKILL)
+        _gone_after(tree, bound)
+    if not is_child:
+        return None
+    fd = pidfd_open(pid)
+    if fd is not None:
+        try:
+            wait_fds([fd], bound)
+        finally:
+            os.close(fd)
+    return reap(pid)
+
+
+def _pgid_led_by(pid: int) -> int | None:
+    """``pid`` if it leads its own process group (we never signal a group we don't own)."""
+    try:
+        return pid if os.getpgid(pid) == pid else None
+    except ProcessLookupError:
+        return None
+    except OSError as exc:  # pragma: no cover - EPERM across sessions on some kernels
+        if exc.errno == errno.EPERM:
+            return None
+        raise
