@@ -7,12 +7,16 @@ except ``asyncproc.numa``.
 from __future__ import annotations
 
 from ._exceptions import AsyncprocError, ChildCrashed, MemoryLimitExceeded, RemoteError
+from ._isolated import Isolated, safe_call, safe_call_sync
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AsyncprocError",
     "ChildCrashed",
+    "Isolated",
     "MemoryLimitExceeded",
     "RemoteError",
+    "safe_call",
+    "safe_call_sync",
 ]

@@ -33,8 +33,10 @@ __all__ = [
     "set_comm",
     "set_parent_death_signal",
     "signal_tree",
-    "wait_fds",
     "kill_tree_sync",
+    "process_and_descendants",
+    "wait_fds",
+    "wait_gone",
 ]
 
 _PR_SET_PDEATHSIG = 1
@@ -101,6 +103,15 @@ def descendants(pid: int) -> list[psutil.Process]:
         return []
 
 
+def process_and_descendants(pid: int) -> list[psutil.Process]:
+    """``pid`` itself and every live descendant; [] if it is gone."""
+    try:
+        proc = psutil.Process(pid)
+        return [proc, *proc.children(recursive=True)]
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return []
+
+
 def signal_tree(pgid: int | None, procs: Iterable[psutil.Process], sig: int) -> None:
     """Signal a process group and every process of a snapshot; vanished ones are fine."""
     if pgid is not None:
@@ -138,7 +149,7 @@ def wait_fds(fds: Iterable[int], timeout: float) -> set[int]:
     return ready
 
 
-def _gone_after(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+def wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
     """Wait (event-driven, on pidfds) up to ``timeout`` for ``procs`` to exit; the living."""
     fds: dict[int, psutil.Process] = {}
     alive: list[psutil.Process] = []
@@ -169,11 +180,11 @@ def kill_tree_sync(pid: int, *, grace: float = 1.0, is_child: bool = True, bound
         return reap(pid) if is_child else None
     tree = [leader, *descendants(pid)]
     signal_tree(_pgid_led_by(pid), tree, signal.SIGTERM)
-    alive = _gone_after(tree, grace) if grace > 0 else tree
+    alive = wait_gone(tree, grace) if grace > 0 else tree
     if alive:
         tree = alive + [p for p in descendants(pid) if p not in alive]
         signal_tree(_pgid_led_by(pid), tree, signal.SIGKILL)
-        _gone_after(tree, bound)
+        wait_gone(tree, bound)
     if not is_child:
         return None
     fd = pidfd_open(pid)

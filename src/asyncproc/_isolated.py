@@ -1,0 +1,453 @@
+"""Isolated calls: ``safe_call``, ``Isolated``, ``safe_call_sync``.
+
+A call is one fresh process that no other call touches. The caller waits on one data
+socket: the answer, or end-of-stream when the worker is gone (see ``_server`` for why
+end-of-stream means "gone and cleaned up"). Timeouts and cancellation end the worker's
+whole tree with SIGTERM, ``grace``, SIGKILL, each wait bounded, before the caller sees the
+outcome.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import math
+import os
+import pickle
+import signal
+import socket
+import sys
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from typing import Any, Callable, TypeVar
+
+import anyio
+
+from . import _proctree, _protocol, _worker
+from ._exceptions import ChildCrashed, MemoryLimitExceeded, RemoteError
+from ._serverlink import link, spawn_python
+
+__all__ = ["Isolated", "safe_call", "safe_call_sync", "START_METHODS"]
+
+log = logging.getLogger("asyncproc")
+
+T = TypeVar("T")
+
+START_METHODS = ("forkserver", "fork", "spawn")
+# After SIGKILL a process normally vanishes in microseconds; one in uninterruptible
+# sleep may take forever, and we will not hang with it.
+_KILL_BOUND_S = 2.0
+# After answering, a worker only flushes and ends what it started (itself bounded).
+_EXIT_BOUND_S = 5.0
+
+
+@dataclass
+class _Exit:
+    pid: int | None
+    exitcode: int | None
+    fault_log: str = ""
+
+
+# -- worker handles: one per start method, same four operations ---------------------------
+
+
+class _Worker:
+    """The caller's grip on one worker."""
+
+    pid: int | None = None
+
+    def __init__(self, data: socket.socket):
+        data.setblocking(False)
+        self.data = data
+
+    async def next_message(self) -> _protocol.Message | None:
+        """The worker's next message, or None at end-of-stream (it is gone)."""
+        while True:
+            try:
+                return _protocol.recv(self.data)
+            except BlockingIOError:
+                await anyio.wait_readable(self.data)
+            except ConnectionResetError:
+                return None
+
+    def signal(self, sig: int) -> None:
+        raise NotImplementedError
+
+    async def exit_status(self) -> _Exit:
+        """After end-of-stream: how it ended. Everything it started is gone by now."""
+        raise NotImplementedError
+
+    def release(self) -> None:
+        """The answer is in; let the worker finish on its own."""
+        self.data.close()
+
+
+class _ServerWorker(_Worker):
+    """A worker forked by the fork server, which reaps it and reports on ``ctl``."""
+
+    def __init__(self, data: socket.socket, ctl: socket.socket):
+        super().__init__(data)
+        ctl.setblocking(False)
+        self.ctl = ctl
+
+    def signal(self, sig: int) -> None:
+        try:
+            _protocol.send(self.ctl, _protocol.TERM if sig == signal.SIGTERM else _protocol.KILL)
+        except OSError:
+            pass  # the server already closed: the worker is gone
+
+    async def exit_status(self) -> _Exit:
+        msg = None
+        with anyio.move_on_after(_KILL_BOUND_S):
+            while True:
+                try:
+                    msg = _protocol.recv(self.ctl)
+                    break
+                except BlockingIOError:
+                    await anyio.wait_readable(self.ctl)
+                except ConnectionResetError:
+                    break
+        self.close()
+        if msg is None or msg.tag != _protocol.EXITED:
+            return _Exit(self.pid, None, "the asyncproc fork server died while serving this call")
+        head, _, fault = bytes(msg.body).partition(b"\n")
+        pid, code = map(int, head.split())
+        return _Exit(pid, code, fault.decode(errors="replace"))
+
+    def release(self) -> None:
+        # Closing ctl tells the server the caller is done: it ends whatever is left.
+        self.close()
+
+    def close(self) -> None:
+        self.data.close()
+        self.ctl.close()
+
+
+class _OwnWorker(_Worker):
+    """A worker that is our own child ("fork" and "spawn"): we signal and reap it."""
+
+    def __init__(self, data: socket.socket, pid: int, fault_fd: int):
+        super().__init__(data)
+        self.pid = pid
+        self.fault_fd = fault_fd
+        self.pidfd = _proctree.pidfd_open(pid)
+        self.reaped = False
+
+    def signal(self, sig: int) -> None:
+        if not self.reaped:  # until we reap it, its pid and group id cannot be reused
+            _proctree.signal_tree(self.pid, _proctree.descendants(self.pid), sig)
+
+    async def _wait_exited(self, bound: float) -> None:
+        if self.pidfd is None:  # pragma: no cover - kernels before 5.3
+            with anyio.move_on_after(bound):
+                while _proctree.reap(self.pid) is None:
+                    await anyio.sleep(0.005)
+            return
+        with anyio.move_on_after(bound):
+            await anyio.wait_readable(self.pidfd)
+
+    async def exit_status(self) -> _Exit:
+        assert self.pid is not None
+        await self._wait_exited(_EXIT_BOUND_S)
+        # Its group may hold processes it left; the unreaped leader still reserves the id.
+        _proctree.signal_tree(self.pid, (), signal.SIGKILL)
+        code = _proctree.reap(self.pid)
+        if code is None:
+            self.signal(signal.SIGKILL)
+            await self._wait_exited(_KILL_BOUND_S)
+            code = _proctree.reap(self.pid)
+        if code is None:
+            log.warning("asyncproc: child %s did not exit after SIGKILL (uninterruptible sleep?); giving up on it", self.pid)
+        else:
+            self.reaped = True
+        fault = _read_fault_log(self.fault_fd) if code else ""
+        self.close()
+        return _Exit(self.pid, code, fault)
+
+    async def finish(self) -> None:
+        await self.exit_status()
+
+    def close(self) -> None:
+        self.data.close()
+        for fd in (self.fault_fd, self.pidfd):
+            if fd is not None and fd >= 0:
+                os.close(fd)
+        self.fault_fd = self.pidfd = -1
+
+
+def _read_fault_log(fd: int) -> str:
+    chunks, offset = [], 0
+    while chunk := os.pread(fd, 65536, offset):
+        chunks.append(chunk)
+        offset += len(chunk)
+    return b"".join(chunks).decode(errors="replace")
+
+
+def _start_forkserver(spec: _worker.CallSpec, job: _worker.Job) -> _Worker:
+    data, data_far = _protocol.seqpacket_pair()
+    ctl, ctl_far = _protocol.seqpacket_pair()
+    try:
+        spec = _with_context(spec, env=link.env_if_changed())
+        _protocol.send(data, _protocol.CALL, _worker.encode_call(spec, job))
+        link.spawn(ctl_far, data_far)
+    except BaseException:
+        data.close()
+        ctl.close()
+        raise
+    finally:
+        data_far.close()
+        ctl_far.close()
+    return _ServerWorker(data, ctl)
+
+
+def _start_fork(spec: _worker.CallSpec, job: _worker.Job) -> _Worker:
+    data, data_far = _protocol.seqpacket_pair()
+    fault_fd = os.memfd_create("asyncproc-fault", os.MFD_CLOEXEC)
+    parent = os.getpid()
+    for stream in (sys.stdout, sys.stderr):  # or the child would print our buffer again
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    pid = os.fork()
+    if pid == 0:
+        data.close()
+        _worker.forked_main(data_far, fault_fd, parent, job, spec)
+    data_far.close()
+    return _OwnWorker(data, pid, fault_fd)
+
+
+def _start_spawn(spec: _worker.CallSpec, job: _worker.Job) -> _Worker:
+    data, data_far = _protocol.seqpacket_pair()
+    fault_fd = os.memfd_create("asyncproc-fault", os.MFD_CLOEXEC)
+    try:
+        _protocol.send(data, _protocol.CALL, _worker.encode_call(_with_context(spec, env=dict(os.environ)), job))
+        code = "from asyncproc._worker import spawn_main; spawn_main()"
+        pid = spawn_python(code, [str(os.getpid())], {3: data_far.fileno(), 4: fault_fd})
+    except BaseException:
+        data.close()
+        os.close(fault_fd)
+        raise
+    finally:
+        data_far.close()
+    return _OwnWorker(data, pid, fault_fd)
+
+
+_STARTERS: dict[str, Callable[[_worker.CallSpec, _worker.Job], _Worker]] = {
+    "forkserver": _start_forkserver,
+    "fork": _start_fork,
+    "spawn": _start_spawn,
+}
+
+
+def _with_context(spec: _worker.CallSpec, env: dict[str, str] | None) -> _worker.CallSpec:
+    # The worker imports by-reference functions the way the caller would, from where the
+    # caller is now, not from where the server happened to start.
+    return _worker.CallSpec(spec.memory_limit, spec.binding, tuple(sys.path), os.getcwd(), env)
+
+
+# -- outcomes -----------------------------------------------------------------------------
+
+
+async def _drain_to_end(worker: _Worker) -> None:
+    while await worker.next_message() is not None:
+        pass
+
+
+async def _stop(worker: _Worker, grace: float) -> _Exit:
+    """SIGTERM the tree, wait ``grace``, SIGKILL, wait a bounded time; then the status."""
+    worker.signal(signal.SIGTERM)
+    ended = False
+    with anyio.move_on_after(grace):
+        await _drain_to_end(worker)
+        ended = True
+    if not ended:
+        worker.signal(signal.SIGKILL)
+        with anyio.move_on_after(_KILL_BOUND_S):
+            await _drain_to_end(worker)
+    return await worker.exit_status()
+
+
+async def _finish(worker: _Worker) -> _Exit:
+    """After an answer that is not a value: wait for the worker to end (it is already
+    ending), then the status."""
+    ended = False
+    with anyio.move_on_after(_EXIT_BOUND_S):
+        await _drain_to_end(worker)
+        ended = True
+    if not ended:
+        return await _stop(worker, 0)
+    return await worker.exit_status()
+
+
+def _loads_exception(body: bytes | memoryview) -> tuple[BaseException, int]:
+    type_name, message, text, data, pid = pickle.loads(body)
+    if data is not None:
+        try:
+            exc = pickle.loads(data)
+            if isinstance(exc, BaseException):
+                if hasattr(exc, "add_note"):
+                    exc.add_note(f"(raised in asyncproc child process {pid})")
+                return exc, pid
+        except Exception as exc:
+            text += f"\n(the exception could not be rebuilt in the caller: {type(exc).__name__}: {exc})"
+    return RemoteError(f"{type_name}: {message}", type_name=type_name, traceback_text=text, pid=pid), pid
+
+
+def _loads_value(body: bytes | memoryview, pid: int | None) -> Any:
+    try:
+        return pickle.loads(body)
+    except Exception as exc:
+        raise RemoteError(
+            f"the child's return value could not be unpickled in the caller: {type(exc).__name__}: {exc}",
+            type_name=type(exc).__name__,
+            pid=pid,
+        ) from None
+
+
+async def _outcome(worker: _Worker, msg: _protocol.Message | None) -> Any:
+    if msg is not None and msg.tag == _protocol.VALUE:
+        value = _loads_value(msg.body, worker.pid)
+        if isinstance(worker, _OwnWorker):
+            await worker.finish()
+        else:
+            worker.release()
+        return value
+    with anyio.CancelScope(shield=True):
+        end = await _finish(worker) if msg is not None else await worker.exit_status()
+    if msg is None:
+        raise ChildCrashed(pid=end.pid, exitcode=end.exitcode, fault_log=end.fault_log)
+    if msg.tag == _protocol.RAISED:
+        exc, _ = _loads_exception(msg.body)
+        raise exc
+    if msg.tag == _protocol.MEMORY:
+        limit, text, pid = pickle.loads(msg.body)
+        message = f"child process {pid} went over its memory limit of {limit} bytes (MemoryError)"
+        if text:
+            message += "\n\nTraceback in the child:\n" + text.rstrip()
+        raise MemoryLimitExceeded(message, pid=pid, exitcode=end.exitcode)
+    if msg.tag == _protocol.UNPICKLABLE:
+        type_name, reason = pickle.loads(msg.body)
+        raise RemoteError(
+            f"the child returned a {type_name}, which cannot be pickled ({reason})",
+            type_name=type_name,
+            pid=end.pid,
+            exitcode=end.exitcode,
+        )
+    raise RuntimeError(f"asyncproc: unexpected message {msg.tag!r} from a worker")  # pragma: no cover
+
+
+# -- the public API -----------------------------------------------------------------------
+
+
+def _check_number(name: str, value: object, *, allow_none: bool) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds{' or None' if allow_none else ''}, got {value!r}")
+    if math.isnan(value) or value < 0:
+        raise ValueError(f"{name} must be >= 0 seconds, got {value!r}")
+
+
+def _check_callable(func: object, where: str) -> None:
+    if not callable(func):
+        raise TypeError(f"{where} needs a callable as its first argument, got {type(func).__name__} {func!r:.80}")
+    if inspect.iscoroutinefunction(func):
+        raise TypeError(f"{where} runs synchronous functions; {func!r:.80} is an async def")
+
+
+class Isolated:
+    """Runs a function in a fresh child process per call; see the README for outcomes.
+
+    ``timeout`` (seconds, or None for no limit) covers the whole call; past it the child's
+    tree gets SIGTERM, ``grace`` seconds, then SIGKILL, and the caller gets TimeoutError.
+    ``memory_limit`` (bytes) caps the child's data memory (RLIMIT_DATA).
+    """
+
+    def __init__(
+        self,
+        *,
+        timeout: float | None = 5.0,
+        grace: float = 1.0,
+        start_method: str = "forkserver",
+        memory_limit: int | None = None,
+    ):
+        _check_number("timeout", timeout, allow_none=True)
+        _check_number("grace", grace, allow_none=False)
+        if start_method not in START_METHODS:
+            raise ValueError(f"start_method must be one of {', '.join(map(repr, START_METHODS))}, got {start_method!r}")
+        if memory_limit is not None:
+            if isinstance(memory_limit, bool) or not isinstance(memory_limit, int):
+                raise TypeError(f"memory_limit must be a number of bytes (int) or None, got {memory_limit!r}")
+            if memory_limit <= 0:
+                raise ValueError(f"memory_limit must be > 0 bytes, got {memory_limit!r}")
+        self.timeout = timeout
+        self.grace = grace
+        self.start_method = start_method
+        self.memory_limit = memory_limit
+        self._spec = _worker.CallSpec(memory_limit=memory_limit)
+
+    def __repr__(self) -> str:
+        return (
+            f"Isolated(timeout={self.timeout!r}, grace={self.grace!r}, "
+            f"start_method={self.start_method!r}, memory_limit={self.memory_limit!r})"
+        )
+
+    async def call(self, func: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        """``func(*args, **kwargs)`` in a new child process; its value or its exception."""
+        _check_callable(func, "Isolated.call()")
+        worker = _STARTERS[self.start_method](self._spec, (func, args, kwargs))
+        try:
+            msg = None
+            timeout = math.inf if self.timeout is None else self.timeout
+            with anyio.move_on_after(timeout) as scope:
+                msg = await worker.next_message()
+            if scope.cancelled_caught:
+                with anyio.CancelScope(shield=True):
+                    await _stop(worker, self.grace)
+                raise TimeoutError(f"{_describe(func)} did not return within {self.timeout} s; its process was stopped")
+            return await _outcome(worker, msg)
+        except BaseException:
+            if not _is_closed(worker):  # cancelled from outside while waiting
+                with anyio.CancelScope(shield=True):
+                    await _stop(worker, self.grace)
+            raise
+
+    def __call__(self, func: Callable[..., T]) -> Callable[..., Awaitable[T]]:
+        """Decorator: a sync ``def`` becomes an ``async def`` that runs isolated."""
+        _check_callable(func, "@Isolated(...)")
+
+        @functools.wraps(func)
+        async def isolated(*args: Any, **kwargs: Any) -> T:
+            return await self.call(func, *args, **kwargs)
+
+        return isolated
+
+
+def _is_closed(worker: _Worker) -> bool:
+    return worker.data.fileno() == -1
+
+
+def _describe(func: Callable[..., Any]) -> str:
+    return getattr(func, "__qualname__", None) or repr(func)
+
+
+_default = Isolated()
+
+
+async def safe_call(func: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+    """``func(*args, **kwargs)`` in a fresh child process with ``Isolated()``'s defaults."""
+    return await _default.call(func, *args, **kwargs)
+
+
+def safe_call_sync(func: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+    """``safe_call`` for code with no event loop (runs one on asyncio for the call)."""
+    _check_callable(func, "safe_call_sync()")
+    import sniffio
+
+    try:
+        library = sniffio.current_async_library()
+    except sniffio.AsyncLibraryNotFoundError:
+        return anyio.run(functools.partial(_default.call, func, *args, **kwargs))
+    raise RuntimeError(f"safe_call_sync() was called inside a running {library} event loop; use 'await asyncproc.safe_call(...)' there")

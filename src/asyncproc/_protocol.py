@@ -1,0 +1,114 @@
+"""Messages between a caller, the fork server and a worker.
+
+Every channel is an ``AF_UNIX``/``SOCK_SEQPACKET`` pair: each ``sendmsg`` arrives whole
+or not at all, so a worker that dies half-way through answering can never leave a torn
+frame for the next reader, and file descriptors ride along (``SCM_RIGHTS``). A payload
+too large for one packet travels in a sealed-off memfd whose descriptor is attached.
+
+A message is ``tag (1 byte) | flags (1 byte) | body``; ``FLAG_MEMFD`` says the body is in
+the last attached descriptor instead.
+"""
+
+from __future__ import annotations
+
+import array
+import mmap
+import os
+import socket
+from typing import NamedTuple
+
+__all__ = ["Message", "recv", "send", "seqpacket_pair", "INLINE_MAX"]
+
+# Unix sockets buffer about 208 KiB per direction by default; a packet must fit in it.
+INLINE_MAX = 64 * 1024
+_MAX_FDS = 4
+FLAG_MEMFD = 1
+
+# tags
+CALL = b"C"  # caller -> worker: options, context and the pickled call
+VALUE = b"V"  # worker -> caller: the pickled return value
+RAISED = b"E"  # worker -> caller: the exception, pickled and as text
+UNPICKLABLE = b"U"  # worker -> caller: the return value could not be pickled
+MEMORY = b"M"  # worker -> caller: MemoryError under memory_limit
+SPAWN = b"S"  # caller -> server: give me a worker (ctl and data fds attached)
+ASSIGN = b"A"  # server -> spare: serve this call (data fd attached)
+EXITED = b"X"  # server -> caller: the worker exited; status and fault log
+TERM = b"T"  # caller -> server: SIGTERM the worker's tree
+KILL = b"K"  # caller -> server: SIGKILL the worker's tree
+PRELOAD = b"P"  # caller -> server: import these modules before forking spares
+
+
+class Message(NamedTuple):
+    tag: bytes
+    body: bytes | memoryview
+    fds: list[int]
+
+
+def seqpacket_pair() -> tuple[socket.socket, socket.socket]:
+    return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+
+
+def _to_memfd(body: bytes | memoryview) -> int:
+    fd = os.memfd_create("asyncproc-payload", os.MFD_CLOEXEC)
+    view = memoryview(body)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+    return fd
+
+
+def send(sock: socket.socket, tag: bytes, body: bytes | memoryview = b"", fds: list[int] | tuple[int, ...] = ()) -> None:
+    """Send one message; blocks only if the peer's buffer is full (never for our sizes)."""
+    fds = list(fds)
+    memfd = None
+    flags = 0
+    if len(body) > INLINE_MAX:
+        memfd = _to_memfd(body)
+        fds.append(memfd)
+        body, flags = b"", FLAG_MEMFD
+    try:
+        head = tag + bytes((flags,))
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+        sock.sendmsg([head, body], ancillary)
+    finally:
+        if memfd is not None:
+            os.close(memfd)
+
+
+def recv(sock: socket.socket) -> Message | None:
+    """Receive one message; None at end of stream. Received fds are the caller's to close."""
+    data, ancillary, msg_flags, _ = sock.recvmsg(INLINE_MAX + 2, socket.CMSG_SPACE(_MAX_FDS * 4))
+    fds = _fds_from(ancillary)
+    if not data:
+        for fd in fds:
+            os.close(fd)
+        return None
+    if msg_flags & socket.MSG_CTRUNC:
+        for fd in fds:
+            os.close(fd)
+        raise OSError("asyncproc: a message carried more file descriptors than expected")
+    tag, flags, body = data[:1], data[1], memoryview(data)[2:]
+    if flags & FLAG_MEMFD:
+        body = _read_memfd(fds.pop())
+    return Message(tag, body, fds)
+
+
+def _fds_from(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, raw in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(raw[: len(raw) - (len(raw) % arr.itemsize)])
+            fds.extend(arr)
+    return fds
+
+
+def _read_memfd(fd: int) -> memoryview:
+    try:
+        size = os.fstat(fd).st_size
+        if size == 0:
+            return memoryview(b"")
+        # A private read-only map: no copy until unpickling builds its objects.
+        return memoryview(mmap.mmap(fd, size, mmap.MAP_PRIVATE, mmap.PROT_READ))
+    finally:
+        os.close(fd)

@@ -1,0 +1,287 @@
+"""The fork server: a lean process that keeps spare workers forked ahead of demand.
+
+Started lazily by the first "forkserver" call as ``python -c`` (so the caller's
+``__main__`` is never imported), with one SEQPACKET channel to the caller on fd 3. Per
+call the caller sends SPAWN with two fresh descriptors: ``ctl`` (server <-> caller) and
+``data`` (worker <-> caller). The server hands ``data`` to a spare and keeps its own copy.
+
+When the worker exits the server (1) SIGKILLs the rest of the worker's process group while
+the unreaped worker still reserves the group id, (2) kills any process it adopted (workers
+are subreapers, so an orphan reaching the server can only come from a dead worker's tree),
+(3) reaps, (4) sends EXITED with the status and faulthandler's output on ``ctl``, and only
+then (5) shuts ``data`` down. The caller waits on ``data`` alone: at end-of-stream it knows
+EXITED is already queued on ``ctl`` and that everything is gone.
+
+The channel is also the lifeline: at its end-of-stream (the caller exited or was killed)
+the server ends every worker's tree and exits. Spares die with the server
+(PR_SET_PDEATHSIG; the server is single-threaded, so "parent thread" means the server).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import selectors
+import signal
+import socket
+import sys
+from dataclasses import dataclass, field
+
+from . import _proctree, _protocol, _worker
+
+_CHILDREN_FILE = "/proc/self/task/{pid}/children"
+
+
+@dataclass
+class _Spare:
+    pid: int
+    ctl: socket.socket
+    fault_fd: int
+
+
+@dataclass
+class _Job:
+    pid: int
+    ctl: socket.socket  # to the caller
+    data: socket.socket  # our copy of the worker's data socket; shut down at the end
+    fault_fd: int
+    preloaded: bool = field(default=True)
+
+
+class Server:
+    def __init__(self, channel: socket.socket, spares: int):
+        self.channel = channel
+        self.target_spares = spares
+        self.spares: list[_Spare] = []
+        self.jobs: dict[int, _Job] = {}
+        self.by_ctl: dict[int, _Job] = {}
+        self.selector = selectors.DefaultSelector()
+        self.pid = os.getpid()
+        wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.wake_r = wake_r
+        signal.set_wakeup_fd(self.wake_w)
+        signal.signal(signal.SIGCHLD, lambda *_: None)  # a handler, so the wake-up fd fires
+        self.selector.register(channel, selectors.EVENT_READ, self._on_request)
+        self.selector.register(wake_r, selectors.EVENT_READ, self._on_sigchld)
+
+    # -- spares ---------------------------------------------------------------------------
+
+    def _fork_spare(self) -> _Spare:
+        ours, theirs = _protocol.seqpacket_pair()
+        fault_fd = os.memfd_create("asyncproc-fault", os.MFD_CLOEXEC)
+        pid = os.fork()
+        if pid == 0:  # the spare
+            try:
+                self._become_spare(theirs.fileno(), fault_fd)
+                _worker.spare_main(theirs, fault_fd, self.pid)
+            finally:
+                os._exit(70)
+        theirs.close()
+        return _Spare(pid, ours, fault_fd)
+
+    def _become_spare(self, keep_sock: int, keep_fault: int) -> None:
+        # Drop every descriptor of the server: the caller's lifeline, other calls' sockets,
+        # other spares' fault logs. A worker must hold nothing but its own.
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        low, high = sorted((keep_sock, keep_fault))
+        os.closerange(3, low)
+        os.closerange(low + 1, high)
+        os.closerange(high + 1, 1 << 20)
+
+    def _refill(self) -> None:
+        while len(self.spares) < self.target_spares:
+            self.spares.append(self._fork_spare())
+
+    def _retire_spares(self) -> None:
+        for spare in self.spares:
+            spare.ctl.close()  # end-of-stream: the spare exits by itself
+            os.close(spare.fault_fd)
+        self.spares.clear()
+
+    # -- requests -------------------------------------------------------------------------
+
+    def _on_request(self) -> None:
+        try:
+            msg = _protocol.recv(self.channel)
+        except (ConnectionResetError, OSError):
+            msg = None
+        if msg is None:
+            raise SystemExit(0)  # lifeline cut: the caller is gone
+        if msg.tag == _protocol.SPAWN:
+            self._start_job(msg.fds)
+        elif msg.tag == _protocol.PRELOAD:
+            self._preload(bytes(msg.body).decode().split(","))
+        else:  # pragma: no cover - a protocol bug, not a user error
+            for fd in msg.fds:
+                os.close(fd)
+
+    def _start_job(self, fds: list[int]) -> None:
+        ctl = socket.socket(fileno=fds[0])
+        data = socket.socket(fileno=fds[1])
+        spare = self.spares.pop(0) if self.spares else self._fork_spare()
+        try:
+            _protocol.send(spare.ctl, _protocol.ASSIGN, b"", [data.fileno()])
+        except OSError:
+            pass  # the spare died idle: the SIGCHLD path reports it as this call's crash
+        spare.ctl.close()
+        job = _Job(spare.pid, ctl, data, spare.fault_fd)
+        self.jobs[spare.pid] = job
+        self.by_ctl[ctl.fileno()] = job
+        self.selector.register(ctl, selectors.EVENT_READ, lambda: self._on_ctl(job))
+        self._refill()  # off the critical path: the call is already on its way
+
+    def _on_ctl(self, job: _Job) -> None:
+        try:
+            msg = _protocol.recv(job.ctl)
+        except OSError:
+            msg = None
+        # End-of-stream means the caller stopped caring (it has its value, or it was
+        # cancelled, or it died): nothing of the call may live on.
+        sig = signal.SIGTERM if msg is not None and msg.tag == _protocol.TERM else signal.SIGKILL
+        if msg is None:
+            self.selector.unregister(job.ctl)
+        if job.pid in self.jobs:
+            tree = _proctree.descendants(job.pid)
+            _proctree.signal_tree(job.pid, tree, sig)
+
+    def _preload(self, names: list[str]) -> None:
+        fresh = [n for n in names if n and n not in sys.modules]
+        for name in fresh:
+            try:
+                importlib.import_module(name)
+            except Exception as exc:  # a bad preload must not take the server down
+                print(f"asyncproc: could not preload {name!r}: {exc!r}", file=sys.stderr)
+        if fresh:
+            # Spares forked before the import would import it again on every call.
+            self._retire_spares()
+            self._refill()
+
+    # -- exits ----------------------------------------------------------------------------
+
+    def _on_sigchld(self) -> None:
+        try:
+            while os.read(self.wake_r, 512):
+                pass
+        except BlockingIOError:
+            pass
+        self._reap_all()
+
+    def _reap_all(self) -> None:
+        while True:
+            try:
+                # WNOWAIT: look without reaping, so the group id stays reserved while we
+                # signal the rest of the group.
+                info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                return
+            if info is None:
+                return
+            job = self.jobs.pop(info.si_pid, None)
+            if job is not None:
+                self._finish_job(job, info)
+            else:
+                self._forget_spare(info.si_pid)
+                os.waitpid(info.si_pid, 0)  # already exited: returns at once
+
+    def _forget_spare(self, pid: int) -> None:
+        for spare in self.spares:
+            if spare.pid == pid:
+                self.spares.remove(spare)
+                spare.ctl.close()
+                os.close(spare.fault_fd)
+                return
+
+    def _finish_job(self, job: _Job, info: os.waitid_result) -> None:
+        _proctree.signal_tree(job.pid, (), signal.SIGKILL)
+        self._end_adopted(also_known=job.pid)
+        os.waitpid(job.pid, 0)
+        exitcode = info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
+        fault_log = _read_all(job.fault_fd) if exitcode != 0 else ""
+        os.close(job.fault_fd)
+        try:
+            body = f"{job.pid} {exitcode}\n".encode() + fault_log.encode(errors="replace")
+            _protocol.send(job.ctl, _protocol.EXITED, body)
+        except OSError:
+            pass  # the caller already left
+        try:
+            job.data.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        job.data.close()
+        self.by_ctl.pop(job.ctl.fileno(), None)
+        if job.ctl.fileno() in self.selector.get_map():
+            self.selector.unregister(job.ctl)
+        job.ctl.close()
+
+    def _end_adopted(self, also_known: int = 0) -> None:
+        """Kill every child we did not fork: orphans of a dead worker's tree."""
+        known = {*self.jobs, *(s.pid for s in self.spares), also_known}
+        try:
+            with open(_CHILDREN_FILE.format(pid=self.pid)) as f:
+                adopted = [int(p) for p in f.read().split() if int(p) not in known]
+        except FileNotFoundError:  # pragma: no cover - kernels without CONFIG_PROC_CHILDREN
+            adopted = [p.pid for p in _proctree.descendants(self.pid) if p.ppid() == self.pid and p.pid not in known]
+        if not adopted:
+            return
+        tree = [t for pid in adopted for t in _proctree.process_and_descendants(pid)]
+        _proctree.signal_tree(None, tree, signal.SIGKILL)
+        _proctree.wait_gone(tree, 2.0)
+        for proc in tree:
+            try:
+                os.waitpid(proc.pid, os.WNOHANG)  # ours once their parents died
+            except ChildProcessError:
+                pass
+
+    # -- life -----------------------------------------------------------------------------
+
+    def serve_forever(self) -> None:
+        self._refill()
+        try:
+            while True:
+                for key, _ in self.selector.select():
+                    key.data()
+        finally:
+            self.shutdown()
+
+    def shutdown(self) -> None:
+        self._retire_spares()
+        for job in list(self.jobs.values()):
+            tree = [*_proctree.process_and_descendants(job.pid)]
+            _proctree.signal_tree(job.pid, tree, signal.SIGKILL)
+        self._end_adopted()
+        deadline_fds = [fd for fd in (_proctree.pidfd_open(pid) for pid in self.jobs) if fd is not None]
+        _proctree.wait_fds(deadline_fds, 2.0)
+        for fd in deadline_fds:
+            os.close(fd)
+        self._reap_all()
+
+
+def _read_all(fd: int) -> str:
+    chunks = []
+    offset = 0
+    while chunk := os.pread(fd, 65536, offset):
+        chunks.append(chunk)
+        offset += len(chunk)
+    return b"".join(chunks).decode(errors="replace")
+
+
+def main() -> None:
+    """``python -c 'from asyncproc._server import main; main()' SPARES [PRELOAD,...]``; fd 3 is the channel."""
+    try:
+        os.setsid()  # Ctrl-C at the terminal is the caller's to handle, not ours
+    except PermissionError:  # already a session leader (posix_spawn setsid=True)
+        pass
+    _proctree.set_comm("asyncproc-srv")
+    _proctree.make_subreaper()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    channel = socket.socket(fileno=3)
+    server = Server(channel, spares=int(sys.argv[1]))
+    if len(sys.argv) > 2 and sys.argv[2]:
+        server._preload(sys.argv[2].split(","))
+    try:
+        server.serve_forever()
+    except SystemExit:
+        pass
+    os._exit(0)

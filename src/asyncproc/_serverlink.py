@@ -1,0 +1,152 @@
+"""The caller's side of the fork server: start it lazily, share it, restart it, stop it.
+
+One server per caller process, shared by every thread and event loop in it: requests are
+single SEQPACKET messages, which the kernel delivers whole even when threads send at once,
+so the only lock guards starting and restarting.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import socket
+import sys
+import threading
+from collections.abc import Iterable
+
+from . import _proctree, _protocol
+
+__all__ = ["ServerLink", "link", "python_env", "spawn_python"]
+
+log = logging.getLogger("asyncproc")
+
+_STOP_BOUND_S = 2.0
+_SPARES = max(1, int(os.environ.get("ASYNCPROC_SPARES", "2")))
+_PRELOAD_ENV = "ASYNCPROC_PRELOAD"
+
+
+def python_env() -> dict[str, str]:
+    """os.environ, with asyncproc's own folder first on PYTHONPATH so that ``python -c``
+    children import this very copy of the package, installed or not."""
+    env = dict(os.environ)
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    rest = env.get("PYTHONPATH")
+    env["PYTHONPATH"] = here if not rest else here + os.pathsep + rest
+    return env
+
+
+def _high_dup(fd: int) -> int:
+    # Above the target slots (3, 4): a posix_spawn dup2 can then never overwrite a source.
+    import fcntl
+
+    return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10)
+
+
+def spawn_python(code: str, argv: Iterable[str], fds: dict[int, int]) -> int:
+    """posix_spawn ``python -c code argv...`` in a new session, ``fds`` mapped target->source.
+
+    posix_spawn keeps glibc's vfork-style fast path: the cost does not grow with our RSS.
+    """
+    sources = {target: _high_dup(src) for target, src in fds.items()}
+    try:
+        actions = [(os.POSIX_SPAWN_DUP2, src, target) for target, src in sources.items()]
+        return os.posix_spawn(
+            sys.executable,
+            [sys.executable, "-c", code, *argv],
+            python_env(),
+            file_actions=actions,
+            setsid=True,
+        )
+    finally:
+        for src in sources.values():
+            os.close(src)
+
+
+class ServerLink:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._chan: socket.socket | None = None
+        self._pid: int | None = None
+        self._env: dict[bytes, bytes] = {}
+        self._preloads: list[str] = [m for m in os.environ.get(_PRELOAD_ENV, "").split(",") if m]
+
+    @property
+    def pid(self) -> int | None:
+        return self._pid
+
+    def env_if_changed(self) -> dict[str, str] | None:
+        """The caller's environment when it differs from the one the server started with."""
+        data = getattr(os.environ, "_data", None)
+        if data is not None and data == self._env:
+            return None
+        return dict(os.environ)
+
+    def _start(self) -> None:
+        ours, theirs = _protocol.seqpacket_pair()
+        code = "from asyncproc._server import main; main()"
+        try:
+            self._pid = spawn_python(code, [str(_SPARES), ",".join(self._preloads)], {3: theirs.fileno()})
+        finally:
+            theirs.close()
+        self._chan = ours
+        self._env = dict(getattr(os.environ, "_data", {}))
+
+    def _send(self, tag: bytes, body: bytes, fds: list[int]) -> None:
+        with self._lock:
+            for attempt in (1, 2):
+                if self._chan is None:
+                    self._start()
+                assert self._chan is not None
+                try:
+                    _protocol.send(self._chan, tag, body, fds)
+                    return
+                except (BrokenPipeError, ConnectionResetError):
+                    if attempt == 2:
+                        raise
+                    log.warning("asyncproc: the fork server (pid %s) died; starting a new one", self._pid)
+                    self._stop_locked()
+
+    def spawn(self, ctl: socket.socket, data: socket.socket) -> None:
+        """Ask for a worker that will serve the call waiting on ``data``."""
+        self._send(_protocol.SPAWN, b"", [ctl.fileno(), data.fileno()])
+
+    def preload(self, modules: Iterable[str]) -> None:
+        """Have the server import ``modules`` so that no call pays for importing them."""
+        names = [m for m in modules if m not in self._preloads]
+        if not names:
+            return
+        self._preloads += names
+        if self._chan is not None:
+            self._send(_protocol.PRELOAD, ",".join(names).encode(), [])
+
+    def _stop_locked(self) -> None:
+        chan, pid = self._chan, self._pid
+        self._chan = self._pid = None
+        if chan is not None:
+            chan.close()  # end-of-stream on the lifeline: the server ends its workers and exits
+        if pid is not None:
+            fd = _proctree.pidfd_open(pid)
+            if fd is not None:
+                try:
+                    _proctree.wait_fds([fd], _STOP_BOUND_S)
+                finally:
+                    os.close(fd)
+            if _proctree.reap(pid) is None:
+                log.warning("asyncproc: the fork server (pid %s) did not exit within %.0f s", pid, _STOP_BOUND_S)
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stop_locked()
+
+    def forget_after_fork(self) -> None:
+        """In a forked child: the server belongs to the parent; never talk to it or wait on it."""
+        if self._chan is not None:
+            self._chan.close()
+        self._chan = self._pid = None
+        self._lock = threading.Lock()
+
+
+link = ServerLink()
+atexit.register(link.stop)
+os.register_at_fork(after_in_child=link.forget_after_fork)

@@ -1,0 +1,281 @@
+"""Inside the isolated child: serve exactly one call, answer, clean up, exit.
+
+Shared by the three start methods. A worker:
+
+* leads its own session (so its group can be signalled as a whole, and a terminal's
+  Ctrl-C, meant for the caller, never reaches it);
+* is a child subreaper, so anything the call starts stays in its tree even when an
+  intermediate process dies, and can be found and ended when the call is over;
+* has faulthandler writing to a memfd the parent side reads after a fatal signal;
+* exits with ``os._exit``: in "fork" mode a normal exit would run the caller's atexit
+  handlers and flush its stdio buffers a second time.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import os
+import pickle
+import resource
+import signal
+import socket
+import struct
+import sys
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable, NoReturn
+
+from . import _proctree, _protocol
+
+__all__ = ["CallSpec", "Job", "dumps", "encode_call", "prepare_process", "run_one", "spawn_main", "spare_main"]
+
+Job = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]
+
+_SPEC_LEN = struct.Struct("<I")
+
+
+@dataclass(frozen=True)
+class CallSpec:
+    """What the child needs besides the call itself: limits and the caller's context."""
+
+    memory_limit: int | None = None
+    binding: Any = None  # asyncproc.numa.Binding, applied before the call runs
+    sys_path: tuple[str, ...] | None = None
+    cwd: str | None = None
+    env: dict[str, str] | None = None  # None: keep the environment the worker has
+
+
+def dumps(obj: Any) -> bytes:
+    """Pickle by reference where that works (fast, keeps identity), else by value."""
+    try:
+        return pickle.dumps(obj, protocol=5)
+    except Exception:
+        import cloudpickle  # by value: lambdas, closures, classes of a __main__ we don't share
+
+        return cloudpickle.dumps(obj, protocol=5)
+
+
+def encode_call(spec: CallSpec, job: Job) -> bytes:
+    import cloudpickle
+
+    head = pickle.dumps(spec, protocol=5)
+    return _SPEC_LEN.pack(len(head)) + head + cloudpickle.dumps(job, protocol=5)
+
+
+def _decode_call(body: bytes | memoryview) -> tuple[CallSpec, bytes | memoryview]:
+    (size,) = _SPEC_LEN.unpack_from(body)
+    start = _SPEC_LEN.size
+    return pickle.loads(body[start : start + size]), body[start + size :]
+
+
+# -- process set-up ---------------------------------------------------------------------
+
+
+def prepare_process(fault_fd: int, parent_pid: int) -> None:
+    """Isolate this fresh child: own session, subreaper, dies with its parent, fault log."""
+    try:
+        os.setsid()
+    except PermissionError:  # posix_spawn(setsid=True) already made us a leader
+        pass
+    _proctree.set_parent_death_signal(signal.SIGKILL)
+    if os.getppid() != parent_pid:  # the parent died before the line above took effect
+        os._exit(1)
+    _proctree.make_subreaper()
+    faulthandler.enable(file=fault_fd, all_threads=True)
+
+
+def _reset_inherited_signals() -> None:
+    # A forked child must not write signal wake-ups into the caller's event loop pipe,
+    # and must not run handlers the caller's event loop installed.
+    signal.set_wakeup_fd(-1)
+    for sig in (signal.SIGTERM, signal.SIGCHLD, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _apply(spec: CallSpec) -> None:
+    if spec.sys_path is not None and tuple(sys.path) != spec.sys_path:
+        sys.path[:] = spec.sys_path
+    if spec.cwd is not None and spec.cwd != os.getcwd():
+        os.chdir(spec.cwd)
+    if spec.env is not None:
+        os.environ.clear()
+        os.environ.update(spec.env)
+    if spec.binding is not None:
+        spec.binding.apply_to_current_thread()
+    if spec.memory_limit is not None:
+        # RLIMIT_DATA counts heap and private writable mappings (kernel >= 4.7) but not
+        # PROT_NONE reservations such as glibc's per-thread arenas, which make RLIMIT_AS
+        # fail threaded programs long before they really use the memory.
+        resource.setrlimit(resource.RLIMIT_DATA, (spec.memory_limit, spec.memory_limit))
+
+
+# -- running and answering --------------------------------------------------------------
+
+
+def _type_name(cls: type) -> str:
+    module = getattr(cls, "__module__", None)
+    qualname = getattr(cls, "__qualname__", cls.__name__)
+    return qualname if module in (None, "builtins") else f"{module}.{qualname}"
+
+
+def _format(exc: BaseException) -> str:
+    try:
+        return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    except Exception:
+        return f"{_type_name(type(exc))}: <traceback could not be formatted>"
+
+
+def _encode_value(value: Any) -> tuple[bytes, bytes]:
+    try:
+        return _protocol.VALUE, dumps(value)
+    except Exception as exc:
+        reason = f"{type(exc).__name__}: {exc}"
+        return _protocol.UNPICKLABLE, pickle.dumps((_type_name(type(value)), reason))
+
+
+def _encode_exception(exc: BaseException) -> tuple[bytes, bytes]:
+    text = _format(exc)
+    try:
+        from tblib import pickling_support
+
+        pickling_support.install(exc)  # traceback objects (and the chain) become picklable
+        data: bytes | None = dumps(exc)
+    except Exception:
+        data = None
+    try:
+        message = str(exc)
+    except Exception:
+        message = "<str() of the exception failed>"
+    return _protocol.RAISED, pickle.dumps((_type_name(type(exc)), message, text, data, os.getpid()))
+
+
+def _encode_memory_error(exc: MemoryError, limit: int) -> tuple[bytes, bytes]:
+    try:
+        text = _format(exc)
+    except MemoryError:
+        text = ""
+    return _protocol.MEMORY, pickle.dumps((limit, text, os.getpid()))
+
+
+def _exit_code(exc: SystemExit) -> int:
+    code = exc.code
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code & 0xFF
+    print(code, file=sys.stderr)
+    return 1
+
+
+def _flush_stdio() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except Exception:
+            pass
+
+
+def _children() -> list[int] | None:
+    """Our direct children, from /proc (cheap); None where the kernel doesn't list them."""
+    pids: list[int] = []
+    try:
+        for tid in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{tid}/children") as f:
+                pids += map(int, f.read().split())
+    except FileNotFoundError:
+        return None
+    return pids
+
+
+def _end_descendants() -> None:
+    """Kill and reap whatever the call left running (we are its subreaper, so it is all
+    in our tree). SIGKILL: the call is over, nothing may outlive it."""
+    children = _children()
+    if children == []:
+        return
+    tree = _proctree.descendants(os.getpid())
+    _proctree.signal_tree(None, tree, signal.SIGKILL)
+    _proctree.wait_gone(tree, 2.0)
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def _finish(data: socket.socket, tag: bytes, body: bytes, exitcode: int = 0) -> NoReturn:
+    _flush_stdio()  # before answering: the caller may SIGKILL us as soon as it has the value
+    try:
+        if tag:
+            _protocol.send(data, tag, body)
+    except OSError:
+        pass  # the caller is gone; nothing to answer
+    _end_descendants()
+    os._exit(exitcode)
+
+
+def run_one(data: socket.socket, job: Job | None = None, spec: CallSpec | None = None) -> NoReturn:
+    """Serve one call on ``data`` (receiving it first unless ``job`` is given) and exit."""
+    _proctree.set_comm("asyncproc-run")
+    # The data socket must not be held by anything the call forks, or the caller would not
+    # see end-of-stream when we die.
+    os.register_at_fork(after_in_child=data.close)
+    try:
+        if job is None:
+            msg = _protocol.recv(data)
+            if msg is None or msg.tag != _protocol.CALL:
+                os._exit(0)  # the caller gave up before sending the call
+            spec, payload = _decode_call(msg.body)
+            _apply(spec)
+            job = pickle.loads(payload)
+        else:
+            _apply(spec or CallSpec())
+        func, args, kwargs = job
+        tag, body = _encode_value(func(*args, **kwargs))
+    except SystemExit as exc:
+        _finish(data, b"", b"", _exit_code(exc))
+    except MemoryError as exc:
+        limit = spec.memory_limit if spec is not None else None
+        if limit is not None:
+            job = None  # drop references to what filled the memory before encoding
+            tag, body = _encode_memory_error(exc, limit)
+        else:
+            tag, body = _encode_exception(exc)
+    except BaseException as exc:
+        tag, body = _encode_exception(exc)
+    _finish(data, tag, body)
+
+
+def forked_main(data: socket.socket, fault_fd: int, parent_pid: int, job: Job, spec: CallSpec) -> NoReturn:
+    """Entry of a "fork" child, still holding the caller's whole state."""
+    try:
+        _reset_inherited_signals()
+        prepare_process(fault_fd, parent_pid)
+        run_one(data, job, spec)
+    finally:
+        os._exit(70)  # never return into the caller's event loop
+
+
+def spawn_main() -> NoReturn:
+    """Entry of a "spawn" child: ``python -c 'from asyncproc._worker import spawn_main; spawn_main()' PARENT_PID``;
+    fd 3 is the data socket, fd 4 the fault log."""
+    prepare_process(4, int(sys.argv[1]))
+    run_one(socket.socket(fileno=3))
+
+
+def spare_main(ctl: socket.socket, fault_fd: int, server_pid: int) -> NoReturn:
+    """Entry of a spare forked by the server: wait to be assigned a call, then serve it."""
+    prepare_process(fault_fd, server_pid)
+    _proctree.set_comm("asyncproc-idle")
+    try:
+        msg = _protocol.recv(ctl)
+    except OSError:
+        msg = None
+    if msg is None or msg.tag != _protocol.ASSIGN or not msg.fds:
+        os._exit(0)  # the server is retiring us (new preloads, shutdown)
+    ctl.close()
+    run_one(socket.socket(fileno=msg.fds[0]))
