@@ -6,8 +6,11 @@ except ``asyncproc.numa``.
 
 from __future__ import annotations
 
-from ._exceptions import AsyncprocError, ChildCrashed, MemoryLimitExceeded, RemoteError
+from ._errorfile import record
+from ._exceptions import AsyncprocError, ChildCrashed, LaunchFailed, MemoryLimitExceeded, RemoteError
+from ._handler import SubprocessHandler, get_subprocess_handler
 from ._isolated import Isolated, safe_call, safe_call_sync
+from ._launcher import LaunchConfig, LaunchResult, RankResult, start_processes
 
 __version__ = "0.1.0"
 
@@ -15,8 +18,16 @@ __all__ = [
     "AsyncprocError",
     "ChildCrashed",
     "Isolated",
+    "LaunchConfig",
+    "LaunchFailed",
+    "LaunchResult",
     "MemoryLimitExceeded",
+    "RankResult",
     "RemoteError",
+    "SubprocessHandler",
+    "get_subprocess_handler",
+    "record",
     "safe_call",
     "safe_call_sync",
+    "start_processes",
 ]

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 # command -> (module, one-line help)
 _COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("asyncproc._demo", "show isolated calls surviving a segfault, a timeout and an exception"),
+    "run": ("asyncproc._launcher", "run NPROC local ranks of a command; the first failure stops them all"),
 }
 
 

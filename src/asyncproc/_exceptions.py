@@ -8,8 +8,10 @@ The tree::
      │    │                                    .signal, .fault_log (child's Python stack)
      │    └── MemoryLimitExceeded              ... because it went over memory_limit;
      │                                         also a builtin MemoryError
-     └── RemoteError                           the child's exception or return value could
-                                               not be carried back; .type_name, .traceback_text
+     ├── RemoteError                           the child's exception or return value could
+     │                                         not be carried back; .type_name, .traceback_text
+     └── LaunchFailed                          a local rank of ``start_processes`` failed
+                                               (``LaunchResult.check()``); .result
 
 What is *not* here, on purpose: a call that runs past its timeout raises the builtin
 ``TimeoutError``; a call whose caller is cancelled sees the cancellation unchanged; bad
@@ -25,6 +27,7 @@ from typing import Any
 __all__ = [
     "AsyncprocError",
     "ChildCrashed",
+    "LaunchFailed",
     "MemoryLimitExceeded",
     "RemoteError",
     "describe_exitcode",
@@ -124,3 +127,16 @@ class RemoteError(AsyncprocError):
         if traceback_text:
             full += "\n\nTraceback in the child:\n" + traceback_text.rstrip()
         super().__init__(full, pid=pid, exitcode=exitcode)
+
+
+class LaunchFailed(AsyncprocError):
+    """A launch of local ranks did not succeed: a rank failed, or a signal stopped them.
+
+    Raised by ``LaunchResult.check()``; the message is the launch summary (the rank, its
+    exit code or signal, its log file, its recorded error); ``result`` is the
+    ``LaunchResult``; ``pid``/``exitcode`` are those of the first rank that failed.
+    """
+
+    def __init__(self, message: str, *, result: Any, pid: int | None = None, exitcode: int | None = None):
+        self.result = result
+        super().__init__(message, pid=pid, exitcode=exitcode)

@@ -1,0 +1,146 @@
+"""Error files, torch-elastic compatible: a rank's uncaught exception, written as JSON.
+
+The launcher gives each rank ``ASYNCPROC_ERROR_FILE`` and ``TORCHELASTIC_ERROR_FILE`` (the
+same path). ``@asyncproc.record`` on the rank's main function writes an uncaught exception
+there in torch's format, so either tool reads the other's files::
+
+    {"message": {"message": "ValueError: boom",
+                 "extraInfo": {"py_callstack": "Traceback ...", "timestamp": "1700000000"}}}
+
+This module imports only the standard library: a rank pays nothing for using it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import json
+import os
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar, cast
+
+__all__ = ["ENV_VARS", "ErrorRecord", "read_error_file", "record", "write_error_file"]
+
+# Read in this order; the launcher sets both to the same path.
+ENV_VARS = ("ASYNCPROC_ERROR_FILE", "TORCHELASTIC_ERROR_FILE")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True)
+class ErrorRecord:
+    """What a failed rank recorded: ``message`` ("ValueError: boom"), its traceback text,
+    and when (seconds since the epoch; 0 when the file did not say)."""
+
+    message: str
+    traceback: str
+    timestamp: int
+
+
+def record(fn: F) -> F:
+    """Write an uncaught exception of ``fn`` to the rank's error file, then re-raise it.
+
+    For sync and async functions. ``SystemExit`` is not an error to record (torch's rule:
+    ``sys.exit(0)`` returns None; another code propagates as is). Without an error file in
+    the environment, ``fn`` runs undecorated in effect.
+    """
+    if inspect.iscoroutinefunction(fn):
+
+        @functools.wraps(fn)
+        async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+            with _recording():
+                return await fn(*args, **kwargs)
+            return None  # reached only when a successful SystemExit was swallowed
+
+        return cast(F, async_wrapper)
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with _recording():
+            return fn(*args, **kwargs)
+        return None  # reached only when a successful SystemExit was swallowed
+
+    return cast(F, wrapper)
+
+
+@contextlib.contextmanager
+def _recording() -> Iterator[None]:
+    try:
+        yield
+    except SystemExit as exc:
+        if exc.code not in (0, None):
+            raise
+    except Exception as exc:
+        write_error_file(exc)
+        raise
+
+
+def error_file_path() -> str | None:
+    """The error file this process was given, if any."""
+    for name in ENV_VARS:
+        if os.environ.get(name):
+            return os.environ[name]
+    return None
+
+
+def write_error_file(exc: BaseException, path: str | None = None) -> str | None:
+    """Write ``exc`` (with its traceback) as torch-format JSON; the path written, or None.
+
+    Never raises: failing to record an error must not hide the error itself.
+    """
+    path = path or error_file_path()
+    if not path:
+        return None
+    data = {
+        "message": {
+            "message": f"{type(exc).__name__}: {exc}",
+            "extraInfo": {
+                "py_callstack": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+                "timestamp": str(int(time.time())),
+            },
+        }
+    }
+    try:
+        # Write then rename: the launcher never reads half a file.
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(data, f)
+        os.replace(tmp, path)
+    except OSError:
+        return None
+    return path
+
+
+def read_error_file(path: str | os.PathLike[str]) -> ErrorRecord | None:
+    """Parse an error file written by ``record`` or by torch; None if absent or unreadable.
+
+    Torch writes ``message`` either as a dict (with ``extraInfo``) or as a plain string
+    with a top-level ``timestamp``; both are accepted.
+    """
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        message = data["message"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if isinstance(message, str):
+        return ErrorRecord(message, "", _int(data.get("timestamp")))
+    if not isinstance(message, dict):
+        return None
+    extra = message.get("extraInfo") or {}
+    return ErrorRecord(
+        str(message.get("message", "<N/A>")),
+        str(extra.get("py_callstack", "")),
+        _int(extra.get("timestamp")),
+    )
+
+
+def _int(value: object) -> int:
+    try:
+        return int(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        return 0

@@ -1,0 +1,177 @@
+"""The guardian process: kills a parent's children when the parent dies.
+
+Run as a script (``python -I -S .../_guardian_main.py``), never imported into it, so the
+guardian boots in a few milliseconds with nothing but the standard library. The parent side
+lives in ``_guardian.py`` and imports the /proc helpers below.
+
+Protocol, on stdin (the read end of the parent's *lifeline* pipe; only the parent holds the
+write end)::
+
+    +PID STARTTIME\\n     a child was spawned (STARTTIME: field 22 of /proc/PID/stat)
+    -PID\\n               that child was reaped; forget it
+
+End of file means the parent is gone (died, or exited and closed the pipe): every still
+registered child, its descendants, its process group and its session are SIGKILLed, then the
+guardian exits. Data written before the parent died is still read before EOF, so a child
+registered a microsecond before a SIGKILL of the parent is covered too.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from typing import NamedTuple
+
+COMM = "asyncproc-srv"  # the name the test suite's leak check accepts as long-lived
+MAX_SWEEPS = 10  # a fork bomb could outrun one sweep; stop retrying after this many
+
+
+class Stat(NamedTuple):
+    """The fields of /proc/PID/stat that identify a process and its family."""
+
+    ppid: int
+    pgrp: int
+    session: int
+    starttime: int  # clock ticks after boot: with the pid, unique for the machine's uptime
+    zombie: bool
+
+
+def read_stat(pid: int) -> Stat | None:
+    """``pid``'s stat, or None when there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    # The command name (field 2) is in parentheses and may itself hold ") " or spaces:
+    # split after the *last* closing parenthesis.
+    fields = raw[raw.rindex(b")") + 2 :].split()
+    return Stat(
+        ppid=int(fields[1]),
+        pgrp=int(fields[2]),
+        session=int(fields[3]),
+        starttime=int(fields[19]),
+        zombie=fields[0] == b"Z",
+    )
+
+
+def scan() -> dict[int, Stat]:
+    """Every process on the machine (in our pid namespace)."""
+    table: dict[int, Stat] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            stat = read_stat(int(name))
+            if stat is not None:
+                table[int(name)] = stat
+    return table
+
+
+def family(roots: dict[int, int], table: dict[int, Stat]) -> dict[int, int]:
+    """Living processes that belong to ``roots`` (pid -> starttime): the roots that are still
+    themselves, their descendants, and members of a group or session a root leads.
+
+    A group or session id stays reserved while any member lives (the kernel frees a pid
+    number only when no task uses it as pid, group or session id), so a member of group
+    ``R`` is ours even after root ``R`` itself was reaped -- unless ``R`` now names another
+    process, which proves our group is empty.
+    """
+    mine: set[int] = set()
+    leaders: set[int] = set()
+    for pid, start in roots.items():
+        stat = table.get(pid)
+        if stat is None:
+            leaders.add(pid)
+        elif stat.starttime == start:
+            mine.add(pid)
+            leaders.add(pid)
+    children: dict[int, list[int]] = {}
+    for pid, stat in table.items():
+        children.setdefault(stat.ppid, []).append(pid)
+        if stat.pgrp in leaders or stat.session in leaders:
+            mine.add(pid)
+    pending = list(mine)
+    while pending:
+        for child in children.get(pending.pop(), ()):
+            if child not in mine:
+                mine.add(child)
+                pending.append(child)
+    return {pid: table[pid].starttime for pid in mine if not table[pid].zombie}
+
+
+def kill_exactly(pid: int, starttime: int, sig: int = signal.SIGKILL) -> None:
+    """Signal ``pid`` only if it is still the process that started at ``starttime``.
+
+    Through a pidfd: once it is open, the pid cannot be recycled under us, so checking
+    the start time and then signalling is free of races.
+    """
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:
+        return
+    try:
+        stat = read_stat(pid)
+        if stat is not None and stat.starttime == starttime:
+            signal.pidfd_send_signal(fd, sig)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def sweep(roots: dict[int, int]) -> None:
+    """SIGKILL everything that belongs to ``roots``, again until nothing new turns up
+    (a process may fork between our scan and our signal)."""
+    killed: set[tuple[int, int]] = set()
+    for _ in range(MAX_SWEEPS):
+        found = set(family(roots, scan()).items()) - killed
+        if not found:
+            return
+        for pid, start in found:
+            kill_exactly(pid, start)
+        killed |= found
+
+
+def read_registrations(fd: int) -> dict[int, int]:
+    """Follow the lifeline until EOF; the children still registered then."""
+    roots: dict[int, int] = {}
+    pending = b""
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except InterruptedError:  # pragma: no cover - PEP 475 retries for us
+            continue
+        except OSError:
+            chunk = b""
+        if not chunk:
+            return roots
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            apply(roots, line)
+
+
+def apply(roots: dict[int, int], line: bytes) -> None:
+    """One protocol line: ``+PID STARTTIME`` registers, ``-PID`` forgets."""
+    if line.startswith(b"+"):
+        pid, start = line[1:].split()
+        roots[int(pid)] = int(start)
+    elif line.startswith(b"-"):
+        roots.pop(int(line[1:]), None)
+
+
+def main() -> None:
+    try:
+        with open("/proc/self/comm", "w") as f:
+            f.write(COMM)
+    except OSError:
+        pass
+    # Ctrl-C and terminal hang-ups are meant for the parent; we end only by lifeline EOF
+    # (and we run in our own session, so a kill of the parent's group misses us).
+    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    sweep(read_registrations(sys.stdin.fileno()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,349 @@
+"""Subprocess handlers: torch.distributed.elastic's ``SubprocessHandler``, async.
+
+How a child is started and awaited -- the same code on asyncio, uvloop and trio:
+
+* ``subprocess.Popen(..., start_new_session=True)`` is called synchronously on the event
+  loop's thread. It takes CPython's vfork path (no ``preexec_fn``), about 1 ms whatever the
+  parent weighs. We do *not* go through ``anyio.open_process``: on uvloop it spawns through
+  libuv, which always forks (40 ms per spawn at 1 GB resident), and on trio it runs Popen on
+  a worker thread (a thread hop per spawn). See benchmarks/bench_spawn.py for the numbers.
+  Being synchronous also lets a NUMA binding set on *this* thread be inherited by the child
+  from its first instruction.
+* Exit is awaited on a pidfd with ``anyio.wait_readable`` (an event, never a sleep loop) and
+  the child is reaped with ``waitpid(WNOHANG)``; we set ``popen.returncode`` ourselves so
+  Popen never reaps it a second time. Kernels without pidfd (< 5.3) wait in a worker thread
+  with ``waitid(WNOWAIT)``, which does not reap, so reaping stays in one place.
+
+Those two functions, ``_popen`` and ``_until_exited``, are the only places that touch the
+OS process API; no backend-specific code exists anywhere else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from types import TracebackType
+from typing import IO, Any, Union
+
+import anyio
+import psutil
+
+from . import _guardian, _proctree
+from ._guardian_main import read_stat
+
+__all__ = ["SubprocessHandler", "get_subprocess_handler", "DEFAULT_GRACE_S", "KILL_BOUND_S"]
+
+log = logging.getLogger("asyncproc")
+
+DEFAULT_GRACE_S = 5.0  # SIGTERM -> SIGKILL, as trio.run_process
+KILL_BOUND_S = 2.0  # after SIGKILL; only a process in uninterruptible sleep takes longer
+
+StrPath = Union[str, "os.PathLike[str]"]
+# A file path (truncated), None/"" to inherit, or -- for callers that pipe -- an open fd.
+Redirect = Union[StrPath, int, None]
+
+
+class SubprocessHandler:
+    """One child process: its own session and process group, its log files, its reaping.
+
+    Constructed unstarted; ``await spawn()`` (or ``async with``) starts it.
+    """
+
+    def __init__(
+        self,
+        entrypoint: StrPath,
+        args: Sequence[object],
+        env: Mapping[str, str | None] | None,
+        stdout: Redirect,
+        stderr: Redirect,
+        local_rank_id: int,
+        numa_options: Any = None,
+        *,
+        local_world_size: int | None = None,
+    ) -> None:
+        if not isinstance(entrypoint, (str, os.PathLike)) or not os.fspath(entrypoint):
+            raise TypeError(f"entrypoint must be a non-empty str or path, got {entrypoint!r}")
+        if isinstance(args, (str, bytes)) or not isinstance(args, Iterable):
+            raise TypeError(f"args must be a sequence of arguments (not a string), got {args!r}")
+        if env is not None and not isinstance(env, Mapping):
+            raise TypeError(f"env must be a mapping of str to str or None, got {type(env).__name__}")
+        if isinstance(local_rank_id, bool) or not isinstance(local_rank_id, int):
+            raise TypeError(f"local_rank_id must be an int, got {local_rank_id!r}")
+        self.args: tuple[str, ...] = (os.fspath(entrypoint), *map(str, args))
+        self.env = _merged_env(env)
+        self.local_rank_id = local_rank_id
+        self.numa_options = numa_options
+        self.local_world_size = local_world_size
+        self._stdout_target = stdout
+        self._stderr_target = stderr
+        self._stdout: IO[bytes] | None = None
+        self._stderr: IO[bytes] | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._pidfd: int | None = None
+        self._wait_lock: anyio.Lock | None = None
+
+    # -- what a user reads --------------------------------------------------------------
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    @property
+    def returncode(self) -> int | None:
+        """None while running; the exit code, negative when a signal killed it."""
+        return self.proc.returncode if self.proc is not None else None
+
+    def __repr__(self) -> str:
+        state = "not started" if self.proc is None else f"pid={self.pid} returncode={self.returncode}"
+        return f"<SubprocessHandler rank={self.local_rank_id} {self.args[0]!r} {state}>"
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def spawn(self) -> None:
+        """Start the child; ``FileNotFoundError`` if the entrypoint is missing."""
+        if self.proc is not None:
+            raise RuntimeError(f"{self!r} was already spawned; a handler runs one process")
+        self._wait_lock = anyio.Lock()
+        self._stdout = _open_log(self._stdout_target)
+        try:
+            self._stderr = _open_log(self._stderr_target)
+            with self._numa_binding():
+                self.proc = _popen(self.args, self.env, self._redirect(self._stdout, self._stdout_target),
+                                   self._redirect(self._stderr, self._stderr_target))
+        except BaseException:
+            self._close_logs()
+            raise
+        _guardian.register(self.proc.pid)
+        self._pidfd = _proctree.pidfd_open(self.proc.pid)
+
+    async def wait(self) -> int:
+        """Wait for the child to exit, reap it, and return its exit code."""
+        proc = self._started()
+        assert self._wait_lock is not None
+        # One waiter at a time on the pidfd (two tasks may not wait on one fd); the others
+        # queue here and find the returncode set when they get in.
+        async with self._wait_lock:
+            while proc.returncode is None:
+                await _until_exited(proc.pid, self._pidfd)
+                self._try_reap()
+        return proc.returncode
+
+    async def kill(self, sig: int = signal.SIGTERM, grace: float = DEFAULT_GRACE_S) -> int | None:
+        """Signal the whole tree, SIGKILL what is left after ``grace`` seconds, reap.
+
+        The tree is the child's process group plus every descendant found *before*
+        signalling (one that called ``setsid()`` left the group, and once its parent dies
+        it can no longer be found). Returns the exit code; None only if the child outlived
+        SIGKILL by ``KILL_BOUND_S`` (uninterruptible sleep), which is logged.
+        """
+        self._started()
+        if grace < 0:
+            raise ValueError(f"grace must be >= 0 seconds, got {grace!r}")
+        tree = self._snapshot()
+        self._signal(sig, tree)
+        alive = await self._wait_gone(tree, grace)
+        if alive or self.returncode is None:
+            tree = [*alive, *self._snapshot()]
+            self._signal(signal.SIGKILL, tree)
+            alive = await self._wait_gone(tree, KILL_BOUND_S)
+            if alive or self.returncode is None:
+                log.warning(
+                    "%r: %d process(es) still alive %.1f s after SIGKILL (uninterruptible sleep?): %s",
+                    self, len(alive) + (self.returncode is None), KILL_BOUND_S, [p.pid for p in alive],
+                )
+        return self.returncode
+
+    def close(self, death_sig: int | None = None) -> None:
+        """Torch's ``close``: signal the process group (SIGTERM by default), close the log
+        files. Synchronous and non-blocking; reaps the child if it has already exited."""
+        if self.proc is not None:
+            self._signal(death_sig or signal.SIGTERM, [])
+            assert self._wait_lock is not None
+            # A task blocked in wait() owns the pidfd and will reap; never close it under it.
+            if self.returncode is None and not self._wait_lock.locked():
+                self._try_reap()
+        self._close_logs()
+
+    async def __aenter__(self) -> SubprocessHandler:
+        await self.spawn()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        # On any exit, cancellation included: the clean-up is bounded, so shielding is safe.
+        with anyio.CancelScope(shield=True):
+            try:
+                await self.kill()
+            finally:
+                self.close()
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _started(self) -> subprocess.Popen[bytes]:
+        if self.proc is None:
+            raise RuntimeError(f"{self!r}: call `await handler.spawn()` first")
+        return self.proc
+
+    @contextlib.contextmanager
+    def _numa_binding(self) -> Iterator[None]:
+        """Bind the spawning thread (so the child inherits it before exec) when asked."""
+        if self.numa_options is None:
+            yield
+            return
+        from . import numa  # lazily: the NUMA module is optional for everything else
+
+        binding = numa.binding_for(self.numa_options, self.local_rank_id, self.local_world_size)
+        if binding is None:
+            yield
+            return
+        with binding.on_this_thread():
+            yield
+
+    @staticmethod
+    def _redirect(opened: IO[bytes] | None, target: Redirect) -> int | IO[bytes] | None:
+        return target if isinstance(target, int) else opened
+
+    def _try_reap(self) -> None:
+        """Reap without blocking; on success close the pidfd and release the guardian."""
+        proc = self._started()
+        try:
+            pid, status = os.waitpid(proc.pid, os.WNOHANG)
+        except ChildProcessError:
+            # Someone else (a waitpid(-1) SIGCHLD handler) reaped it: the code is lost.
+            log.warning("%r was reaped by someone else; its exit code is unknown (255)", self)
+            pid, status = proc.pid, 255 << 8
+        if pid != proc.pid:
+            return
+        proc.returncode = _proctree.exitcode_of(status)
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
+        _guardian.unregister(proc.pid)
+
+    def _own_group(self) -> int | None:
+        """Our process group id if it is safe to signal it, else None.
+
+        Until we reap the leader its pid cannot be reused, so the group is ours. After
+        that, the group id stays reserved while members live; if no process now has our
+        pid, a group with that id can only be our leftovers.
+        """
+        pid = self._started().pid
+        if self.returncode is None or read_stat(pid) is None:
+            return pid
+        return None
+
+    def _snapshot(self) -> list[psutil.Process]:
+        """Processes to end besides the group: the descendants, or, once the leader was
+        reaped, the members its group and session left behind."""
+        pid = self._started().pid
+        if self.returncode is None:
+            return _proctree.descendants(pid)
+        if self._own_group() is None:
+            return []
+        return _group_leftovers(pid)
+
+    def _signal(self, sig: int, tree: list[psutil.Process]) -> None:
+        _proctree.signal_tree(self._own_group(), tree, sig)
+
+    async def _wait_gone(self, tree: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+        """Wait up to ``timeout`` for the child (reaped) and ``tree`` to end; the living."""
+        with anyio.move_on_after(timeout):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self.wait)
+                for proc in tree:
+                    tg.start_soon(_wait_process_gone, proc)
+        return [p for p in tree if _is_alive(p)]
+
+    def _close_logs(self) -> None:
+        for f in (self._stdout, self._stderr):
+            if f is not None:
+                f.close()
+        self._stdout = self._stderr = None
+
+
+def get_subprocess_handler(
+    entrypoint: StrPath,
+    args: Sequence[object],
+    env: Mapping[str, str | None] | None,
+    stdout: Redirect,
+    stderr: Redirect,
+    local_rank_id: int,
+    numa_options: Any = None,
+) -> SubprocessHandler:
+    """Torch's factory: an unstarted ``SubprocessHandler``."""
+    return SubprocessHandler(entrypoint, args, env, stdout, stderr, local_rank_id, numa_options)
+
+
+def _merged_env(env: Mapping[str, str | None] | None) -> dict[str, str]:
+    merged = dict(os.environ)
+    for key, value in (env or {}).items():
+        if not isinstance(key, str):
+            raise TypeError(f"env keys must be str, got {key!r}")
+        if value is None:
+            merged.pop(key, None)
+        elif isinstance(value, str):
+            merged[key] = value
+        else:
+            raise TypeError(f"env[{key!r}] must be a str or None, got {value!r}")
+    return merged
+
+
+def _open_log(target: Redirect) -> IO[bytes] | None:
+    """Open a log path for writing (truncated); None for inherit or a caller's fd."""
+    if target is None or isinstance(target, int) or os.fspath(target) == "":
+        return None
+    return open(target, "wb")
+
+
+def _popen(args: tuple[str, ...], env: dict[str, str], stdout: Any, stderr: Any) -> subprocess.Popen[bytes]:
+    """Start the child on this thread, through CPython's vfork path (no preexec_fn)."""
+    return subprocess.Popen(args, env=env, stdout=stdout, stderr=stderr, start_new_session=True)
+
+
+async def _until_exited(pid: int, pidfd: int | None) -> None:
+    """Return once our child ``pid`` has exited (not reaped: the caller reaps)."""
+    if pidfd is not None:
+        await anyio.wait_readable(pidfd)
+        return
+    # No pidfd (kernel < 5.3): block a worker thread in waitid(WNOWAIT), which reports the
+    # exit without reaping. Abandoned on cancel; it returns by itself when the child exits.
+    await anyio.to_thread.run_sync(
+        lambda: os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT), abandon_on_cancel=True
+    )
+
+
+async def _wait_process_gone(proc: psutil.Process) -> None:
+    """Wait until a process that is not our child has exited (its parent reaps it)."""
+    fd = _proctree.pidfd_open(proc.pid)
+    if fd is None:
+        return
+    try:
+        # A pidfd is verified against the snapshot by create time: psutil's pid may have
+        # been recycled between the snapshot and pidfd_open.
+        if _is_alive(proc):
+            await anyio.wait_readable(fd)
+    finally:
+        os.close(fd)
+
+
+def _is_alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _group_leftovers(pgid: int) -> list[psutil.Process]:
+    """Living processes in the process group or session ``pgid`` (a /proc scan; rare)."""
+    found = []
+    for pid in psutil.pids():
+        stat = read_stat(pid)
+        if stat is not None and not stat.zombie and pgid in (stat.pgrp, stat.session):
+            with contextlib.suppress(psutil.Error):
+                found.append(psutil.Process(pid))
+    return found

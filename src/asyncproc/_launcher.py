@@ -1,0 +1,492 @@
+"""Launching local ranks: torch.distributed.elastic's ``start_processes``, async, and the
+``asyncproc run`` command.
+
+Output paths, per rank and stream:
+
+* ``log_dir`` without ``tee``: the rank writes straight into ``<log_dir>/<rank>/stdout.log``
+  (and ``stderr.log``); the launcher is not in the data path.
+* otherwise: the rank writes into a pipe; the launcher reads it, writes the raw bytes to the
+  log file (if any) and whole lines, prefixed ``[rankN]:``, to its own stdout/stderr. All
+  pumps run on the one event-loop thread and each batch of complete lines is one write, so
+  console lines are never split or interleaved; a partial line waits for its newline (or
+  for EOF, or for 64 KiB, whichever comes first).
+
+Fail fast: the first rank to fail stops the others (its signal, ``grace``, SIGKILL, through
+``SubprocessHandler.kill``); SIGINT/SIGTERM to the launcher (``handle_signals``) do the same
+with the signal received.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import anyio
+import anyio.abc
+
+from ._errorfile import ENV_VARS, ErrorRecord, read_error_file
+from ._exceptions import LaunchFailed, describe_exitcode
+from ._handler import DEFAULT_GRACE_S, StrPath, SubprocessHandler
+
+__all__ = ["LaunchConfig", "LaunchResult", "RankResult", "start_processes", "configure_parser", "cli"]
+
+TAIL_LINES = 20  # last stderr lines kept per rank for the failure summary
+_CHUNK = 65536
+_LONGEST_LINE = 65536  # a line longer than this is emitted in pieces, each prefixed
+_DRAIN_BOUND_S = 2.0  # after the ranks are gone, a grandchild may still hold their pipes
+NUMA_MODES = ("node", "socket", "exclusive", "core-complex")
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """How to launch ``nproc`` local ranks of one command.
+
+    ``env`` overlays ``os.environ`` for every rank (None removes a variable); the rank
+    variables are set on top. ``master_port`` None picks a free port. ``handle_signals``
+    makes SIGINT/SIGTERM to this process stop every rank (main thread only; the CLI sets it).
+    """
+
+    nproc: int
+    log_dir: StrPath | None = None
+    tee: bool = False
+    numa_options: Any = None
+    env: Mapping[str, str | None] = field(default_factory=dict)
+    grace: float = DEFAULT_GRACE_S
+    master_addr: str = "127.0.0.1"
+    master_port: int | None = None
+    handle_signals: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.nproc, bool) or not isinstance(self.nproc, int) or self.nproc < 1:
+            raise ValueError(f"nproc must be an int >= 1, got {self.nproc!r}")
+        if not isinstance(self.grace, (int, float)) or self.grace < 0:
+            raise ValueError(f"grace must be a number of seconds >= 0, got {self.grace!r}")
+        if self.master_port is not None and not 0 < self.master_port < 65536:
+            raise ValueError(f"master_port must be in 1..65535, got {self.master_port!r}")
+
+
+@dataclass(frozen=True)
+class RankResult:
+    """How one rank ended. ``exitcode`` follows ``Popen.returncode`` (negative: signal);
+    ``stopped`` is True when the launcher ended it (another rank failed, or a signal)."""
+
+    rank: int
+    pid: int
+    exitcode: int | None
+    stopped: bool
+    stdout_log: Path | None
+    stderr_log: Path | None
+    error: ErrorRecord | None  # what ``@asyncproc.record`` wrote, if anything
+    stderr_tail: tuple[str, ...]
+
+    @property
+    def failed(self) -> bool:
+        return self.exitcode != 0 and not self.stopped
+
+
+@dataclass(frozen=True)
+class LaunchResult:
+    """Every rank's result; ``failure`` is the first rank that failed, if one did."""
+
+    ranks: tuple[RankResult, ...]
+    failure: RankResult | None
+    interrupted_by: signal.Signals | None
+
+    @property
+    def exit_code(self) -> int:
+        """0, the failure's exit code, or 128 + the signal number (shell convention)."""
+        if self.failure is not None:
+            code = self.failure.exitcode
+            if code is None:
+                return 1
+            return code if code > 0 else 128 - code
+        if self.interrupted_by is not None:
+            return 128 + self.interrupted_by.value
+        return 0
+
+    def check(self) -> LaunchResult:
+        """Raise ``LaunchFailed`` (with the summary) unless every rank succeeded."""
+        if self.exit_code:
+            failure = self.failure
+            raise LaunchFailed(
+                self.summary(), result=self,
+                pid=failure.pid if failure else None, exitcode=failure.exitcode if failure else None,
+            )
+        return self
+
+    def summary(self) -> str:
+        """What happened, for a person: which rank failed, how, where its logs are."""
+        if self.failure is not None:
+            return _describe_failure(self.failure, stopped=sum(r.stopped for r in self.ranks))
+        if self.interrupted_by is not None:
+            return f"asyncproc run: interrupted by {self.interrupted_by.name}; all {len(self.ranks)} ranks were stopped"
+        return f"asyncproc run: all {len(self.ranks)} ranks succeeded"
+
+
+def _describe_failure(failure: RankResult, stopped: int) -> str:
+    lines = [f"asyncproc run: rank {failure.rank} (pid {failure.pid}) failed: it {describe_exitcode(failure.exitcode)}"]
+    if failure.error is not None:
+        lines.append(f"  error      : {failure.error.message}")
+        if failure.error.traceback:
+            lines.append("  traceback  :")
+            lines += ["    " + line for line in failure.error.traceback.rstrip().splitlines()]
+    if failure.stderr_log is not None:
+        lines.append(f"  stderr log : {failure.stderr_log}")
+    if failure.stdout_log is not None:
+        lines.append(f"  stdout log : {failure.stdout_log}")
+    if failure.stderr_tail:
+        lines.append(f"  last {len(failure.stderr_tail)} lines of its stderr:")
+        lines += ["    " + line for line in failure.stderr_tail]
+    if stopped:
+        lines.append(f"  {stopped} other rank(s) were stopped")
+    return "\n".join(lines)
+
+
+# -- one rank ----------------------------------------------------------------------------
+
+
+class _Rank:
+    """A rank's handler, its pipes and logs, and what we learned about it."""
+
+    def __init__(self, rank: int, command: Sequence[StrPath], config: LaunchConfig, dirs: _Dirs, port: int):
+        self.rank = rank
+        self.config = config
+        rank_dir = dirs.rank_dir(rank)
+        self.error_file = rank_dir / "error.json"
+        self.stdout_log = rank_dir / "stdout.log" if config.log_dir is not None else None
+        self.stderr_log = rank_dir / "stderr.log" if config.log_dir is not None else None
+        self.piped = config.log_dir is None or config.tee
+        self.tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+        self.stopped = False
+        self._read_ends: list[int] = []  # ours until handed to a pump
+        self._write_ends: list[int] = []  # the child's; closed here once it has its copy
+        env = {**config.env, **self._rank_env(port)}
+        out: StrPath | int | None = self.stdout_log
+        err: StrPath | int | None = self.stderr_log
+        if self.piped:
+            out, err = self._pipe(), self._pipe()
+        self.handler = SubprocessHandler(
+            command[0], command[1:], env, out, err, rank, config.numa_options, local_world_size=config.nproc
+        )
+
+    def _rank_env(self, port: int) -> dict[str, str]:
+        n = str(self.config.nproc)
+        env = {
+            "LOCAL_RANK": str(self.rank), "RANK": str(self.rank), "GROUP_RANK": "0",
+            "LOCAL_WORLD_SIZE": n, "WORLD_SIZE": n,
+            "MASTER_ADDR": self.config.master_addr, "MASTER_PORT": str(port),
+        }
+        env.update(dict.fromkeys(ENV_VARS, str(self.error_file)))
+        return env
+
+    def _pipe(self) -> int:
+        read_end, write_end = os.pipe()
+        self._read_ends.append(read_end)
+        self._write_ends.append(write_end)
+        return write_end
+
+    async def spawn(self, console: _Console) -> list[_Pump]:
+        """Start the rank; the pumps its pipes need (none when it writes straight to files)."""
+        self.error_file.unlink(missing_ok=True)  # a stale file would blame this run
+        try:
+            await self.handler.spawn()
+        finally:
+            for write_end in self._write_ends:
+                os.close(write_end)  # the child has its copy; EOF must come when it exits
+            self._write_ends.clear()
+        if not self._read_ends:
+            return []
+        out_r, err_r = self._read_ends
+        self._read_ends.clear()  # the pumps own them now
+        prefix = f"[rank{self.rank}]: ".encode()
+        shown = self.config.tee or self.config.log_dir is None
+        return [
+            _Pump(out_r, prefix, console.out if shown else None, self.stdout_log, None),
+            _Pump(err_r, prefix, console.err if shown else None, self.stderr_log, self.tail),
+        ]
+
+    def result(self) -> RankResult:
+        tail = tuple(self.tail) if self.piped else _file_tail(self.stderr_log, TAIL_LINES)
+        return RankResult(
+            rank=self.rank, pid=self.handler.pid or 0, exitcode=self.handler.returncode,
+            stopped=self.stopped and self.handler.returncode != 0,
+            stdout_log=self.stdout_log, stderr_log=self.stderr_log,
+            error=read_error_file(self.error_file), stderr_tail=tail,
+        )
+
+    def close(self) -> None:
+        """Close the handler's logs, and pipes never handed to a pump (spawn failed)."""
+        if self.handler.proc is not None:
+            self.handler.close()
+        for fd in (*self._read_ends, *self._write_ends):
+            os.close(fd)
+        self._read_ends.clear()
+        self._write_ends.clear()
+
+
+@dataclass
+class _Console:
+    out: IO[bytes]
+    err: IO[bytes]
+
+    @classmethod
+    def of_this_process(cls) -> _Console:
+        return cls(_binary(sys.stdout), _binary(sys.stderr))
+
+
+def _binary(stream: Any) -> IO[bytes]:
+    return stream.buffer if hasattr(stream, "buffer") else stream
+
+
+class _Dirs:
+    """Where logs and error files go: ``log_dir``, or a temporary folder removed after."""
+
+    def __init__(self, log_dir: StrPath | None):
+        self.temporary = log_dir is None
+        self.root = Path(tempfile.mkdtemp(prefix="asyncproc-run-")) if log_dir is None else Path(log_dir)
+
+    def rank_dir(self, rank: int) -> Path:
+        path = self.root / str(rank)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def cleanup(self) -> None:
+        if self.temporary:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+@dataclass
+class _Pump:
+    """Copies a rank's pipe to its log (raw) and to the console (whole prefixed lines)."""
+
+    fd: int
+    prefix: bytes
+    console: IO[bytes] | None
+    log_path: Path | None
+    tail: collections.deque[str] | None
+
+    async def run(self) -> None:
+        os.set_blocking(self.fd, False)
+        log = open(self.log_path, "wb") if self.log_path is not None else None
+        pending = b""
+        try:
+            while data := await _read_some(self.fd):
+                if log is not None:
+                    log.write(data)
+                pending += data
+                cut = pending.rfind(b"\n") + 1
+                if cut == 0 and len(pending) >= _LONGEST_LINE:
+                    cut = len(pending)
+                if cut:
+                    self._emit(pending[:cut])
+                    pending = pending[cut:]
+            if pending:
+                self._emit(pending)
+        finally:
+            os.close(self.fd)
+            if log is not None:
+                log.close()
+
+    def _emit(self, chunk: bytes) -> None:
+        """Write complete lines as one prefixed block (no await: nothing comes between)."""
+        lines = chunk[:-1].split(b"\n") if chunk.endswith(b"\n") else chunk.split(b"\n")
+        if self.tail is not None:
+            self.tail.extend(line.decode(errors="replace") for line in lines)
+        if self.console is not None:
+            self.console.write(b"".join(self.prefix + line + b"\n" for line in lines))
+            self.console.flush()
+
+
+async def _read_some(fd: int) -> bytes:
+    while True:
+        await anyio.wait_readable(fd)
+        try:
+            return os.read(fd, _CHUNK)
+        except BlockingIOError:  # readiness can be spurious
+            continue
+
+
+def _file_tail(path: Path | None, count: int) -> tuple[str, ...]:
+    """The last ``count`` lines of a log file, read from its end."""
+    if path is None:
+        return ()
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 16384))
+            data = f.read()
+    except OSError:
+        return ()
+    return tuple(line.decode(errors="replace") for line in data.splitlines()[-count:])
+
+
+# -- the whole launch ------------------------------------------------------------------
+
+
+class _Launch:
+    """Spawns the ranks, watches them, stops them all on the first failure or a signal."""
+
+    def __init__(self, command: Sequence[StrPath], config: LaunchConfig):
+        self.config = config
+        self.dirs = _Dirs(config.log_dir)
+        port = config.master_port or _free_port(config.master_addr)
+        self.ranks = [_Rank(i, command, config, self.dirs, port) for i in range(config.nproc)]
+        self.console = _Console.of_this_process()
+        self.done = anyio.Event()
+        self.failure: _Rank | None = None
+        self.interrupted_by: signal.Signals | None = None
+        self.stop_signal: int = signal.SIGTERM
+        self._running = config.nproc
+        self._pumps_left = 0
+        self._pumps_done = anyio.Event()
+
+    async def run(self) -> LaunchResult:
+        try:
+            # Spawn before the task group, so a missing command raises FileNotFoundError
+            # itself, not inside an exception group (the finally stops the ranks started).
+            pumps = [pump for rank in self.ranks for pump in await rank.spawn(self.console)]
+            self._pumps_left = len(pumps)
+            async with anyio.create_task_group() as tg:
+                for pump in pumps:
+                    tg.start_soon(self._run_pump, pump)
+                for rank in self.ranks:
+                    tg.start_soon(self._watch, rank)
+                if self.config.handle_signals:
+                    tg.start_soon(self._watch_signals)
+                await self.done.wait()
+                await self._stop_all()
+                # The ranks are gone; a grandchild may still hold a pipe open: bounded drain.
+                with anyio.move_on_after(_DRAIN_BOUND_S):
+                    if self._pumps_left:
+                        await self._pumps_done.wait()
+                tg.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._stop_all()
+                for rank in self.ranks:
+                    rank.close()
+        ranks = tuple(rank.result() for rank in self.ranks)
+        self.dirs.cleanup()
+        failure = ranks[self.failure.rank] if self.failure is not None else None
+        return LaunchResult(ranks, failure, self.interrupted_by)
+
+    async def _run_pump(self, pump: _Pump) -> None:
+        try:
+            await pump.run()
+        finally:
+            self._pumps_left -= 1
+            if self._pumps_left == 0:
+                self._pumps_done.set()
+
+    async def _watch(self, rank: _Rank) -> None:
+        code = await rank.handler.wait()
+        if code != 0 and self.failure is None and not self.done.is_set():
+            self.failure = rank  # the first to fail; the others are stopped, not failed
+        self._running -= 1
+        if code != 0 or self._running == 0:
+            self.done.set()
+
+    async def _watch_signals(self) -> None:
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                self.interrupted_by = signal.Signals(signum)
+                self.stop_signal = signum  # forwarded to the ranks first, as torch does
+                self.done.set()
+                return
+
+    async def _stop_all(self) -> None:
+        """Kill every rank still running, all at once; bounded by grace + KILL_BOUND_S."""
+        with anyio.CancelScope(shield=True):
+            async with anyio.create_task_group() as tg:
+                for rank in self.ranks:
+                    if rank.handler.proc is not None and rank.handler.returncode is None:
+                        rank.stopped = True
+                        tg.start_soon(rank.handler.kill, self.stop_signal, self.config.grace)
+
+
+def _free_port(host: str) -> int:
+    """A port free right now (the ranks' rendezvous binds it moments later, as torchrun)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+async def start_processes(command: Sequence[StrPath], config: LaunchConfig) -> LaunchResult:
+    """Run ``config.nproc`` copies of ``command`` as local ranks until all end or one fails.
+
+    Returns every rank's result (call ``.check()`` to raise ``LaunchFailed`` on failure).
+    Raises ``FileNotFoundError`` if the command does not exist (no rank is left running).
+    Cancelling the caller stops every rank (SIGTERM, grace, SIGKILL) before it propagates.
+    """
+    if isinstance(command, (str, bytes)) or not command:
+        raise ValueError(f"command must be a non-empty sequence of arguments, got {command!r}")
+    return await _Launch(list(command), config).run()
+
+
+# -- the command line ---------------------------------------------------------------------
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.usage = "asyncproc run -n NPROC [--numa MODE] [--log-dir DIR] [--tee] -- COMMAND [ARGS...]"
+    parser.add_argument("-n", "--nproc", type=int, required=True, help="number of local ranks")
+    parser.add_argument("--numa", choices=NUMA_MODES, help="bind each rank near its GPU (or NUMA node)")
+    parser.add_argument("--log-dir", help="write each rank's output to DIR/<rank>/stdout.log and stderr.log")
+    parser.add_argument("--tee", action="store_true", help="with --log-dir, show the output on the console too")
+    parser.add_argument("--grace", type=float, default=DEFAULT_GRACE_S,
+                        help="seconds between SIGTERM and SIGKILL when stopping ranks (default: %(default)s)")
+    parser.add_argument("--backend", choices=("asyncio", "uvloop", "trio"), default="asyncio",
+                        help="event loop the launcher runs on (default: %(default)s)")
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="the command each rank runs, after --")
+
+
+def cli(args: argparse.Namespace) -> int:
+    command = list(args.command)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    if not command:
+        print("asyncproc run: no command given (usage: asyncproc run -n NPROC -- COMMAND [ARGS...])", file=sys.stderr)
+        return 2
+    try:
+        config = LaunchConfig(
+            nproc=args.nproc, log_dir=args.log_dir, tee=args.tee, grace=args.grace,
+            numa_options=_numa_options(args.numa), handle_signals=True,
+        )
+    except ValueError as exc:
+        print(f"asyncproc run: {exc}", file=sys.stderr)
+        return 2
+    backend, options = ("trio", {}) if args.backend == "trio" else ("asyncio", {"use_uvloop": args.backend == "uvloop"})
+    try:
+        result = anyio.run(start_processes, command, config, backend=backend, backend_options=options)
+    except FileNotFoundError as exc:
+        print(f"asyncproc run: cannot run {command[0]!r}: {exc.strerror}", file=sys.stderr)
+        return 127
+    except PermissionError as exc:
+        print(f"asyncproc run: cannot run {command[0]!r}: {exc.strerror}", file=sys.stderr)
+        return 126
+    if result.exit_code:
+        print(result.summary(), file=sys.stderr)
+    return result.exit_code
+
+
+def _numa_options(mode: str | None) -> Any:
+    if mode is None:
+        return None
+    from .numa import AffinityMode, NumaOptions  # lazily: only --numa needs it
+
+    return NumaOptions(AffinityMode(mode))
+
+
+if __name__ == "__main__":  # pragma: no cover - `python -m asyncproc run` is the front door
+    _parser = argparse.ArgumentParser(prog="asyncproc run")
+    configure_parser(_parser)
+    sys.exit(cli(_parser.parse_args()))
