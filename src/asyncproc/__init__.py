@@ -11,10 +11,12 @@ from ._exceptions import AsyncprocError, ChildCrashed, LaunchFailed, MemoryLimit
 from ._handler import SubprocessHandler, get_subprocess_handler
 from ._isolated import Isolated, safe_call, safe_call_sync
 from ._launcher import LaunchConfig, LaunchResult, RankResult, start_processes
+from .numa import AffinityMode, NumaOptions
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AffinityMode",
     "AsyncprocError",
     "ChildCrashed",
     "Isolated",
@@ -22,6 +24,7 @@ __all__ = [
     "LaunchFailed",
     "LaunchResult",
     "MemoryLimitExceeded",
+    "NumaOptions",
     "RankResult",
     "RemoteError",
     "SubprocessHandler",

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 _COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("asyncproc._demo", "show isolated calls surviving a segfault, a timeout and an exception"),
     "run": ("asyncproc._launcher", "run NPROC local ranks of a command; the first failure stops them all"),
+    "numa": ("asyncproc._numa_cli", "show this machine's NUMA topology and the CPUs each local rank would get"),
 }
 
 

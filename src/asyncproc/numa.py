@@ -1,0 +1,434 @@
+"""NUMA binding: which CPUs and memory nodes a local rank should use, and binding a child
+to them from its first instruction.
+
+A port of ``torch.numa.binding`` that needs neither torch nor the ``numactl`` program: the
+topology comes from sysfs, CPU affinity from ``os.sched_setaffinity`` and the memory policy
+from the ``set_mempolicy`` syscall.
+
+Choosing::
+
+    options = NumaOptions(AffinityMode.EXCLUSIVE)
+    cpus = cpus_for(options, local_rank_id=1, local_world_size=8)     # frozenset[int]
+    binding = binding_for(options, 1, 8)                               # Binding | None
+
+Applying: CPU affinity and memory policy belong to a *thread* and are inherited by a child
+that thread forks, vforks or posix_spawns. So binding the spawning thread for the duration
+of one synchronous spawn binds the child before it runs anything, and keeps CPython's vfork
+fast path, which a ``preexec_fn`` would disable::
+
+    with binding.on_this_thread():
+        proc = subprocess.Popen(argv)
+
+In a child that was forked without exec, ``binding.apply_to_current_thread()`` binds it.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from enum import Enum
+
+from . import _numa_memory
+from ._numa_topology import Gpu, NumaBindingError, Topology, format_cpulist, parse_cpulist
+
+__all__ = [
+    "AffinityMode",
+    "Binding",
+    "Gpu",
+    "NumaBindingError",
+    "NumaOptions",
+    "Topology",
+    "binding_for",
+    "cpus_for",
+    "format_cpulist",
+    "parse_cpulist",
+]
+
+logger = logging.getLogger("asyncproc.numa")
+
+
+class AffinityMode(str, Enum):
+    """Which CPUs near its GPU (or its node) a local rank gets."""
+
+    NODE = "node"
+    """Every CPU of the NUMA node of the rank's GPU. If in doubt, use this."""
+    SOCKET = "socket"
+    """Every CPU of every node on that node's socket."""
+    EXCLUSIVE = "exclusive"
+    """A disjoint slice of the node's physical cores (with their SMT siblings) per GPU."""
+    CORE_COMPLEX = "core-complex"
+    """One last-level-cache group (an AMD CCX/CCD, an Intel sub-NUMA cluster) of the node."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class NumaOptions:
+    """How to bind local ranks.
+
+    ``affinity_mode`` takes an :class:`AffinityMode` or its value (``"exclusive"``).
+    ``should_fall_back_if_binding_fails``: when a binding cannot be made or the kernel
+    refuses it, log a warning to the ``asyncproc.numa`` logger and run unbound instead of
+    raising :class:`NumaBindingError`. ``strict_memory``: bind memory to the nodes of the
+    chosen CPUs (``MPOL_BIND``: an allocation they cannot satisfy fails) instead of
+    preferring them (the default, which spills to other nodes when they are full).
+    """
+
+    affinity_mode: AffinityMode
+    should_fall_back_if_binding_fails: bool = False
+    strict_memory: bool = field(default=False, kw_only=True)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "affinity_mode", _affinity_mode(self.affinity_mode))
+        _check_bool("should_fall_back_if_binding_fails", self.should_fall_back_if_binding_fails)
+        _check_bool("strict_memory", self.strict_memory)
+
+
+def _affinity_mode(value: object) -> AffinityMode:
+    if isinstance(value, AffinityMode):
+        return value
+    choices = ", ".join(repr(mode.value) for mode in AffinityMode)
+    if not isinstance(value, str):
+        raise TypeError(f"affinity_mode must be an AffinityMode or one of {choices}, got {value!r}")
+    try:
+        return AffinityMode(value)
+    except ValueError:
+        raise ValueError(f"affinity_mode must be one of {choices}, got {value!r}") from None
+
+
+def _check_bool(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+
+
+def _check_int(name: str, value: object, minimum: int) -> int:
+    # bool is an int subclass, but True as a rank is a mistake, not a 1.
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _int_set(name: str, values: Iterable[int], *, allow_empty: bool) -> frozenset[int]:
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise TypeError(f"{name} must be an iterable of ints, got {values!r}")
+    found = frozenset(_check_int(f"each of {name}", value, 0) for value in values)
+    if not found and not allow_empty:
+        raise ValueError(f"{name} must not be empty")
+    return found
+
+
+# -- the binding ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Binding:
+    """A CPU set and the NUMA nodes whose memory goes with it, ready to apply to a thread.
+
+    ``nodes`` are the nodes, with memory, of ``cpus``; empty means the memory policy is
+    left alone. ``strict_memory`` and ``should_fall_back_if_binding_fails`` come from
+    :class:`NumaOptions`.
+    """
+
+    cpus: frozenset[int]
+    nodes: frozenset[int] = frozenset()
+    strict_memory: bool = False
+    should_fall_back_if_binding_fails: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "cpus", _int_set("cpus", self.cpus, allow_empty=False))
+        object.__setattr__(self, "nodes", _int_set("nodes", self.nodes, allow_empty=True))
+        _check_bool("strict_memory", self.strict_memory)
+        _check_bool("should_fall_back_if_binding_fails", self.should_fall_back_if_binding_fails)
+
+    def apply_to_current_thread(self) -> None:
+        """Bind the calling thread, and every thread and child it starts afterwards.
+
+        Meant for a freshly forked child, where the calling thread is the only one.
+        Raises :class:`NumaBindingError` when the kernel refuses, leaving the thread as it
+        was, unless ``should_fall_back_if_binding_fails`` (then it logs and goes on).
+        """
+        self._apply()
+
+    @contextmanager
+    def on_this_thread(self) -> Iterator[Binding]:
+        """Bind the calling thread inside the block; restore its affinity and memory policy
+        after it.
+
+        Wrap exactly one synchronous spawn (``subprocess.Popen``, ``os.posix_spawn``) made
+        *on this thread*: the child inherits the binding from its first instruction. Do not
+        ``await`` inside: other tasks of the event loop would run bound meanwhile.
+        """
+        saved = self._apply()
+        try:
+            yield self
+        finally:
+            self._restore(saved)
+
+    # What the thread had before, to put back: None where we changed nothing.
+    def _apply(self) -> tuple[set[int] | None, _numa_memory.MemoryPolicy | None]:
+        previous_cpus = os.sched_getaffinity(0)
+        try:
+            os.sched_setaffinity(0, self.cpus)  # 0: the calling thread, on Linux
+        except OSError as err:
+            self._refused(f"the kernel refused CPU affinity {format_cpulist(self.cpus)}", err)
+            return None, None
+        try:
+            return previous_cpus, self._apply_memory_policy()
+        except BaseException:
+            os.sched_setaffinity(0, previous_cpus)  # leave the thread as we found it
+            raise
+
+    def _apply_memory_policy(self) -> _numa_memory.MemoryPolicy | None:
+        if not self.nodes:
+            return None
+        kind = "bind" if self.strict_memory else "preferred"
+        try:
+            previous = _numa_memory.current()
+            (_numa_memory.bind if self.strict_memory else _numa_memory.prefer)(self.nodes)
+        except OSError as err:
+            what = f"the kernel refused the {kind} memory policy on nodes {format_cpulist(self.nodes)}"
+            self._refused(what, err, memory=True)
+            return None
+        return previous
+
+    def _restore(self, saved: tuple[set[int] | None, _numa_memory.MemoryPolicy | None]) -> None:
+        previous_cpus, previous_policy = saved
+        if previous_cpus is not None:
+            try:
+                os.sched_setaffinity(0, previous_cpus)
+            except OSError as err:
+                self._refused(f"could not restore the thread's CPU affinity {format_cpulist(previous_cpus)}", err)
+        if previous_policy is not None:
+            try:
+                _numa_memory.restore(previous_policy)
+            except OSError as err:
+                self._refused("could not restore the thread's memory policy", err, memory=True)
+
+    def _refused(self, what: str, err: OSError, *, memory: bool = False) -> None:
+        error = NumaBindingError(f"{what}: {err.strerror or err}{_hint(err, memory)}")
+        if not self.should_fall_back_if_binding_fails:
+            raise error from err
+        logger.warning("%s; going on without it (should_fall_back_if_binding_fails=True)", error)
+
+
+def _hint(err: OSError, memory: bool) -> str:
+    if err.errno == errno.EINVAL:
+        if memory:
+            return " (the nodes have no memory, or are outside this cgroup's cpuset.mems)"
+        return " (the CPUs are offline, or outside this cgroup's cpuset)"
+    if err.errno == errno.EPERM:
+        return " (forbidden, e.g. by a seccomp profile such as Docker's default without CAP_SYS_NICE)"
+    if err.errno == errno.ENOSYS:
+        return " (this kernel or architecture lacks the syscall)"
+    return ""
+
+
+# -- choosing CPUs ----------------------------------------------------------------------------
+
+
+def cpus_for(
+    options: NumaOptions,
+    local_rank_id: int,
+    local_world_size: int | None = None,
+    topology: Topology | None = None,
+    allowed: Iterable[int] | None = None,
+) -> frozenset[int]:
+    """The CPUs local rank ``local_rank_id`` should run on; always inside ``allowed``.
+
+    ``topology`` defaults to ``Topology.from_sysfs("/sys")``, ``allowed`` to
+    ``os.sched_getaffinity(0)``. ``local_world_size`` defaults to ``$LOCAL_WORLD_SIZE``,
+    else (without GPUs) to the number of NUMA nodes that have allowed CPUs; with GPUs it
+    only bounds ``local_rank_id``. When the binding cannot be made and
+    ``options.should_fall_back_if_binding_fails``, returns all of ``allowed`` (unbound).
+    """
+    allowed_set = _allowed_set(allowed)
+    binding = binding_for(options, local_rank_id, local_world_size, topology=topology, allowed=allowed_set)
+    return allowed_set if binding is None else binding.cpus
+
+
+def binding_for(
+    options: NumaOptions,
+    local_rank_id: int,
+    local_world_size: int | None = None,
+    *,
+    topology: Topology | None = None,
+    allowed: Iterable[int] | None = None,
+) -> Binding | None:
+    """The :class:`Binding` of local rank ``local_rank_id``, as :func:`cpus_for` chooses it.
+
+    None when it cannot be made and ``options.should_fall_back_if_binding_fails`` (a
+    warning is logged): run unbound. Raises :class:`NumaBindingError` otherwise.
+    """
+    if not isinstance(options, NumaOptions):
+        raise TypeError(f"options must be a NumaOptions, got {options!r}")
+    _check_int("local_rank_id", local_rank_id, 0)
+    if local_world_size is not None:
+        _check_int("local_world_size", local_world_size, 1)
+        if local_rank_id >= local_world_size:
+            raise ValueError(f"local_rank_id must be < local_world_size ({local_world_size}), got {local_rank_id}")
+    if topology is not None and not isinstance(topology, Topology):
+        raise TypeError(f"topology must be a Topology or None, got {topology!r}")
+    allowed_set = _allowed_set(allowed)
+    try:
+        topo = topology if topology is not None else Topology.from_sysfs("/sys")
+        slot = _slot_of(local_rank_id, _slots(topo, allowed_set, local_world_size))
+        cpus = _cpus_in_mode(options.affinity_mode, slot, topo, allowed_set)
+    except NumaBindingError as err:
+        if not options.should_fall_back_if_binding_fails:
+            raise
+        logger.warning(
+            "NUMA binding of local rank %d in %s mode failed, running unbound: %s", local_rank_id, options.affinity_mode, err
+        )
+        return None
+    nodes = frozenset(node for node, node_cpus in topo.nodes.items() if node_cpus & cpus and node in topo.memory_nodes)
+    return Binding(cpus, nodes, options.strict_memory, options.should_fall_back_if_binding_fails)
+
+
+def _allowed_set(allowed: Iterable[int] | None) -> frozenset[int]:
+    if allowed is None:
+        return frozenset(os.sched_getaffinity(0))
+    return _int_set("allowed", allowed, allow_empty=False)
+
+
+# -- where each local rank lives -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """A local rank's place before a mode narrows it: its node, who shares that node
+    (``peers``, in order, itself included) and what put it there (``label``)."""
+
+    label: str
+    node: int
+    peers: tuple[str, ...]
+
+    @property
+    def index_on_node(self) -> int:
+        return self.peers.index(self.label)
+
+
+def _slots(topology: Topology, allowed: frozenset[int], local_world_size: int | None) -> list[_Slot]:
+    """One slot per local rank: near its GPU when there are GPUs, else laid over the nodes."""
+    gpus = _visible_gpus(topology)
+    if gpus:
+        placed = [(f"GPU {gpu.pci_address}", gpu.node) for gpu in gpus]
+    else:
+        nodes = [node for node, cpus in topology.nodes.items() if cpus & allowed]
+        if not nodes:
+            raise NumaBindingError(
+                f"no NUMA node under {topology.root!r} has a CPU in the allowed set {format_cpulist(allowed)}"
+            )
+        size = _default_world_size(local_world_size, len(nodes))
+        # Contiguous blocks: ranks 0..k-1 on the first node, and so on, as GPUs usually are.
+        placed = [(f"local rank {rank}", nodes[rank * len(nodes) // size]) for rank in range(size)]
+    return [
+        _Slot(label, node, tuple(other for other, other_node in placed if other_node == node)) for label, node in placed
+    ]
+
+
+def _slot_of(local_rank_id: int, slots: Sequence[_Slot]) -> _Slot:
+    if local_rank_id < len(slots):
+        return slots[local_rank_id]
+    if slots[0].label.startswith("GPU"):
+        raise NumaBindingError(
+            f"local rank {local_rank_id} is bound near GPU {local_rank_id}, "
+            f"but only {len(slots)} GPU(s) are visible: {', '.join(slot.label for slot in slots)}"
+        )
+    raise ValueError(
+        f"local_rank_id must be < the local world size ({len(slots)}, from $LOCAL_WORLD_SIZE or the number of "
+        f"NUMA nodes with allowed CPUs when local_world_size is not given), got {local_rank_id}"
+    )
+
+
+def _default_world_size(given: int | None, node_count: int) -> int:
+    if given is not None:
+        return given
+    text = os.environ.get("LOCAL_WORLD_SIZE")
+    if text is None:
+        return node_count  # one rank per node
+    if not text.strip().isdigit() or int(text) < 1:
+        raise ValueError(f"$LOCAL_WORLD_SIZE must be a positive integer, got {text!r}")
+    return int(text)
+
+
+def _visible_gpus(topology: Topology) -> tuple[Gpu, ...]:
+    """The topology's GPUs as CUDA numbers them: all of them in PCI address order, or
+    those that ``$CUDA_VISIBLE_DEVICES`` lists by index, in its order."""
+    text = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if text is None:
+        return topology.gpus
+    return tuple(topology.gpus[index] for index in _visible_indices(text, topology))
+
+
+def _visible_indices(text: str, topology: Topology) -> list[int]:
+    indices: list[int] = []
+    for entry in (part.strip() for part in text.split(",")) if text.strip() else ():
+        if not re.fullmatch(r"-?\d+", entry):
+            raise NumaBindingError(
+                f"CUDA_VISIBLE_DEVICES={text!r} names GPU {entry!r} by UUID or MIG name; without the GPU driver "
+                "asyncproc cannot tell which PCI device that is. List the GPUs by index."
+            )
+        index = int(entry)
+        if index < 0:
+            break  # as CUDA does: a negative index ends the list
+        if index >= len(topology.gpus) or index in indices:
+            problem = "twice" if index in indices else f"but {topology.root!r} has {len(topology.gpus)} GPU(s)"
+            raise NumaBindingError(f"CUDA_VISIBLE_DEVICES={text!r} lists GPU {index} {problem}")
+        indices.append(index)
+    return indices
+
+
+# -- the modes --------------------------------------------------------------------------------
+
+
+def _cpus_in_mode(mode: AffinityMode, slot: _Slot, topology: Topology, allowed: frozenset[int]) -> frozenset[int]:
+    """The CPUs ``mode`` gives the rank in ``slot``; raises :class:`NumaBindingError`."""
+    node_cpus = _allowed_node_cpus(slot, topology, allowed)
+    if mode is AffinityMode.NODE:
+        return node_cpus
+    if mode is AffinityMode.SOCKET:
+        socket = topology.socket_of_node(slot.node)
+        return frozenset().union(*(topology.nodes[node] for node in topology.nodes_on_socket(socket))) & allowed
+    if mode is AffinityMode.EXCLUSIVE:
+        return _exclusive_slice(topology.core_groups(node_cpus), slot)
+    groups = topology.cache_groups(node_cpus)
+    return groups[slot.index_on_node % len(groups)]
+
+
+def _allowed_node_cpus(slot: _Slot, topology: Topology, allowed: frozenset[int]) -> frozenset[int]:
+    if slot.node not in topology.nodes:
+        raise NumaBindingError(
+            f"{slot.label} is on NUMA node {slot.node}, but {topology.root!r} lists only nodes "
+            f"{format_cpulist(topology.nodes)}"
+        )
+    cpus = topology.nodes[slot.node] & allowed
+    if not cpus:
+        raise NumaBindingError(
+            f"{slot.label} is on NUMA node {slot.node}, but none of that node's CPUs "
+            f"({format_cpulist(topology.nodes[slot.node]) or 'none'}) is in the allowed set {format_cpulist(allowed)}"
+        )
+    return cpus
+
+
+def _exclusive_slice(cores: list[frozenset[int]], slot: _Slot) -> frozenset[int]:
+    sharers = len(slot.peers)
+    if len(cores) < sharers:
+        raise NumaBindingError(
+            f"exclusive mode needs a physical core for each of the {sharers} ranks on NUMA node {slot.node} "
+            f"({', '.join(slot.peers)}), but it has only {len(cores)} physical core(s) among the allowed CPUs "
+            f"({format_cpulist(frozenset().union(*cores))})"
+        )
+    per_rank, extra = divmod(len(cores), sharers)
+    # The lowest `extra` ranks on the node take one core more, so every core is used.
+    index = slot.index_on_node
+    start = index * per_rank + min(index, extra)
+    end = start + per_rank + (1 if index < extra else 0)
+    return frozenset().union(*cores[start:end])
