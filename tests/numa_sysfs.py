@@ -28,6 +28,21 @@ def gpus(*placed: tuple[str, int]) -> list[Pci]:
     return [Pci(address, node) for address, node in placed]
 
 
+# The PCI devices of the tests' two-socket tree (two sockets x two nodes x two L3 groups x
+# two cores x two SMT threads: core k is CPUs k and k+16, node n holds cores 4n..4n+3).
+# GPUs are written out of PCI order, next to PCI functions that are not GPUs (an NVIDIA
+# audio function, an Intel iGPU, a NIC).
+DGX_GPUS = [
+    *gpus(("0000:af:00.0", 3), ("0000:17:00.0", 0), ("0001:00:00.0", 1), ("0000:3a:00.0", 0)),
+    Pci("0000:86:00.0", 2, vendor=AMD, pci_class=VGA),
+    Pci("0000:17:00.1", 0, pci_class=AUDIO),
+    Pci("0000:00:02.0", -1, vendor=INTEL, pci_class=VGA),
+    Pci("0000:5e:00.0", 1, vendor=MELLANOX, pci_class=ETHERNET),
+]
+# ... so local ranks 0-4 are near GPUs 0000:17 (node 0), 0000:3a (node 0), 0000:86
+# (node 2), 0000:af (node 3) and 0001:00 (node 1).
+
+
 def _write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text + "\n")

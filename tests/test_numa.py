@@ -3,12 +3,15 @@ errors and the fallback, and real bindings of real children on this machine."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
 import subprocess
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -16,7 +19,7 @@ import pytest
 import asyncproc
 from asyncproc import AffinityMode, NumaOptions
 from asyncproc.numa import Binding, NumaBindingError, Topology, binding_for, cpus_for, format_cpulist, parse_cpulist
-from numa_sysfs import AMD, AUDIO, ETHERNET, INTEL, MELLANOX, VGA, Pci, build_sysfs, gpus
+from numa_sysfs import DGX_GPUS, build_sysfs, gpus
 
 NODE, SOCKET, EXCLUSIVE, CORE_COMPLEX = (NumaOptions(mode) for mode in AffinityMode)
 
@@ -32,30 +35,31 @@ def cpus(text: str) -> frozenset[int]:
     return parse_cpulist(text)
 
 
-# Two sockets x two nodes x two L3 groups x two cores x two SMT threads: core k is CPUs k
-# and k+16, node n holds cores 4n..4n+3. GPUs are written out of PCI order, next to PCI
-# functions that are not GPUs (an NVIDIA audio function, an Intel iGPU, a NIC).
-DGX_GPUS = [
-    *gpus(("0000:af:00.0", 3), ("0000:17:00.0", 0), ("0001:00:00.0", 1), ("0000:3a:00.0", 0)),
-    Pci("0000:86:00.0", 2, vendor=AMD, pci_class=VGA),
-    Pci("0000:17:00.1", 0, pci_class=AUDIO),
-    Pci("0000:00:02.0", -1, vendor=INTEL, pci_class=VGA),
-    Pci("0000:5e:00.0", 1, vendor=MELLANOX, pci_class=ETHERNET),
-]
-# ... so local ranks 0-4 are near GPUs 0000:17 (node 0), 0000:3a (node 0), 0000:86
-# (node 2), 0000:af (node 3) and 0001:00 (node 1).
+Trees = Callable[..., Topology]
 
 
-def two_sockets(tmp_path: Path, pci: list[Pci] = DGX_GPUS, **shape: object) -> Topology:
-    layout: dict[str, object] = dict(
-        sockets=2, nodes_per_socket=2, caches_per_node=2, cores_per_cache=2, threads_per_core=2, pci=pci
-    )
-    return Topology.from_sysfs(build_sysfs(tmp_path / "sys", **{**layout, **shape}))  # type: ignore[arg-type]
+@pytest.fixture(scope="module")
+def trees(tmp_path_factory: pytest.TempPathFactory) -> Trees:
+    """Builds fake trees, each shape once per module: a Topology is immutable, so shared."""
+    built: dict[str, Topology] = {}
+
+    def make(**shape: Any) -> Topology:
+        key = repr(sorted(shape.items()))
+        if key not in built:
+            built[key] = Topology.from_sysfs(build_sysfs(tmp_path_factory.mktemp("sys"), **shape))
+        return built[key]
+
+    return make
+
+
+def two_sockets(trees: Trees, **shape: Any) -> Topology:
+    layout = dict(sockets=2, nodes_per_socket=2, caches_per_node=2, cores_per_cache=2, threads_per_core=2, pci=DGX_GPUS)
+    return trees(**{**layout, **shape})
 
 
 @pytest.fixture
-def dgx(tmp_path: Path) -> Topology:
-    return two_sockets(tmp_path)
+def dgx(trees: Trees) -> Topology:
+    return two_sockets(trees)
 
 
 def all_ranks(options: NumaOptions, topology: Topology, count: int, **kwargs: object) -> list[str]:
@@ -123,9 +127,9 @@ def test_exclusive_mode_splits_the_nodes_cores_among_its_gpus_with_smt_siblings(
     assert all_ranks(EXCLUSIVE, dgx, 5) == ["0-1,16-17", "2-3,18-19", "8-11,24-27", "12-15,28-31", "4-7,20-23"]
 
 
-def test_exclusive_mode_gives_the_lowest_gpus_one_core_more_when_it_does_not_divide(tmp_path: Path) -> None:
+def test_exclusive_mode_gives_the_lowest_gpus_one_core_more_when_it_does_not_divide(trees: Trees) -> None:
     pci = gpus(("0000:01:00.0", 0), ("0000:02:00.0", 0), ("0000:03:00.0", 0))
-    topology = Topology.from_sysfs(build_sysfs(tmp_path, cores_per_cache=5, pci=pci))
+    topology = trees(cores_per_cache=5, pci=pci)
     assert all_ranks(EXCLUSIVE, topology, 3) == ["0-1", "2-3", "4"]
 
 
@@ -133,21 +137,27 @@ def test_core_complex_mode_gives_each_gpu_on_a_node_its_own_last_level_cache(dgx
     assert all_ranks(CORE_COMPLEX, dgx, 5) == ["0-1,16-17", "2-3,18-19", "8-9,24-25", "12-13,28-29", "4-5,20-21"]
 
 
-def test_core_complex_mode_wraps_around_when_a_node_has_more_gpus_than_caches(tmp_path: Path) -> None:
+def test_core_complex_mode_wraps_around_when_a_node_has_more_gpus_than_caches(trees: Trees) -> None:
     pci = gpus(("0000:01:00.0", 0), ("0000:02:00.0", 0), ("0000:03:00.0", 0))
-    topology = Topology.from_sysfs(build_sysfs(tmp_path, caches_per_node=2, cores_per_cache=2, pci=pci))
+    topology = trees(caches_per_node=2, cores_per_cache=2, pci=pci)
     assert all_ranks(CORE_COMPLEX, topology, 3) == ["0-1", "2-3", "0-1"]
 
 
-def test_core_complex_mode_without_cache_information_takes_the_whole_node(tmp_path: Path) -> None:
-    topology = two_sockets(tmp_path, cache_info=False)
+def test_core_complex_mode_without_cache_information_takes_the_whole_node(trees: Trees) -> None:
+    topology = two_sockets(trees, cache_info=False)
     assert all_ranks(CORE_COMPLEX, topology, 2) == ["0-3,16-19", "0-3,16-19"]
 
 
-def test_a_gpu_whose_numa_node_is_minus_one_counts_as_node_zero(tmp_path: Path) -> None:
-    topology = two_sockets(tmp_path, pci=gpus(("0000:3b:00.0", -1)))
+def test_a_gpu_whose_numa_node_is_minus_one_counts_as_node_zero(trees: Trees) -> None:
+    topology = two_sockets(trees, pci=gpus(("0000:3b:00.0", -1)))
     assert topology.gpus[0].node == 0
     assert all_ranks(NODE, topology, 1) == ["0-3,16-19"]
+
+
+def test_the_gpus_cuda_sees_can_be_given_to_the_topology(dgx: Topology) -> None:
+    # The documented way out when a container sees all the host's GPUs in /sys.
+    mine = dataclasses.replace(dgx, gpus=tuple(g for g in dgx.gpus if g.pci_address == "0000:86:00.0"))
+    assert all_ranks(NODE, mine, 1) == ["8-11,24-27"]
 
 
 # -- the allowed set --------------------------------------------------------------------------
@@ -172,9 +182,9 @@ def test_a_gpu_on_a_node_with_no_allowed_cpu_cannot_be_bound(dgx: Topology) -> N
     )
 
 
-def test_allowed_defaults_to_this_threads_affinity(tmp_path: Path) -> None:
+def test_allowed_defaults_to_this_threads_affinity(trees: Trees) -> None:
     # A one-node tree holding CPUs 0-63: the answer is cut down to what we may use.
-    topology = Topology.from_sysfs(build_sysfs(tmp_path, cores_per_cache=64))
+    topology = trees(cores_per_cache=64)
     assert cpus_for(NODE, 0, topology=topology) == os.sched_getaffinity(0)
 
 
@@ -221,15 +231,15 @@ def test_cuda_visible_devices_that_cannot_be_mapped_is_an_error(
 # -- without GPUs -----------------------------------------------------------------------------
 
 
-def test_without_gpus_one_rank_per_node_by_default(tmp_path: Path) -> None:
-    topology = two_sockets(tmp_path, pci=[])
+def test_without_gpus_one_rank_per_node_by_default(trees: Trees) -> None:
+    topology = two_sockets(trees, pci=[])
     assert all_ranks(NODE, topology, 4) == ["0-3,16-19", "4-7,20-23", "8-11,24-27", "12-15,28-31"]
     with pytest.raises(ValueError, match="local_rank_id must be < the local world size \\(4"):
         cpus_for(NODE, 4, topology=topology, allowed=topology.cpus)
 
 
-def test_without_gpus_ranks_fill_nodes_in_contiguous_blocks_and_share_them_like_gpus(tmp_path: Path) -> None:
-    topology = two_sockets(tmp_path, pci=[])
+def test_without_gpus_ranks_fill_nodes_in_contiguous_blocks_and_share_them_like_gpus(trees: Trees) -> None:
+    topology = two_sockets(trees, pci=[])
     exclusive = all_ranks(EXCLUSIVE, topology, 8, local_world_size=8)
     assert exclusive == [
         "0-1,16-17", "2-3,18-19", "4-5,20-21", "6-7,22-23",
@@ -241,9 +251,9 @@ def test_without_gpus_ranks_fill_nodes_in_contiguous_blocks_and_share_them_like_
 
 
 def test_without_gpus_local_world_size_defaults_to_the_environment(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    trees: Trees, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    topology = two_sockets(tmp_path, pci=[])
+    topology = two_sockets(trees, pci=[])
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
     assert cpus_for(EXCLUSIVE, 1, topology=topology, allowed=topology.cpus) == cpus("2-3,18-19")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "eight")
@@ -251,8 +261,8 @@ def test_without_gpus_local_world_size_defaults_to_the_environment(
         cpus_for(EXCLUSIVE, 1, topology=topology, allowed=topology.cpus)
 
 
-def test_without_gpus_nodes_without_allowed_cpus_are_skipped(tmp_path: Path) -> None:
-    topology = two_sockets(tmp_path, pci=[])
+def test_without_gpus_nodes_without_allowed_cpus_are_skipped(trees: Trees) -> None:
+    topology = two_sockets(trees, pci=[])
     allowed = cpus("8-15,24-31")  # socket 1 only, as a cgroup cpuset may leave us
     assert all_ranks(NODE, topology, 2, allowed=allowed) == ["8-11,24-27", "12-15,28-31"]
 
@@ -273,9 +283,9 @@ def test_two_ranks_in_exclusive_mode_on_this_machine_get_disjoint_cpus() -> None
 # -- errors and the fallback ------------------------------------------------------------------
 
 
-def test_exclusive_mode_with_fewer_cores_than_gpus_says_so(tmp_path: Path) -> None:
+def test_exclusive_mode_with_fewer_cores_than_gpus_says_so(trees: Trees) -> None:
     pci = gpus(("0000:01:00.0", 0), ("0000:02:00.0", 0), ("0000:03:00.0", 0))
-    topology = Topology.from_sysfs(build_sysfs(tmp_path, cores_per_cache=2, pci=pci))
+    topology = trees(cores_per_cache=2, pci=pci)
     with pytest.raises(NumaBindingError) as caught:
         cpus_for(EXCLUSIVE, 0, topology=topology, allowed=topology.cpus)
     assert isinstance(caught.value, ValueError) and isinstance(caught.value, asyncproc.AsyncprocError)
@@ -290,9 +300,9 @@ def test_more_ranks_than_gpus_is_an_error(dgx: Topology) -> None:
         cpus_for(NODE, 5, topology=dgx, allowed=dgx.cpus)
 
 
-def test_fallback_logs_and_runs_unbound(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_fallback_logs_and_runs_unbound(trees: Trees, caplog: pytest.LogCaptureFixture) -> None:
     pci = gpus(("0000:01:00.0", 0), ("0000:02:00.0", 0), ("0000:03:00.0", 0))
-    topology = Topology.from_sysfs(build_sysfs(tmp_path, cores_per_cache=2, pci=pci))
+    topology = trees(cores_per_cache=2, pci=pci)
     options = NumaOptions("exclusive", should_fall_back_if_binding_fails=True)
     with caplog.at_level(logging.WARNING, logger="asyncproc.numa"):
         assert cpus_for(options, 2, topology=topology, allowed={0, 1}) == {0, 1}
@@ -354,8 +364,8 @@ def test_a_binding_carries_the_memory_nodes_of_its_cpus(dgx: Topology) -> None:
     assert binding == Binding(cpus("8-15,24-31"), frozenset({2, 3}), strict_memory=True)
 
 
-def test_nodes_without_memory_are_left_out_of_the_memory_policy(tmp_path: Path) -> None:
-    topology = two_sockets(tmp_path, nodes_without_memory=[1])
+def test_nodes_without_memory_are_left_out_of_the_memory_policy(trees: Trees) -> None:
+    topology = two_sockets(trees, nodes_without_memory=[1])
     binding = binding_for(SOCKET, 0, topology=topology, allowed=topology.cpus)
     assert binding is not None and binding.nodes == {0}
 

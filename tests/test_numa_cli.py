@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 
 from asyncproc import _cli, _numa_cli
-from numa_sysfs import build_sysfs, gpus
-from test_numa import DGX_GPUS
+from numa_sysfs import DGX_GPUS, build_sysfs, gpus
 
 
 @pytest.fixture(autouse=True)
