@@ -252,11 +252,19 @@ class SubprocessHandler:
 
     async def _wait_gone(self, tree: list[psutil.Process], timeout: float) -> list[psutil.Process]:
         """Wait up to ``timeout`` for the child (reaped) and ``tree`` to end; the living."""
-        with anyio.move_on_after(timeout):
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self.wait)
-                for proc in tree:
-                    tg.start_soon(_wait_process_gone, proc)
+        fds = _pidfds(tree)
+        try:
+            with anyio.move_on_after(timeout):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self.wait)
+                    for fd in fds:
+                        tg.start_soon(anyio.wait_readable, fd)
+            # Only now: a process's children are re-parented when it exits, so once the
+            # whole tree has exited every orphan has reached its final parent.
+            _reap_adopted(fds)
+        finally:
+            for fd in fds:
+                os.close(fd)
         return [p for p in tree if _is_alive(p)]
 
     def _close_logs(self) -> None:
@@ -317,18 +325,32 @@ async def _until_exited(pid: int, pidfd: int | None) -> None:
     )
 
 
-async def _wait_process_gone(proc: psutil.Process) -> None:
-    """Wait until a process that is not our child has exited (its parent reaps it)."""
-    fd = _proctree.pidfd_open(proc.pid)
-    if fd is None:
-        return
-    try:
-        # A pidfd is verified against the snapshot by create time: psutil's pid may have
-        # been recycled between the snapshot and pidfd_open.
-        if _is_alive(proc):
-            await anyio.wait_readable(fd)
-    finally:
-        os.close(fd)
+def _pidfds(procs: list[psutil.Process]) -> list[int]:
+    """pidfds of the processes of a snapshot that are still those processes."""
+    fds = []
+    for proc in procs:
+        fd = _proctree.pidfd_open(proc.pid)
+        if fd is None:
+            continue
+        running = False
+        # Checked after pidfd_open, by create time: the pid may have been recycled
+        # between the snapshot and pidfd_open. Zombies stay: they may be ours to reap.
+        with contextlib.suppress(psutil.Error):
+            running = proc.is_running()
+        if running:
+            fds.append(fd)
+        else:
+            os.close(fd)
+    return fds
+
+
+def _reap_adopted(fds: list[int]) -> None:
+    """Reap those of ``fds`` that exited and were re-parented to us (when this process is
+    a child subreaper), or they would stay zombies; other parents reap their own."""
+    for fd in fds:
+        with contextlib.suppress(ChildProcessError):  # not ours to reap
+            # P_PIDFD: exactly the process the pidfd names, never a recycled pid.
+            os.waitid(os.P_PIDFD, fd, os.WEXITED | os.WNOHANG)
 
 
 def _is_alive(proc: psutil.Process) -> bool:

@@ -1,0 +1,156 @@
+"""Children die with their parent: a real parent process spawns through a handler and is
+SIGKILLed (or exits); its child and grandchild must go, on every backend.
+
+The test process is a child subreaper, so the orphans come to us: we reap them here.
+``test_slow_*`` waits 11 s (deselect with ``-k "not slow"``).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import psutil
+import pytest
+
+from asyncproc import _guardian
+
+BACKENDS = ("asyncio", "uvloop", "trio")
+
+# The parent: spawns a child through a handler; the child starts a grandchild. It prints
+# "child PID", "grandchild PID", "guardian PID", "ready", then waits (or exits).
+PARENT = textwrap.dedent(
+    """
+    import os, sys, anyio, subprocess
+    from asyncproc import get_subprocess_handler, _guardian
+
+    backend, wait_s, fork_sibling = sys.argv[1], float(sys.argv[2]), sys.argv[3] == "fork"
+    CHILD = (
+        "import subprocess, sys, time; p = subprocess.Popen(['sleep', '60']);"
+        "print('grandchild', p.pid, flush=True); time.sleep(60)"
+    )
+
+    async def main():
+        handler = get_subprocess_handler(sys.executable, ["-c", CHILD], {}, None, None, 0)
+        await handler.spawn()
+        print("child", handler.pid, flush=True)
+        if fork_sibling and os.fork() == 0:  # holds no lifeline: must not keep the guardian waiting
+            os.execv("/bin/sleep", ["sleep", "30"])
+        await anyio.sleep(0.3)
+        print("guardian", _guardian.guardian_pid(), flush=True)
+        print("ready", flush=True)
+        await anyio.sleep(wait_s)
+
+    name, options = ("trio", {}) if backend == "trio" else ("asyncio", {"use_uvloop": backend == "uvloop"})
+    anyio.run(main, backend=name, backend_options=options)
+    """
+)
+
+
+def start_parent(backend: str, wait_s: float, fork_sibling: bool = False) -> tuple[subprocess.Popen[str], dict[str, int]]:
+    parent = subprocess.Popen(
+        [sys.executable, "-c", PARENT, backend, str(wait_s), "fork" if fork_sibling else "-"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    assert parent.stdout is not None
+    pids: dict[str, int] = {}
+    for line in parent.stdout:
+        if line.strip() == "ready":
+            break
+        key, pid = line.split()
+        pids[key] = int(pid)
+    assert set(pids) == {"child", "grandchild", "guardian"}, pids
+    return parent, pids
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def wait_gone_and_reap(pids: list[int], timeout: float) -> list[int]:
+    """Wait for ``pids`` to die (reaping those re-parented to us); the ones still alive."""
+    deadline = time.monotonic() + timeout
+    while not all(gone(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    alive = [pid for pid in pids if not gone(pid)]
+    for pid in pids:
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+    return alive
+
+
+def kill_parent_and_check(parent: subprocess.Popen[str], pids: dict[str, int]) -> None:
+    parent.kill()
+    parent.wait()
+    assert parent.stdout is not None
+    parent.stdout.close()
+    alive = wait_gone_and_reap([pids["child"], pids["grandchild"]], timeout=2.0)
+    assert not alive, f"survived their parent: {alive}"
+    assert not wait_gone_and_reap([pids["guardian"]], timeout=2.0), "the guardian outlived its parent"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sigkilled_parent_takes_child_and_grandchild_along(backend: str) -> None:
+    parent, pids = start_parent(backend, wait_s=60)
+    kill_parent_and_check(parent, pids)
+
+
+def test_slow_die_with_parent_after_trio_spawn_thread_would_have_exited() -> None:
+    """PR_SET_PDEATHSIG would fire when trio's spawn thread exits after 10 s idle (killing
+    the child too early) and never when the parent dies later. We wait past that on all
+    three backends at once (one 11 s wait for the lot), check nothing died early, then
+    SIGKILL each parent."""
+    parents = [start_parent(backend, wait_s=60) for backend in BACKENDS]
+    time.sleep(11)
+    for _, pids in parents:
+        assert not gone(pids["child"]) and not gone(pids["grandchild"]), "killed while the parent lived"
+    for parent, pids in parents:
+        kill_parent_and_check(parent, pids)
+
+
+def test_forked_sibling_does_not_hold_the_lifeline() -> None:
+    parent, pids = start_parent("asyncio", wait_s=60, fork_sibling=True)
+    sibling = [p.pid for p in psutil.Process(parent.pid).children() if p.name() == "sleep"]
+    try:
+        kill_parent_and_check(parent, pids)
+    finally:
+        for pid in sibling:
+            os.kill(pid, signal.SIGKILL)
+        wait_gone_and_reap(sibling, timeout=2.0)
+
+
+def test_interpreter_exit_ends_leaked_children_and_the_guardian() -> None:
+    parent, pids = start_parent("trio", wait_s=0)  # returns without closing the handler
+    assert parent.wait(timeout=10) == 0
+    assert parent.stdout is not None
+    parent.stdout.close()
+    assert not wait_gone_and_reap(list(pids.values()), timeout=2.0)
+
+
+def test_guardian_is_named_and_restarted_when_killed() -> None:
+    child = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    try:
+        _guardian.register(child.pid)
+        first = _guardian.guardian_pid()
+        assert first is not None
+        with open(f"/proc/{first}/comm") as f:
+            assert f.read().strip() in ("asyncproc-srv", os.path.basename(sys.executable)[:15])
+        os.kill(first, signal.SIGKILL)
+        assert wait_gone_and_reap([first], timeout=2.0) == []
+        _guardian.unregister(child.pid)  # finds the guardian gone, starts another
+        _guardian.register(child.pid)
+        second = _guardian.guardian_pid()
+        assert second not in (None, first)
+    finally:
+        _guardian.unregister(child.pid)
+        child.kill()
+        child.wait()

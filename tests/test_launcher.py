@@ -1,0 +1,205 @@
+"""The local-rank launcher: ``asyncproc.start_processes`` on three backends, and the
+``asyncproc run`` command as a real subprocess."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import anyio
+import psutil
+import pytest
+
+from asyncproc import LaunchConfig, LaunchFailed, start_processes
+
+PY = sys.executable
+
+# `python -m asyncproc run` builds every sub-command's parser; until the `demo` command's
+# module lands in this tree, run the launcher's own entry point (the same configure_parser
+# and cli) so these tests exercise the launcher, not the wiring of a missing module.
+if importlib.util.find_spec("asyncproc._demo") is not None:
+    LAUNCHER = [PY, "-m", "asyncproc", "run"]
+else:  # pragma: no cover - temporary
+    LAUNCHER = [PY, "-W", "ignore::RuntimeWarning", "-m", "asyncproc._launcher"]
+
+
+def rank_code(code: str) -> list[str]:
+    return [PY, "-c", textwrap.dedent(code)]
+
+
+def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*LAUNCHER, *args], capture_output=True, text=True, timeout=timeout)
+
+
+# -- the Python API ------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_every_rank_gets_its_variables_and_logs(anyio_backend: object, tmp_path: Path) -> None:
+    command = rank_code(
+        """
+        import json, os, sys
+        keys = ["LOCAL_RANK", "RANK", "LOCAL_WORLD_SIZE", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                "ASYNCPROC_ERROR_FILE", "TORCHELASTIC_ERROR_FILE", "EXTRA"]
+        print(json.dumps({k: os.environ.get(k) for k in keys}))
+        print("err line", file=sys.stderr)
+        """
+    )
+    result = await start_processes(command, LaunchConfig(nproc=3, log_dir=tmp_path, env={"EXTRA": "x"}))
+    assert result.exit_code == 0 and result.failure is None
+    assert [r.exitcode for r in result.ranks] == [0, 0, 0]
+    for rank in result.ranks:
+        assert rank.stdout_log == tmp_path / str(rank.rank) / "stdout.log"
+        seen = json.loads(rank.stdout_log.read_text())
+        assert seen["LOCAL_RANK"] == seen["RANK"] == str(rank.rank)
+        assert seen["LOCAL_WORLD_SIZE"] == seen["WORLD_SIZE"] == "3"
+        assert seen["ASYNCPROC_ERROR_FILE"] == seen["TORCHELASTIC_ERROR_FILE"] == str(tmp_path / str(rank.rank) / "error.json")
+        assert seen["MASTER_ADDR"] == "127.0.0.1" and int(seen["MASTER_PORT"]) > 0 and seen["EXTRA"] == "x"
+        assert (tmp_path / str(rank.rank) / "stderr.log").read_text() == "err line\n"
+    assert "all 3 ranks succeeded" in result.summary()
+
+
+@pytest.mark.anyio
+async def test_first_failure_stops_the_others_at_once(anyio_backend: object, tmp_path: Path) -> None:
+    command = rank_code(
+        """
+        import os, sys, time
+        if os.environ["RANK"] == "2":
+            time.sleep(0.2)
+            print("rank two gives up", file=sys.stderr)
+            sys.exit(3)
+        time.sleep(60)
+        """
+    )
+    started = time.monotonic()
+    result = await start_processes(command, LaunchConfig(nproc=4, log_dir=tmp_path, grace=2))
+    assert time.monotonic() - started < 10  # not the ranks' 60 s
+    assert result.failure is not None and result.failure.rank == 2
+    assert result.exit_code == 3
+    assert result.failure.stderr_tail == ("rank two gives up",)
+    assert [r.stopped for r in result.ranks] == [True, True, False, True]
+    assert all(r.exitcode == -signal.SIGTERM for r in result.ranks if r.stopped)
+    with pytest.raises(LaunchFailed, match="rank 2 .* failed: it exited with code 3") as info:
+        result.check()
+    assert info.value.result is result and info.value.exitcode == 3
+
+
+@pytest.mark.anyio
+async def test_cancelling_the_caller_stops_every_rank(anyio_backend: object) -> None:
+    with anyio.move_on_after(0.5):
+        await start_processes(rank_code("import time; time.sleep(60)"), LaunchConfig(nproc=3, grace=1))
+    # the autouse leak check asserts that no rank is left
+
+
+@pytest.mark.anyio
+async def test_missing_command_raises_and_starts_nothing(anyio_backend: object, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        await start_processes([str(tmp_path / "nope")], LaunchConfig(nproc=2))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"nproc": 0}, "nproc must be an int >= 1"), ({"nproc": 1, "grace": -1}, "grace must be"),
+     ({"nproc": 1, "master_port": 70000}, "master_port")],
+)
+def test_bad_config_is_named(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        LaunchConfig(**kwargs)
+
+
+# -- the command line ----------------------------------------------------------------------
+
+LINE = re.compile(r"\[rank(\d+)\]: (out|err) (\d+) (\d+) (x{80})\Z")
+
+
+def test_32_ranks_thousands_of_lines_never_split_or_interleaved() -> None:
+    lines = 2000
+    command = rank_code(
+        f"""
+        import os, sys
+        r = os.environ["RANK"]
+        for i in range({lines}):
+            sys.stdout.write(f"out {{r}} {{i}} {{'x' * 80}}\\n")
+            sys.stderr.write(f"err {{r}} {{i}} {{'x' * 80}}\\n")
+        """
+    )
+    done = run_cli("-n", "32", "--", *command, timeout=90)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for stream, text in (("out", done.stdout), ("err", done.stderr)):
+        counts = [0] * 32
+        for line in text.splitlines():
+            match = LINE.match(line)
+            assert match, f"malformed console line: {line[:200]!r}"
+            rank, kind, rank_again, index, _ = match.groups()
+            assert kind == stream and rank == rank_again
+            assert int(index) == counts[int(rank)]  # in order, none lost within a rank
+            counts[int(rank)] += 1
+        assert counts == [lines] * 32
+
+
+def test_log_dir_with_and_without_tee(tmp_path: Path) -> None:
+    command = rank_code("import os, sys; print('hello', os.environ['RANK']); print('oops', file=sys.stderr)")
+    quiet = run_cli("-n", "2", "--log-dir", str(tmp_path / "quiet"), "--", *command)
+    assert quiet.returncode == 0 and quiet.stdout == "" and quiet.stderr == ""
+    teed = run_cli("-n", "2", "--log-dir", str(tmp_path / "teed"), "--tee", "--", *command)
+    assert sorted(teed.stdout.splitlines()) == ["[rank0]: hello 0", "[rank1]: hello 1"]
+    assert sorted(teed.stderr.splitlines()) == ["[rank0]: oops", "[rank1]: oops"]
+    for mode in ("quiet", "teed"):
+        for rank in (0, 1):
+            assert (tmp_path / mode / str(rank) / "stdout.log").read_text() == f"hello {rank}\n"
+            assert (tmp_path / mode / str(rank) / "stderr.log").read_text() == "oops\n"
+
+
+def test_failure_summary_names_rank_code_log_and_stderr(tmp_path: Path) -> None:
+    command = rank_code(
+        """
+        import os, sys, time
+        if os.environ["RANK"] == "1":
+            print("about to fail", file=sys.stderr)
+            sys.exit(5)
+        time.sleep(60)
+        """
+    )
+    done = run_cli("-n", "3", "--log-dir", str(tmp_path), "--grace", "1", "--", *command)
+    assert done.returncode == 5
+    assert "rank 1 (pid" in done.stderr and "failed: it exited with code 5" in done.stderr
+    assert f"stderr log : {tmp_path / '1' / 'stderr.log'}" in done.stderr
+    assert "about to fail" in done.stderr
+    assert "2 other rank(s) were stopped" in done.stderr
+
+
+def test_rank_killed_by_signal_gives_128_plus_signal() -> None:
+    command = rank_code("import os, signal; os.kill(os.getpid(), signal.SIGKILL)")
+    done = run_cli("-n", "2", "--", *command)
+    assert done.returncode == 128 + signal.SIGKILL
+    assert "was killed by SIGKILL (signal 9)" in done.stderr
+
+
+def test_missing_command_exits_127_with_a_message() -> None:
+    done = run_cli("-n", "2", "--", "/no/such/program")
+    assert done.returncode == 127 and "cannot run '/no/such/program'" in done.stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("backend", ["asyncio", "uvloop", "trio"])
+def test_signal_to_launcher_stops_every_rank(sig: signal.Signals, backend: str) -> None:
+    command = rank_code("import os, time; print(os.getpid(), flush=True); time.sleep(60)")
+    launcher = subprocess.Popen(
+        [*LAUNCHER, "-n", "3", "--grace", "2", "--backend", backend, "--", *command],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    assert launcher.stdout is not None
+    ranks = [int(launcher.stdout.readline().split(": ")[1]) for _ in range(3)]
+    launcher.send_signal(sig)
+    _, err = launcher.communicate(timeout=15)
+    assert launcher.returncode == 128 + sig
+    assert f"interrupted by {sig.name}" in err
+    assert not [pid for pid in ranks if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
