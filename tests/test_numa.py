@@ -7,6 +7,7 @@ import dataclasses
 import errno
 import logging
 import os
+import pickle
 import subprocess
 import threading
 from collections.abc import Callable
@@ -89,6 +90,7 @@ def test_topology_reads_nodes_sockets_cores_caches_and_gpus_in_pci_order(dgx: To
         ("0001:00:00.0", "NVIDIA", 1),
     ]
     assert dgx.memory_nodes == {0, 1, 2, 3}
+    assert pickle.loads(pickle.dumps(dgx)) == dgx  # it can be computed once and sent to children
 
 
 def test_topology_of_this_machine_covers_the_allowed_cpus() -> None:
@@ -215,7 +217,7 @@ def test_empty_cuda_visible_devices_hides_every_gpu(dgx: Topology, monkeypatch: 
 @pytest.mark.parametrize(
     ("value", "message"),
     [
-        ("GPU-8f6c1f9e-3a2b", "names GPU 'GPU-8f6c1f9e-3a2b' by UUID or MIG name"),
+        ("GPU-8f6c1f9e-3a2b", "names GPU 'GPU-8f6c1f9e-3a2b', which is not an index; .* List the GPUs by index"),
         ("0,7", r"lists GPU 7 but '.*' has 5 GPU\(s\)"),
         ("1,1", "lists GPU 1 twice"),
     ],

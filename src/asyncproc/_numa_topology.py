@@ -124,6 +124,11 @@ class Topology:
         object.__setattr__(self, "gpus", tuple(self.gpus))
         object.__setattr__(self, "memory_nodes", frozenset(self.memory_nodes))
 
+    def __reduce__(self) -> tuple[type[Topology], tuple[object, ...]]:
+        # Mapping proxies do not pickle; plain dicts do, and __post_init__ wraps them again.
+        maps = (dict(self.nodes), dict(self.sockets), dict(self.cores), dict(self.caches))
+        return (type(self), (*maps, self.gpus, self.memory_nodes, self.root))
+
     @classmethod
     def from_sysfs(cls, root: str | os.PathLike[str] = "/sys") -> Topology:
         """Read the topology under ``root``: ``/sys``, or any folder laid out like it.
@@ -149,6 +154,7 @@ class Topology:
         return self.sockets.get(min(cpus), 0) if cpus else None
 
     def nodes_on_socket(self, socket: int) -> frozenset[int]:
+        """The nodes whose CPUs are on ``socket`` (by their lowest CPU, as torch reads it)."""
         return frozenset(node for node in self.nodes if self.socket_of_node(node) == socket)
 
     def core_groups(self, cpus: Iterable[int]) -> list[frozenset[int]]:

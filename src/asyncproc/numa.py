@@ -36,6 +36,11 @@ from enum import Enum
 from . import _numa_memory
 from ._numa_topology import Gpu, NumaBindingError, Topology, format_cpulist, parse_cpulist
 
+# Defined below this module to keep the imports one-way; shown (and pickled) as public names.
+for _public in (Gpu, NumaBindingError, Topology):
+    _public.__module__ = __name__
+del _public
+
 __all__ = [
     "AffinityMode",
     "Binding",
@@ -373,8 +378,8 @@ def _visible_indices(text: str, topology: Topology) -> list[int]:
     for entry in (part.strip() for part in text.split(",")) if text.strip() else ():
         if not re.fullmatch(r"-?\d+", entry):
             raise NumaBindingError(
-                f"CUDA_VISIBLE_DEVICES={text!r} names GPU {entry!r} by UUID or MIG name; without the GPU driver "
-                "asyncproc cannot tell which PCI device that is. List the GPUs by index."
+                f"CUDA_VISIBLE_DEVICES={text!r} names GPU {entry!r}, which is not an index; without the GPU "
+                "driver asyncproc cannot tell which PCI device a UUID or MIG name is. List the GPUs by index."
             )
         index = int(entry)
         if index < 0:
@@ -396,6 +401,7 @@ def _cpus_in_mode(mode: AffinityMode, slot: _Slot, topology: Topology, allowed: 
         return node_cpus
     if mode is AffinityMode.SOCKET:
         socket = topology.socket_of_node(slot.node)
+        assert socket is not None  # the node has allowed CPUs: checked above
         return frozenset().union(*(topology.nodes[node] for node in topology.nodes_on_socket(socket))) & allowed
     if mode is AffinityMode.EXCLUSIVE:
         return _exclusive_slice(topology.core_groups(node_cpus), slot)
