@@ -21,6 +21,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from types import TracebackType
 from typing import Any, TypeVar, cast
 
 __all__ = ["ENV_VARS", "ErrorRecord", "read_error_file", "record", "write_error_file"]
@@ -99,7 +100,7 @@ def write_error_file(exc: BaseException, path: str | None = None) -> str | None:
         "message": {
             "message": f"{type(exc).__name__}: {exc}",
             "extraInfo": {
-                "py_callstack": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+                "py_callstack": "".join(traceback.format_exception(type(exc), exc, _user_frames(exc))),
                 "timestamp": str(int(time.time())),
             },
         }
@@ -113,6 +114,14 @@ def write_error_file(exc: BaseException, path: str | None = None) -> str | None:
     except OSError:
         return None
     return path
+
+
+def _user_frames(exc: BaseException) -> TracebackType | None:
+    """The traceback without our own wrapper frames at its top: they explain nothing."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None and tb.tb_frame.f_code.co_filename == __file__:
+        tb = tb.tb_next
+    return tb
 
 
 def read_error_file(path: str | os.PathLike[str]) -> ErrorRecord | None:

@@ -144,9 +144,11 @@ def _describe_failure(failure: RankResult, stopped: int) -> str:
         lines.append(f"  stderr log : {failure.stderr_log}")
     if failure.stdout_log is not None:
         lines.append(f"  stdout log : {failure.stdout_log}")
-    if failure.stderr_tail:
-        lines.append(f"  last {len(failure.stderr_tail)} lines of its stderr:")
-        lines += ["    " + line for line in failure.stderr_tail]
+    # With a recorded traceback the stderr tail mostly repeats it: show less of it.
+    tail = failure.stderr_tail[-5:] if failure.error and failure.error.traceback else failure.stderr_tail
+    if tail:
+        lines.append(f"  last {len(tail)} lines of its stderr:")
+        lines += ["    " + line for line in tail]
     if stopped:
         lines.append(f"  {stopped} other rank(s) were stopped")
     return "\n".join(lines)
