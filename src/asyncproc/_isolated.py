@@ -20,13 +20,17 @@ import socket
 import sys
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 import anyio
+import psutil
 
 from . import _proctree, _protocol, _worker
 from ._exceptions import ChildCrashed, MemoryLimitExceeded, RemoteError
 from ._serverlink import link, spawn_python
+
+if TYPE_CHECKING:
+    from .numa import Binding, NumaOptions
 
 __all__ = ["Isolated", "safe_call", "safe_call_sync", "START_METHODS"]
 
@@ -47,9 +51,26 @@ class _Exit:
     pid: int | None
     exitcode: int | None
     fault_log: str = ""
+    note: str = ""  # when the status is unknown: why
+    never_started: bool = False  # the fork server died before any worker got the call
+
+
+class _ServerLost(Exception):
+    """The fork server died before our call reached a worker: it never ran; retry it."""
 
 
 # -- worker handles: one per start method, same four operations ---------------------------
+
+
+async def _recv(sock: socket.socket) -> _protocol.Message | None:
+    """The next message on a non-blocking socket; None at end-of-stream."""
+    while True:
+        try:
+            return _protocol.recv(sock)
+        except BlockingIOError:
+            await anyio.wait_readable(sock)
+        except ConnectionResetError:
+            return None
 
 
 class _Worker:
@@ -63,13 +84,7 @@ class _Worker:
 
     async def next_message(self) -> _protocol.Message | None:
         """The worker's next message, or None at end-of-stream (it is gone)."""
-        while True:
-            try:
-                return _protocol.recv(self.data)
-            except BlockingIOError:
-                await anyio.wait_readable(self.data)
-            except ConnectionResetError:
-                return None
+        return await _recv(self.data)
 
     def signal(self, sig: int) -> None:
         raise NotImplementedError
@@ -98,20 +113,20 @@ class _ServerWorker(_Worker):
             pass  # the server already closed: the worker is gone
 
     async def exit_status(self) -> _Exit:
-        msg = None
+        exited = None
         with anyio.move_on_after(_KILL_BOUND_S):
-            while True:
-                try:
-                    msg = _protocol.recv(self.ctl)
-                    break
-                except BlockingIOError:
-                    await anyio.wait_readable(self.ctl)
-                except ConnectionResetError:
+            while (msg := await _recv(self.ctl)) is not None:
+                if msg.tag == _protocol.HELLO:
+                    self.pid = int(bytes(msg.body))
+                elif msg.tag == _protocol.EXITED:
+                    exited = msg
                     break
         self.close()
-        if msg is None or msg.tag != _protocol.EXITED:
-            return _Exit(self.pid, None, "the asyncproc fork server died while serving this call")
-        head, _, fault = bytes(msg.body).partition(b"\n")
+        if exited is None:
+            if self.pid is None:
+                return _Exit(None, None, never_started=True)
+            return _Exit(self.pid, None, note=f"the asyncproc fork server died while worker {self.pid} served this call")
+        head, _, fault = bytes(exited.body).partition(b"\n")
         pid, code = map(int, head.split())
         return _Exit(pid, code, fault.decode(errors="replace"))
 
@@ -133,25 +148,24 @@ class _OwnWorker(_Worker):
         self.fault_fd = fault_fd
         self.pidfd = _proctree.pidfd_open(pid)
         self.reaped = False
+        self.tree: list[psutil.Process] = []  # every descendant seen while signalling
 
     def signal(self, sig: int) -> None:
-        if not self.reaped:  # until we reap it, its pid and group id cannot be reused
-            _proctree.signal_tree(self.pid, _proctree.descendants(self.pid), sig)
+        if self.reaped:  # until we reap it, its pid and group id cannot be reused
+            return
+        known = {p.pid for p in self.tree}
+        self.tree += [p for p in _proctree.descendants(self.pid) if p.pid not in known]
+        _proctree.signal_tree(self.pid, self.tree, sig)
 
     async def _wait_exited(self, bound: float) -> None:
-        if self.pidfd is None:  # pragma: no cover - kernels before 5.3
-            with anyio.move_on_after(bound):
-                while _proctree.reap(self.pid) is None:
-                    await anyio.sleep(0.005)
-            return
         with anyio.move_on_after(bound):
-            await anyio.wait_readable(self.pidfd)
+            await _proctree.wait_exit(self.pid, self.pidfd)
 
     async def exit_status(self) -> _Exit:
         assert self.pid is not None
         await self._wait_exited(_EXIT_BOUND_S)
         # Its group may hold processes it left; the unreaped leader still reserves the id.
-        _proctree.signal_tree(self.pid, (), signal.SIGKILL)
+        _proctree.signal_tree(self.pid, self.tree, signal.SIGKILL)
         code = _proctree.reap(self.pid)
         if code is None:
             self.signal(signal.SIGKILL)
@@ -161,7 +175,9 @@ class _OwnWorker(_Worker):
             log.warning("asyncproc: child %s did not exit after SIGKILL (uninterruptible sleep?); giving up on it", self.pid)
         else:
             self.reaped = True
-        fault = _read_fault_log(self.fault_fd) if code else ""
+            with anyio.move_on_after(_KILL_BOUND_S):
+                await _proctree.reap_adopted(self.pid, self.tree)
+        fault = _protocol.read_text(self.fault_fd) if code else ""
         self.close()
         return _Exit(self.pid, code, fault)
 
@@ -176,32 +192,69 @@ class _OwnWorker(_Worker):
         self.fault_fd = self.pidfd = -1
 
 
-def _read_fault_log(fd: int) -> str:
-    chunks, offset = [], 0
-    while chunk := os.pread(fd, 65536, offset):
-        chunks.append(chunk)
-        offset += len(chunk)
-    return b"".join(chunks).decode(errors="replace")
+_LOOP_FILES = tuple(
+    f'File "{os.path.join(os.path.dirname(os.path.abspath(__file__)), name)}"' for name in ("_worker.py", "_server.py")
+) + ('File "<string>"',)
+
+
+def _user_frames(fault_log: str) -> str:
+    """faulthandler's dump without the frames of asyncproc's own worker loop under the
+    user's function: the user debugs their code, not ours."""
+    return "\n".join(
+        line
+        for line in fault_log.splitlines()
+        if not line.lstrip().startswith(_LOOP_FILES)
+    )
 
 
 def _start_forkserver(spec: _worker.CallSpec, job: _worker.Job) -> _Worker:
-    data, data_far = _protocol.seqpacket_pair()
-    ctl, ctl_far = _protocol.seqpacket_pair()
-    try:
-        spec = _with_context(spec, env=link.env_if_changed())
-        _protocol.send(data, _protocol.CALL, _worker.encode_call(spec, job))
-        link.spawn(ctl_far, data_far)
-    except BaseException:
-        data.close()
-        ctl.close()
-        raise
-    finally:
-        data_far.close()
-        ctl_far.close()
-    return _ServerWorker(data, ctl)
+    call = _worker.encode_call(_with_context(spec, env=link.env_if_changed()), job)
+    for _ in range(3):
+        data, ctl = link.take()
+        try:
+            _protocol.send(data, _protocol.CALL, call)
+        except (BrokenPipeError, ConnectionResetError):
+            data.close()  # the reserved worker died idle; the call never reached it
+            ctl.close()
+            continue
+        link.top_up()
+        return _ServerWorker(data, ctl)
+    raise _ServerLost
+
+
+def _track_dynamic_classes(func: Callable[..., Any], depth: int = 3) -> None:
+    """Give the classes ``func`` can reach their cloudpickle tracker ids *before* forking.
+
+    cloudpickle maps a class pickled by value back to the original when it returns to the
+    process that first sent it, by a tracker id. A "fork" child never received ``func`` by
+    pickle; without this, an exception class defined in a function would come back as a
+    look-alike that ``except LocalError`` does not catch. The child inherits the registry.
+    """
+    from cloudpickle import cloudpickle as cp
+
+    code = getattr(func, "__code__", None)
+    if code is None or depth == 0:
+        return
+    names = set(code.co_names)
+    reachable = [g for n, g in getattr(func, "__globals__", {}).items() if n in names]
+    for cell in getattr(func, "__closure__", None) or ():
+        try:
+            reachable.append(cell.cell_contents)
+        except ValueError:  # an empty cell
+            pass
+    for obj in reachable:
+        if isinstance(obj, type):
+            try:
+                if not cp._should_pickle_by_reference(obj):
+                    cp._get_or_create_tracker_id(obj)
+            except Exception:  # private API: losing it only loses identity of local classes
+                return
+        elif callable(obj):
+            _track_dynamic_classes(obj, depth - 1)
 
 
 def _start_fork(spec: _worker.CallSpec, job: _worker.Job) -> _Worker:
+    _track_dynamic_classes(job[0])
     data, data_far = _protocol.seqpacket_pair()
     fault_fd = os.memfd_create("asyncproc-fault", os.MFD_CLOEXEC)
     parent = os.getpid()
@@ -316,8 +369,11 @@ async def _outcome(worker: _Worker, msg: _protocol.Message | None) -> Any:
         return value
     with anyio.CancelScope(shield=True):
         end = await _finish(worker) if msg is not None else await worker.exit_status()
+    if msg is None and end.never_started:
+        raise _ServerLost
     if msg is None:
-        raise ChildCrashed(pid=end.pid, exitcode=end.exitcode, fault_log=end.fault_log)
+        message = f"{end.note}; its outcome is unknown" if end.note else None
+        raise ChildCrashed(message, pid=end.pid, exitcode=end.exitcode, fault_log=_user_frames(end.fault_log))
     if msg.tag == _protocol.RAISED:
         exc, _ = _loads_exception(msg.body)
         raise exc
@@ -350,6 +406,19 @@ def _check_number(name: str, value: object, *, allow_none: bool) -> None:
         raise ValueError(f"{name} must be >= 0 seconds, got {value!r}")
 
 
+def _numa_binding(options: NumaOptions | None, local_rank_id: int | None) -> Binding | None:
+    """The binding each call's child gets, worked out once, before any process starts."""
+    if options is None:
+        if local_rank_id is not None:
+            raise ValueError(f"local_rank_id picks a NUMA binding and needs numa_options too; got local_rank_id={local_rank_id!r} and numa_options=None")
+        return None
+    if local_rank_id is None:
+        raise ValueError(f"numa_options needs local_rank_id (which local rank to bind), got numa_options={options!r} and local_rank_id=None")
+    from .numa import binding_for
+
+    return binding_for(options, local_rank_id)
+
+
 def _check_callable(func: object, where: str) -> None:
     if not callable(func):
         raise TypeError(f"{where} needs a callable as its first argument, got {type(func).__name__} {func!r:.80}")
@@ -363,6 +432,8 @@ class Isolated:
     ``timeout`` (seconds, or None for no limit) covers the whole call; past it the child's
     tree gets SIGTERM, ``grace`` seconds, then SIGKILL, and the caller gets TimeoutError.
     ``memory_limit`` (bytes) caps the child's data memory (RLIMIT_DATA).
+    ``numa_options`` with ``local_rank_id`` bind each child's CPUs and memory as that local
+    rank's (see ``asyncproc.numa``) before the function's first instruction.
     """
 
     def __init__(
@@ -372,6 +443,8 @@ class Isolated:
         grace: float = 1.0,
         start_method: str = "forkserver",
         memory_limit: int | None = None,
+        numa_options: NumaOptions | None = None,
+        local_rank_id: int | None = None,
     ):
         _check_number("timeout", timeout, allow_none=True)
         _check_number("grace", grace, allow_none=False)
@@ -382,21 +455,35 @@ class Isolated:
                 raise TypeError(f"memory_limit must be a number of bytes (int) or None, got {memory_limit!r}")
             if memory_limit <= 0:
                 raise ValueError(f"memory_limit must be > 0 bytes, got {memory_limit!r}")
+        binding = _numa_binding(numa_options, local_rank_id)
+        if binding is not None and start_method == "forkserver":
+            link.preload(["asyncproc.numa"])  # or every bound worker imports it to unpickle
         self.timeout = timeout
         self.grace = grace
         self.start_method = start_method
         self.memory_limit = memory_limit
-        self._spec = _worker.CallSpec(memory_limit=memory_limit)
+        self.numa_options = numa_options
+        self.local_rank_id = local_rank_id
+        self._spec = _worker.CallSpec(memory_limit=memory_limit, binding=binding)
 
     def __repr__(self) -> str:
+        numa = f", numa_options={self.numa_options!r}, local_rank_id={self.local_rank_id!r}" if self.numa_options else ""
         return (
             f"Isolated(timeout={self.timeout!r}, grace={self.grace!r}, "
-            f"start_method={self.start_method!r}, memory_limit={self.memory_limit!r})"
+            f"start_method={self.start_method!r}, memory_limit={self.memory_limit!r}{numa})"
         )
 
     async def call(self, func: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         """``func(*args, **kwargs)`` in a new child process; its value or its exception."""
         _check_callable(func, "Isolated.call()")
+        try:
+            return await self._call_once(func, args, kwargs)
+        except _ServerLost:
+            # Safe to retry: no worker ever received the call. The link restarts the server.
+            log.warning("asyncproc: the fork server died before starting a call; retrying on a new one")
+            return await self._call_once(func, args, kwargs)
+
+    async def _call_once(self, func: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any]) -> T:
         worker = _STARTERS[self.start_method](self._spec, (func, args, kwargs))
         try:
             msg = None

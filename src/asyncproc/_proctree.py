@@ -21,8 +21,10 @@ import select
 import signal
 import time
 from collections.abc import Iterable
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (and re) at run time
 
-import psutil
+if TYPE_CHECKING:  # imported where used: the fork server and its workers stay lean
+    import psutil
 
 __all__ = [
     "descendants",
@@ -36,10 +38,13 @@ __all__ = [
     "kill_tree_sync",
     "process_and_descendants",
     "wait_fds",
+    "reap_adopted",
+    "wait_exit",
     "wait_gone",
 ]
 
 _PR_SET_PDEATHSIG = 1
+_PR_SET_NAME = 15
 _PR_SET_CHILD_SUBREAPER = 36
 
 _libc: ctypes.CDLL | None = None
@@ -66,11 +71,11 @@ def make_subreaper() -> None:
 
 def set_comm(name: str) -> None:
     """Set the name ``ps`` and ``/proc/PID/comm`` show (15 bytes at most)."""
-    try:
-        with open("/proc/self/comm", "w") as f:
-            f.write(name[:15])
-    except OSError:
-        pass
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    # PR_SET_NAME: one syscall, where writing /proc/self/comm takes three.
+    _libc.prctl(_PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
 
 
 def exitcode_of(wait_status: int) -> int:
@@ -97,6 +102,8 @@ def reap(pid: int) -> int | None:
 
 def descendants(pid: int) -> list[psutil.Process]:
     """Every live descendant of ``pid`` (children first); [] if ``pid`` is gone."""
+    import psutil
+
     try:
         return psutil.Process(pid).children(recursive=True)
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
@@ -105,6 +112,8 @@ def descendants(pid: int) -> list[psutil.Process]:
 
 def process_and_descendants(pid: int) -> list[psutil.Process]:
     """``pid`` itself and every live descendant; [] if it is gone."""
+    import psutil
+
     try:
         proc = psutil.Process(pid)
         return [proc, *proc.children(recursive=True)]
@@ -114,6 +123,8 @@ def process_and_descendants(pid: int) -> list[psutil.Process]:
 
 def signal_tree(pgid: int | None, procs: Iterable[psutil.Process], sig: int) -> None:
     """Signal a process group and every process of a snapshot; vanished ones are fine."""
+    import psutil
+
     if pgid is not None:
         try:
             os.killpg(pgid, sig)
@@ -151,6 +162,8 @@ def wait_fds(fds: Iterable[int], timeout: float) -> set[int]:
 
 def wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
     """Wait (event-driven, on pidfds) up to ``timeout`` for ``procs`` to exit; the living."""
+    import psutil
+
     fds: dict[int, psutil.Process] = {}
     alive: list[psutil.Process] = []
     for proc in procs:
@@ -174,6 +187,8 @@ def kill_tree_sync(pid: int, *, grace: float = 1.0, is_child: bool = True, bound
 
     Blocks at most ``grace + bound`` seconds in all; returns the returncode if reaped.
     """
+    import psutil
+
     try:
         leader = psutil.Process(pid)
     except psutil.NoSuchProcess:
@@ -194,6 +209,54 @@ def kill_tree_sync(pid: int, *, grace: float = 1.0, is_child: bool = True, bound
         finally:
             os.close(fd)
     return reap(pid)
+
+
+async def wait_exit(pid: int, pidfd: int | None) -> None:
+    """Until ``pid`` (our child) has exited; event-driven on its pidfd."""
+    import anyio
+
+    if pidfd is not None:
+        await anyio.wait_readable(pidfd)
+        return
+    while not _has_exited(pid):  # pragma: no cover - kernels before 5.3 have no pidfd
+        await anyio.sleep(0.005)
+
+
+def _has_exited(pid: int) -> bool:
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
+
+
+async def reap_adopted(pgid: int, snapshot: Iterable[psutil.Process]) -> None:
+    """Reap what a dead child left that was re-parented to *us* (we are a subreaper).
+
+    Only then: otherwise init adopts and reaps them, and these calls find no such child.
+    ``waitid(P_PGID)`` reaps our children of the dead child's group; members of
+    ``snapshot`` that had left the group are reaped by pid. SIGKILLed processes take
+    microseconds to die; the short sleeps below only run while one is still dying.
+    """
+    import anyio
+
+    while True:
+        try:
+            if os.waitid(os.P_PGID, pgid, os.WEXITED | os.WNOHANG) is None:
+                await anyio.sleep(0.002)
+                continue
+        except ChildProcessError:
+            break
+    for proc in snapshot:
+        fd = pidfd_open(proc.pid)
+        if fd is not None:
+            try:
+                await anyio.wait_readable(fd)
+            finally:
+                os.close(fd)
+        try:
+            os.waitpid(proc.pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
 
 
 def _pgid_led_by(pid: int) -> int | None:

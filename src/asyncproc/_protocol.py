@@ -15,9 +15,8 @@ import array
 import mmap
 import os
 import socket
-from typing import NamedTuple
 
-__all__ = ["Message", "recv", "send", "seqpacket_pair", "INLINE_MAX"]
+__all__ = ["Message", "recv", "read_text", "send", "seqpacket_pair", "INLINE_MAX"]
 
 # Unix sockets buffer about 208 KiB per direction by default; a packet must fit in it.
 INLINE_MAX = 64 * 1024
@@ -32,16 +31,20 @@ UNPICKLABLE = b"U"  # worker -> caller: the return value could not be pickled
 MEMORY = b"M"  # worker -> caller: MemoryError under memory_limit
 SPAWN = b"S"  # caller -> server: give me a worker (ctl and data fds attached)
 ASSIGN = b"A"  # server -> spare: serve this call (data fd attached)
+HELLO = b"H"  # server -> caller: your call went to worker PID
 EXITED = b"X"  # server -> caller: the worker exited; status and fault log
 TERM = b"T"  # caller -> server: SIGTERM the worker's tree
 KILL = b"K"  # caller -> server: SIGKILL the worker's tree
 PRELOAD = b"P"  # caller -> server: import these modules before forking spares
 
 
-class Message(NamedTuple):
-    tag: bytes
-    body: bytes | memoryview
-    fds: list[int]
+class Message:
+    __slots__ = ("tag", "body", "fds")
+
+    def __init__(self, tag: bytes, body: bytes | memoryview, fds: list[int]):
+        self.tag = tag
+        self.body = body
+        self.fds = fds
 
 
 def seqpacket_pair() -> tuple[socket.socket, socket.socket]:
@@ -101,6 +104,16 @@ def _fds_from(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
             arr.frombytes(raw[: len(raw) - (len(raw) % arr.itemsize)])
             fds.extend(arr)
     return fds
+
+
+def read_text(fd: int) -> str:
+    """All of a memfd (or file) written by another process, from offset 0, as text."""
+    chunks = []
+    offset = 0
+    while chunk := os.pread(fd, 65536, offset):
+        chunks.append(chunk)
+        offset += len(chunk)
+    return b"".join(chunks).decode(errors="replace")
 
 
 def _read_memfd(fd: int) -> memoryview:

@@ -19,33 +19,36 @@ the server ends every worker's tree and exits. Spares die with the server
 
 from __future__ import annotations
 
+import gc
 import importlib
 import os
 import selectors
 import signal
 import socket
 import sys
-from dataclasses import dataclass, field
 
 from . import _proctree, _protocol, _worker
 
 _CHILDREN_FILE = "/proc/self/task/{pid}/children"
 
 
-@dataclass
 class _Spare:
-    pid: int
-    ctl: socket.socket
-    fault_fd: int
+    __slots__ = ("pid", "ctl", "fault_fd")
+
+    def __init__(self, pid: int, ctl: socket.socket, fault_fd: int):
+        self.pid = pid
+        self.ctl = ctl  # the spare waits on its end for ASSIGN
+        self.fault_fd = fault_fd
 
 
-@dataclass
 class _Job:
-    pid: int
-    ctl: socket.socket  # to the caller
-    data: socket.socket  # our copy of the worker's data socket; shut down at the end
-    fault_fd: int
-    preloaded: bool = field(default=True)
+    __slots__ = ("pid", "ctl", "data", "fault_fd")
+
+    def __init__(self, pid: int, ctl: socket.socket, data: socket.socket, fault_fd: int):
+        self.pid = pid
+        self.ctl = ctl  # to the caller
+        self.data = data  # our copy of the worker's data socket; shut down at the end
+        self.fault_fd = fault_fd
 
 
 class Server:
@@ -67,6 +70,9 @@ class Server:
     # -- spares ---------------------------------------------------------------------------
 
     def _fork_spare(self) -> _Spare:
+        # Objects that exist now move to the permanent generation: a collection in the
+        # worker then never touches (and so never copies) the pages the server shares.
+        gc.freeze()
         ours, theirs = _protocol.seqpacket_pair()
         fault_fd = os.memfd_create("asyncproc-fault", os.MFD_CLOEXEC)
         pid = os.fork()
@@ -119,6 +125,7 @@ class Server:
 
     def _start_job(self, fds: list[int]) -> None:
         ctl = socket.socket(fileno=fds[0])
+        ctl.setblocking(False)  # a stale readiness event must never block the server
         data = socket.socket(fileno=fds[1])
         spare = self.spares.pop(0) if self.spares else self._fork_spare()
         try:
@@ -126,6 +133,12 @@ class Server:
         except OSError:
             pass  # the spare died idle: the SIGCHLD path reports it as this call's crash
         spare.ctl.close()
+        try:
+            # Tells the caller which worker holds its call; should we die later, the call
+            # may have started and must not be retried.
+            _protocol.send(ctl, _protocol.HELLO, str(spare.pid).encode())
+        except OSError:
+            pass
         job = _Job(spare.pid, ctl, data, spare.fault_fd)
         self.jobs[spare.pid] = job
         self.by_ctl[ctl.fileno()] = job
@@ -135,6 +148,8 @@ class Server:
     def _on_ctl(self, job: _Job) -> None:
         try:
             msg = _protocol.recv(job.ctl)
+        except BlockingIOError:
+            return
         except OSError:
             msg = None
         # End-of-stream means the caller stopped caring (it has its value, or it was
@@ -142,9 +157,15 @@ class Server:
         sig = signal.SIGTERM if msg is not None and msg.tag == _protocol.TERM else signal.SIGKILL
         if msg is None:
             self.selector.unregister(job.ctl)
-        if job.pid in self.jobs:
-            tree = _proctree.descendants(job.pid)
-            _proctree.signal_tree(job.pid, tree, sig)
+        if job.pid not in self.jobs:
+            return
+        if sig == signal.SIGKILL:
+            # No tree walk (a scan of all of /proc): the worker is a subreaper, so once it
+            # is dead whatever escaped its group is re-parented to us, and _end_adopted
+            # finds it from our own children list.
+            _proctree.signal_tree(job.pid, (), sig)
+        else:  # a graceful stop must reach the escaped too, while they can still be found
+            _proctree.signal_tree(job.pid, _proctree.descendants(job.pid), sig)
 
     def _preload(self, names: list[str]) -> None:
         fresh = [n for n in names if n and n not in sys.modules]
@@ -198,7 +219,7 @@ class Server:
         self._end_adopted(also_known=job.pid)
         os.waitpid(job.pid, 0)
         exitcode = info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
-        fault_log = _read_all(job.fault_fd) if exitcode != 0 else ""
+        fault_log = _protocol.read_text(job.fault_fd) if exitcode != 0 else ""
         os.close(job.fault_fd)
         try:
             body = f"{job.pid} {exitcode}\n".encode() + fault_log.encode(errors="replace")
@@ -241,7 +262,10 @@ class Server:
         try:
             while True:
                 for key, _ in self.selector.select():
-                    key.data()
+                    # A handler earlier in this batch may have closed this one's socket
+                    # (a worker's exit finishes its call); its event is stale.
+                    if self.selector.get_map().get(key.fd) is key:
+                        key.data()
         finally:
             self.shutdown()
 
@@ -256,15 +280,6 @@ class Server:
         for fd in deadline_fds:
             os.close(fd)
         self._reap_all()
-
-
-def _read_all(fd: int) -> str:
-    chunks = []
-    offset = 0
-    while chunk := os.pread(fd, 65536, offset):
-        chunks.append(chunk)
-        offset += len(chunk)
-    return b"".join(chunks).decode(errors="replace")
 
 
 def main() -> None:

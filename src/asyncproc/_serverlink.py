@@ -8,6 +8,7 @@ so the only lock guards starting and restarting.
 from __future__ import annotations
 
 import atexit
+import collections
 import logging
 import os
 import socket
@@ -22,7 +23,11 @@ __all__ = ["ServerLink", "link", "python_env", "spawn_python"]
 log = logging.getLogger("asyncproc")
 
 _STOP_BOUND_S = 2.0
-_SPARES = max(1, int(os.environ.get("ASYNCPROC_SPARES", "2")))
+_SPARES = max(1, int(os.environ.get("ASYNCPROC_SPARES", "1")))
+# Workers already assigned to this caller and waiting for a call: a call is then a single
+# message to a process that is up, where going through the server would cost two more
+# wake-ups and a fork on the critical path.
+_RESERVE = max(1, int(os.environ.get("ASYNCPROC_RESERVE", "2")))
 _PRELOAD_ENV = "ASYNCPROC_PRELOAD"
 
 
@@ -63,6 +68,15 @@ def spawn_python(code: str, argv: Iterable[str], fds: dict[int, int]) -> int:
             os.close(src)
 
 
+def _still_open(data: socket.socket) -> bool:
+    try:
+        return data.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+    except BlockingIOError:
+        return True  # nothing to read and no end-of-stream: the worker is waiting
+    except OSError:
+        return False
+
+
 class ServerLink:
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -70,6 +84,7 @@ class ServerLink:
         self._pid: int | None = None
         self._env: dict[bytes, bytes] = {}
         self._preloads: list[str] = [m for m in os.environ.get(_PRELOAD_ENV, "").split(",") if m]
+        self._reserve: collections.deque[tuple[socket.socket, socket.socket]] = collections.deque()
 
     @property
     def pid(self) -> int | None:
@@ -107,9 +122,42 @@ class ServerLink:
                     log.warning("asyncproc: the fork server (pid %s) died; starting a new one", self._pid)
                     self._stop_locked()
 
-    def spawn(self, ctl: socket.socket, data: socket.socket) -> None:
-        """Ask for a worker that will serve the call waiting on ``data``."""
-        self._send(_protocol.SPAWN, b"", [ctl.fileno(), data.fileno()])
+    def _request(self) -> tuple[socket.socket, socket.socket]:
+        """Ask the server for a worker; it will wait on the returned ``data`` for a call."""
+        data, data_far = _protocol.seqpacket_pair()
+        ctl, ctl_far = _protocol.seqpacket_pair()
+        try:
+            self._send(_protocol.SPAWN, b"", [ctl_far.fileno(), data_far.fileno()])
+        except BaseException:
+            data.close()
+            ctl.close()
+            raise
+        finally:
+            data_far.close()
+            ctl_far.close()
+        return data, ctl
+
+    def take(self) -> tuple[socket.socket, socket.socket]:
+        """A worker waiting for a call: ``(data, ctl)``, from the reserve when it has one."""
+        while True:
+            try:
+                data, ctl = self._reserve.popleft()
+            except IndexError:
+                return self._request()
+            if _still_open(data):
+                return data, ctl
+            data.close()  # died idle (killed, or its server died): its call never started
+            ctl.close()
+
+    def top_up(self) -> None:
+        """Refill the reserve; called after a call is on its way, off its critical path."""
+        while len(self._reserve) < _RESERVE:
+            self._reserve.append(self._request())
+
+    def _drop_reserve(self) -> None:
+        while self._reserve:
+            for sock in self._reserve.popleft():
+                sock.close()  # the server sees end-of-stream and ends the idle worker
 
     def preload(self, modules: Iterable[str]) -> None:
         """Have the server import ``modules`` so that no call pays for importing them."""
@@ -117,10 +165,12 @@ class ServerLink:
         if not names:
             return
         self._preloads += names
+        self._drop_reserve()  # forked before the import: each would import them again
         if self._chan is not None:
             self._send(_protocol.PRELOAD, ",".join(names).encode(), [])
 
     def _stop_locked(self) -> None:
+        self._drop_reserve()
         chan, pid = self._chan, self._pid
         self._chan = self._pid = None
         if chan is not None:
@@ -141,6 +191,10 @@ class ServerLink:
 
     def forget_after_fork(self) -> None:
         """In a forked child: the server belongs to the parent; never talk to it or wait on it."""
+        for pair in self._reserve:
+            for sock in pair:
+                sock.close()
+        self._reserve.clear()
         if self._chan is not None:
             self._chan.close()
         self._chan = self._pid = None

@@ -21,28 +21,41 @@ import signal
 import socket
 import struct
 import sys
-import traceback
-from dataclasses import dataclass
-from typing import Any, Callable, NoReturn
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (and re) at run time
 
 from . import _proctree, _protocol
 
-__all__ = ["CallSpec", "Job", "dumps", "encode_call", "prepare_process", "run_one", "spawn_main", "spare_main"]
+if TYPE_CHECKING:  # the fork server imports this module: no runtime typing, no dataclasses
+    from typing import Any, Callable, NoReturn
 
-Job = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]
+    Job = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]
+
+__all__ = ["CallSpec", "Job", "dumps", "encode_call", "prepare_process", "run_one", "spawn_main", "spare_main"]
 
 _SPEC_LEN = struct.Struct("<I")
 
 
-@dataclass(frozen=True)
 class CallSpec:
     """What the child needs besides the call itself: limits and the caller's context."""
 
-    memory_limit: int | None = None
-    binding: Any = None  # asyncproc.numa.Binding, applied before the call runs
-    sys_path: tuple[str, ...] | None = None
-    cwd: str | None = None
-    env: dict[str, str] | None = None  # None: keep the environment the worker has
+    __slots__ = ("memory_limit", "binding", "sys_path", "cwd", "env")
+
+    def __init__(
+        self,
+        memory_limit: int | None = None,
+        binding: Any = None,  # asyncproc.numa.Binding, applied before the call runs
+        sys_path: tuple[str, ...] | None = None,
+        cwd: str | None = None,
+        env: dict[str, str] | None = None,  # None: keep the environment the worker has
+    ):
+        self.memory_limit = memory_limit
+        self.binding = binding
+        self.sys_path = sys_path
+        self.cwd = cwd
+        self.env = env
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (CallSpec, (self.memory_limit, self.binding, self.sys_path, self.cwd, self.env))
 
 
 def dumps(obj: Any) -> bytes:
@@ -120,6 +133,8 @@ def _type_name(cls: type) -> str:
 
 
 def _format(exc: BaseException) -> str:
+    import traceback  # only failures pay for it
+
     try:
         return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     except Exception:
@@ -220,7 +235,6 @@ def _finish(data: socket.socket, tag: bytes, body: bytes, exitcode: int = 0) -> 
 
 def run_one(data: socket.socket, job: Job | None = None, spec: CallSpec | None = None) -> NoReturn:
     """Serve one call on ``data`` (receiving it first unless ``job`` is given) and exit."""
-    _proctree.set_comm("asyncproc-run")
     # The data socket must not be held by anything the call forks, or the caller would not
     # see end-of-stream when we die.
     os.register_at_fork(after_in_child=data.close)
@@ -229,10 +243,12 @@ def run_one(data: socket.socket, job: Job | None = None, spec: CallSpec | None =
             msg = _protocol.recv(data)
             if msg is None or msg.tag != _protocol.CALL:
                 os._exit(0)  # the caller gave up before sending the call
+            _proctree.set_comm("asyncproc-run")
             spec, payload = _decode_call(msg.body)
             _apply(spec)
             job = pickle.loads(payload)
         else:
+            _proctree.set_comm("asyncproc-run")
             _apply(spec or CallSpec())
         func, args, kwargs = job
         tag, body = _encode_value(func(*args, **kwargs))
@@ -278,4 +294,21 @@ def spare_main(ctl: socket.socket, fault_fd: int, server_pid: int) -> NoReturn:
     if msg is None or msg.tag != _protocol.ASSIGN or not msg.fds:
         os._exit(0)  # the server is retiring us (new preloads, shutdown)
     ctl.close()
+    _warm_up()
     run_one(socket.socket(fileno=msg.fds[0]))
+
+
+def _warm_up() -> None:
+    """Walk the hot path once on a dummy call while the caller has not sent a real one.
+
+    The pages it touches are copied from the server now (copy-on-write), off the
+    caller's critical path, instead of fault by fault once the call has arrived.
+    """
+    spec, payload = _decode_call(_WARM_CALL)
+    _apply(spec)
+    func, args, kwargs = pickle.loads(payload)
+    _encode_value(func(*args, **kwargs))
+    _children()
+
+
+_WARM_CALL = _SPEC_LEN.pack(len(_h := pickle.dumps(CallSpec(), protocol=5))) + _h + pickle.dumps((int, (), {}), protocol=5)
