@@ -116,12 +116,20 @@ def sleep_ignoring_sigterm(seconds: float) -> None:
     time.sleep(seconds)
 
 
-def assert_gone(pid: int) -> None:
+def running(pid: int) -> bool:
     try:
-        proc = psutil.Process(pid)
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def assert_gone(pid: int) -> None:
+    """Neither running nor an unreaped zombie."""
+    try:
+        status = psutil.Process(pid).status()
     except psutil.NoSuchProcess:
         return
-    pytest.fail(f"process {pid} is still there: {proc.status()}")
+    pytest.fail(f"process {pid} is still there: {status}")
 
 
 # -- values -------------------------------------------------------------------------------
@@ -287,7 +295,7 @@ async def test_grandchild_left_after_a_value_is_ended(method: str, tmp_path: Pat
     pidfile = tmp_path / "pid"
     pid = await runner(method).call(start_then, "return", str(pidfile))
     deadline = time.monotonic() + 2
-    while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+    while running(pid):
         assert time.monotonic() < deadline, "grandchild still running 2 s after the value"
         await anyio.sleep(0.02)
 
@@ -483,3 +491,38 @@ async def test_numa_binding_applies_in_the_child(method: str, monkeypatch: pytes
 def test_bad_numa_options_raise_at_once(options: dict[str, object], error: type[Exception], words: str) -> None:
     with pytest.raises(error, match=words):
         Isolated(**options)  # type: ignore[arg-type]
+
+
+# -- preloading ---------------------------------------------------------------------------
+
+PRELOADED = """
+import os, sys, anyio, asyncproc
+sys.path.insert(0, sys.argv[1])
+if sys.argv[2] == "preload":
+    asyncproc.preload("_preload_probe")
+import _preload_probe  # the caller imports it too: one line in the log
+
+async def main():
+    for _ in range(4):
+        assert await asyncproc.safe_call(_preload_probe.answer) == 42
+anyio.run(main)
+"""
+
+
+@pytest.mark.parametrize("mode", ["preload", "no-preload"])
+def test_preloaded_module_is_not_imported_again_per_call(tmp_path: Path, mode: str) -> None:
+    log = tmp_path / "imports"
+    env = {**os.environ, "ASYNCPROC_TEST_IMPORT_LOG": str(log)}
+    tests_dir = str(Path(__file__).parent)
+    out = subprocess.run([sys.executable, "-c", PRELOADED, tests_dir, mode], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    imports = log.read_text().split()
+    if mode == "preload":
+        assert len(imports) == 2  # the caller and the fork server; no worker
+    else:
+        assert len(imports) == 5  # the caller and each of the four workers
+
+
+def test_preload_rejects_what_is_not_a_module_name() -> None:
+    with pytest.raises(ValueError, match="module names"):
+        asyncproc.preload("not a module")

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from ._errorfile import record
     from ._exceptions import AsyncprocError, ChildCrashed, LaunchFailed, MemoryLimitExceeded, RemoteError
     from ._handler import SubprocessHandler, get_subprocess_handler
-    from ._isolated import Isolated, safe_call, safe_call_sync
+    from ._isolated import Isolated, preload, safe_call, safe_call_sync
     from ._launcher import LaunchConfig, LaunchResult, RankResult, start_processes
     from .numa import AffinityMode, NumaOptions
 
@@ -42,6 +42,7 @@ _EXPORTS = {
     "RemoteError": "._exceptions",
     "SubprocessHandler": "._handler",
     "get_subprocess_handler": "._handler",
+    "preload": "._isolated",
     "record": "._errorfile",
     "safe_call": "._isolated",
     "safe_call_sync": "._isolated",

@@ -32,7 +32,7 @@ from ._serverlink import link, spawn_python
 if TYPE_CHECKING:
     from .numa import Binding, NumaOptions
 
-__all__ = ["Isolated", "safe_call", "safe_call_sync", "START_METHODS"]
+__all__ = ["Isolated", "preload", "safe_call", "safe_call_sync", "START_METHODS"]
 
 log = logging.getLogger("asyncproc")
 
@@ -526,6 +526,22 @@ _default = Isolated()
 async def safe_call(func: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
     """``func(*args, **kwargs)`` in a fresh child process with ``Isolated()``'s defaults."""
     return await _default.call(func, *args, **kwargs)
+
+
+def preload(*modules: str) -> None:
+    """Import ``modules`` in the fork server, so no "forkserver" call imports them again.
+
+    A function that needs numpy then costs, from its first call on, about what a trivial
+    function costs. Spares forked before the import are retired: no call is served by a
+    worker without them. Also: ``ASYNCPROC_PRELOAD=numpy,mypkg.model`` in the environment.
+    Importing happens in the server, in the background; a module that fails to import is
+    reported on stderr and skipped. Preload only modules that start no threads at import:
+    a server with threads cannot fork safely.
+    """
+    for name in modules:
+        if not isinstance(name, str) or not all(part.isidentifier() for part in name.split(".")):
+            raise ValueError(f"preload() takes module names such as 'numpy' or 'pkg.mod', got {name!r}")
+    link.preload(modules)
 
 
 def safe_call_sync(func: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:

@@ -118,7 +118,7 @@ class Server:
         if msg.tag == _protocol.SPAWN:
             self._start_job(msg.fds)
         elif msg.tag == _protocol.PRELOAD:
-            self._preload(bytes(msg.body).decode().split(","))
+            self._preload(*_decode_preload(bytes(msg.body)))
         else:  # pragma: no cover - a protocol bug, not a user error
             for fd in msg.fds:
                 os.close(fd)
@@ -167,7 +167,9 @@ class Server:
         else:  # a graceful stop must reach the escaped too, while they can still be found
             _proctree.signal_tree(job.pid, _proctree.descendants(job.pid), sig)
 
-    def _preload(self, names: list[str]) -> None:
+    def _preload(self, names: list[str], path: list[str]) -> None:
+        # The caller's sys.path: the module it means is the one it would import itself.
+        sys.path[:] = path
         fresh = [n for n in names if n and n not in sys.modules]
         for name in fresh:
             try:
@@ -282,8 +284,22 @@ class Server:
         self._reap_all()
 
 
+# ASCII unit/record separators: never in a module name or a path, and allowed in argv
+# (the first preloads travel there), unlike NUL.
+_UNIT, _RECORD = "\x1f", "\x1e"
+
+
+def encode_preload(names: list[str], path: list[str]) -> bytes:
+    return (_UNIT.join(names) + _RECORD + _UNIT.join(path)).encode()
+
+
+def _decode_preload(body: bytes) -> tuple[list[str], list[str]]:
+    names, _, path = body.decode().partition(_RECORD)
+    return [n for n in names.split(_UNIT) if n], path.split(_UNIT)
+
+
 def main() -> None:
-    """``python -c 'from asyncproc._server import main; main()' SPARES [PRELOAD,...]``; fd 3 is the channel."""
+    """``python -c 'from asyncproc._server import main; main()' SPARES PRELOAD``; fd 3 is the channel."""
     try:
         os.setsid()  # Ctrl-C at the terminal is the caller's to handle, not ours
     except PermissionError:  # already a session leader (posix_spawn setsid=True)
@@ -294,7 +310,7 @@ def main() -> None:
     channel = socket.socket(fileno=3)
     server = Server(channel, spares=int(sys.argv[1]))
     if len(sys.argv) > 2 and sys.argv[2]:
-        server._preload(sys.argv[2].split(","))
+        server._preload(*_decode_preload(sys.argv[2].encode()))
     try:
         server.serve_forever()
     except SystemExit:

@@ -17,6 +17,7 @@ import threading
 from collections.abc import Iterable
 
 from . import _proctree, _protocol
+from ._server import encode_preload
 
 __all__ = ["ServerLink", "link", "python_env", "spawn_python"]
 
@@ -101,7 +102,8 @@ class ServerLink:
         ours, theirs = _protocol.seqpacket_pair()
         code = "from asyncproc._server import main; main()"
         try:
-            self._pid = spawn_python(code, [str(_SPARES), ",".join(self._preloads)], {3: theirs.fileno()})
+            preload = encode_preload(self._preloads, sys.path).decode() if self._preloads else ""
+            self._pid = spawn_python(code, [str(_SPARES), preload], {3: theirs.fileno()})
         finally:
             theirs.close()
         self._chan = ours
@@ -167,7 +169,7 @@ class ServerLink:
         self._preloads += names
         self._drop_reserve()  # forked before the import: each would import them again
         if self._chan is not None:
-            self._send(_protocol.PRELOAD, ",".join(names).encode(), [])
+            self._send(_protocol.PRELOAD, encode_preload(names, sys.path), [])
 
     def _stop_locked(self) -> None:
         self._drop_reserve()
