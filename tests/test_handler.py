@@ -222,3 +222,19 @@ def test_bad_arguments_are_named(args: tuple, kwargs: dict, match: str) -> None:
 def test_exported() -> None:
     assert asyncproc.SubprocessHandler is SubprocessHandler
     assert isinstance(get_subprocess_handler(PY, [], None, None, "", 1), SubprocessHandler)
+
+
+@pytest.mark.anyio
+async def test_numa_binding_is_in_place_before_exec(anyio_backend: object, tmp_path: Path) -> None:
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("needs two CPUs")
+    log = tmp_path / "status"
+    handler = SubprocessHandler(
+        "grep", ["Cpus_allowed_list", "/proc/self/status"], {}, str(log), None, 1,
+        asyncproc.NumaOptions("exclusive"), local_world_size=2,
+    )
+    await handler.spawn()
+    assert await handler.wait() == 0
+    assert log.read_text().split()[-1] == str(cpus[1])
+    assert sorted(os.sched_getaffinity(0)) == cpus  # the spawning thread got its CPUs back

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-import importlib.util
+import os
 import json
 import re
 import signal
@@ -21,13 +21,7 @@ from asyncproc import LaunchConfig, LaunchFailed, start_processes
 
 PY = sys.executable
 
-# `python -m asyncproc run` builds every sub-command's parser; until the `demo` command's
-# module lands in this tree, run the launcher's own entry point (the same configure_parser
-# and cli) so these tests exercise the launcher, not the wiring of a missing module.
-if importlib.util.find_spec("asyncproc._demo") is not None:
-    LAUNCHER = [PY, "-m", "asyncproc", "run"]
-else:  # pragma: no cover - temporary
-    LAUNCHER = [PY, "-W", "ignore::RuntimeWarning", "-m", "asyncproc._launcher"]
+LAUNCHER = [PY, "-m", "asyncproc", "run"]
 
 
 def rank_code(code: str) -> list[str]:
@@ -202,3 +196,15 @@ def test_signal_to_launcher_stops_every_rank(sig: signal.Signals, backend: str) 
     assert launcher.returncode == 128 + sig
     assert f"interrupted by {sig.name}" in err
     assert not [pid for pid in ranks if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
+
+
+def test_numa_exclusive_launch_binds_each_rank_before_its_first_instruction() -> None:
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("needs two CPUs")
+    # grep reads /proc/self/status as its very first act: the binding must already be there.
+    out = run_cli("-n", "2", "--numa", "exclusive", "--", "grep", "Cpus_allowed_list", "/proc/self/status")
+    assert out.returncode == 0, out.stderr
+    lines = sorted(line for line in out.stdout.splitlines() if "Cpus_allowed_list" in line)
+    assert [line.split()[-1] for line in lines] == [str(cpus[0]), str(cpus[1])]
+    assert [line.split(":")[0] for line in lines] == ["[rank0]", "[rank1]"]

@@ -70,7 +70,9 @@ class AsyncprocError(Exception):
 
 
 def _rebuild(cls: type[AsyncprocError], args: tuple[Any, ...], state: dict[str, Any]) -> AsyncprocError:
-    err = cls.__new__(cls)
+    # Not cls.__new__: for MemoryLimitExceeded the MRO finds MemoryError.__new__, which
+    # CPython refuses for a subclass whose first base is not a MemoryError.
+    err = BaseException.__new__(cls)
     Exception.__init__(err, *args)
     err.__dict__.update(state)
     return err
