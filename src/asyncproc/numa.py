@@ -25,6 +25,7 @@ In a child that was forked without exec, ``binding.apply_to_current_thread()`` b
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import re
@@ -52,6 +53,7 @@ __all__ = [
     "cpus_for",
     "format_cpulist",
     "parse_cpulist",
+    "system_topology",
 ]
 
 logger = logging.getLogger("asyncproc.numa")
@@ -248,7 +250,7 @@ def cpus_for(
 ) -> frozenset[int]:
     """The CPUs local rank ``local_rank_id`` should run on; always inside ``allowed``.
 
-    ``topology`` defaults to ``Topology.from_sysfs("/sys")``, ``allowed`` to
+    ``topology`` defaults to :func:`system_topology` (/sys, read once), ``allowed`` to
     ``os.sched_getaffinity(0)``. ``local_world_size`` defaults to ``$LOCAL_WORLD_SIZE``,
     else (without GPUs) to the number of NUMA nodes that have allowed CPUs; with GPUs it
     only bounds ``local_rank_id``. When the binding cannot be made and
@@ -257,6 +259,18 @@ def cpus_for(
     allowed_set = _allowed_set(allowed)
     binding = binding_for(options, local_rank_id, local_world_size, topology=topology, allowed=allowed_set)
     return allowed_set if binding is None else binding.cpus
+
+
+@functools.lru_cache(maxsize=1)
+def system_topology() -> Topology:
+    """This machine's topology, read from /sys once per process.
+
+    Reading /sys takes milliseconds (more on big machines), longer than the spawn it binds;
+    a launcher binds every rank. What can change at run time is read on every call instead:
+    the allowed CPU set and CUDA_VISIBLE_DEVICES. After CPU or GPU hotplug, call
+    ``system_topology.cache_clear()``.
+    """
+    return Topology.from_sysfs("/sys")
 
 
 def binding_for(
@@ -283,7 +297,7 @@ def binding_for(
         raise TypeError(f"topology must be a Topology or None, got {topology!r}")
     allowed_set = _allowed_set(allowed)
     try:
-        topo = topology if topology is not None else Topology.from_sysfs("/sys")
+        topo = topology if topology is not None else system_topology()
         slot = _slot_of(local_rank_id, _slots(topo, allowed_set, local_world_size))
         cpus = _cpus_in_mode(options.affinity_mode, slot, topo, allowed_set)
     except NumaBindingError as err:
