@@ -294,21 +294,4 @@ def spare_main(ctl: socket.socket, fault_fd: int, server_pid: int) -> NoReturn:
     if msg is None or msg.tag != _protocol.ASSIGN or not msg.fds:
         os._exit(0)  # the server is retiring us (new preloads, shutdown)
     ctl.close()
-    _warm_up()
     run_one(socket.socket(fileno=msg.fds[0]))
-
-
-def _warm_up() -> None:
-    """Walk the hot path once on a dummy call while the caller has not sent a real one.
-
-    The pages it touches are copied from the server now (copy-on-write), off the
-    caller's critical path, instead of fault by fault once the call has arrived.
-    """
-    spec, payload = _decode_call(_WARM_CALL)
-    _apply(spec)
-    func, args, kwargs = pickle.loads(payload)
-    _encode_value(func(*args, **kwargs))
-    _children()
-
-
-_WARM_CALL = _SPEC_LEN.pack(len(_h := pickle.dumps(CallSpec(), protocol=5))) + _h + pickle.dumps((int, (), {}), protocol=5)
