@@ -4,6 +4,7 @@ asyncio, uvloop and trio (the ``anyio_backend`` fixture)."""
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import signal
 import subprocess
@@ -328,6 +329,7 @@ async def test_crash_ends_grandchild_that_left_the_group() -> None:
         ({"timeout": -1}, ValueError, "timeout must be >= 0 seconds, got -1"),
         ({"timeout": "5"}, TypeError, "timeout must be a number"),
         ({"grace": -0.5}, ValueError, "grace must be >= 0"),
+        ({"grace": float("inf")}, ValueError, "grace must be finite"),
         ({"start_method": "thread"}, ValueError, "start_method must be one of"),
         ({"memory_limit": 0}, ValueError, "memory_limit must be > 0 bytes, got 0"),
         ({"memory_limit": 1.5}, TypeError, "memory_limit must be a number of bytes"),
@@ -526,3 +528,100 @@ def test_preloaded_module_is_not_imported_again_per_call(tmp_path: Path, mode: s
 def test_preload_rejects_what_is_not_a_module_name() -> None:
     with pytest.raises(ValueError, match="module names"):
         asyncproc.preload("not a module")
+
+
+def big_return(n: int) -> bytes:
+    return b"x" * n
+
+
+async def test_memory_limit_counts_what_the_call_adds(method: str) -> None:
+    # The limit is on top of the process's own size: even a small limit lets a call run.
+    assert await runner(method, memory_limit=8 * 1024 * 1024).call(add, 1) == 1
+
+
+async def test_running_out_while_pickling_the_value_is_a_memory_error(method: str) -> None:
+    # 100 MB fits; pickling it needs 100 MB more, which does not.
+    with pytest.raises(MemoryLimitExceeded):
+        await runner(method, memory_limit=150 * 1024 * 1024).call(big_return, 100 * 1024 * 1024)
+
+
+def crash_leaving_background_job() -> None:
+    os.system("sleep 30 &")  # a grandchild that inherits whatever descriptors leak
+    os._exit(3)
+
+
+async def test_crash_is_seen_even_if_a_grandchild_inherited_descriptors(method: str) -> None:
+    started = time.monotonic()
+    with pytest.raises(ChildCrashed) as info:
+        await runner(method).call(crash_leaving_background_job)
+    assert info.value.exitcode == 3 and time.monotonic() - started < LONG / 3
+
+
+def pythonpath() -> str | None:
+    return os.environ.get("PYTHONPATH")
+
+
+async def test_workers_see_the_callers_environment(method: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    expected = os.environ.get("PYTHONPATH")
+    assert await runner(method).call(pythonpath) == expected
+    monkeypatch.setenv("ASYNCPROC_TEST_VAR", "changed after the server started")
+    assert await runner(method).call(os.environ.get, "ASYNCPROC_TEST_VAR") == "changed after the server started"
+
+
+def test_a_preload_that_exits_does_not_end_the_server() -> None:
+    sys.path.insert(0, str(Path(__file__).parent))
+    try:
+        assert asyncproc.safe_call_sync(add, 1) == 1
+        asyncproc.preload("_exits_on_import")
+        assert asyncproc.safe_call_sync(add, 2) == 2
+    finally:
+        sys.path.remove(str(Path(__file__).parent))
+
+
+def test_sigterm_to_the_server_still_ends_every_calls_tree(tmp_path: Path) -> None:
+    from asyncproc._serverlink import link
+
+    pidfile = tmp_path / "pid"
+
+    async def call_and_terminate_server() -> None:
+        async def terminate_once_started() -> None:
+            while not pidfile.exists() or not pidfile.read_text():
+                await anyio.sleep(0.02)
+            assert link.pid is not None
+            os.kill(link.pid, signal.SIGTERM)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(terminate_once_started)
+            with pytest.raises(ChildCrashed) as info:  # the server ended its worker on the way out
+                await runner("forkserver").call(start_then, "hang", str(pidfile))
+            assert info.value.exitcode == -signal.SIGKILL
+
+    anyio.run(call_and_terminate_server)
+    assert_gone(int(pidfile.read_text()))
+    assert asyncproc.safe_call_sync(add, 1) == 1  # a new server; the old one is reaped
+
+
+async def test_a_stopped_server_never_freezes_the_event_loop() -> None:
+    from asyncproc._serverlink import link
+
+    assert await asyncproc.safe_call(add, 1) == 1
+    assert link.pid is not None
+    outcomes: list[BaseException] = []
+
+    async def one_call() -> None:
+        try:  # a worker reserved before the server stopped can still answer
+            assert await Isolated(timeout=1, grace=0).call(add, 1) == 1
+        except TimeoutError as exc:
+            outcomes.append(exc)
+
+    os.kill(link.pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        async with anyio.create_task_group() as tg:  # 400 requests fill a stopped server's channel
+            for _ in range(400):
+                tg.start_soon(one_call)
+        assert time.monotonic() - started < 12  # the loop kept running and every timeout fired
+    finally:
+        os.kill(link.pid, signal.SIGCONT)
+    assert len(outcomes) >= 400 - 2 * 3  # all but the few reserved workers timed out
+    assert await asyncproc.safe_call(add, 2) == 2  # served once the backlog is cleared

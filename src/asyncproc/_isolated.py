@@ -18,6 +18,8 @@ import pickle
 import signal
 import socket
 import sys
+import threading
+import weakref
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
@@ -26,7 +28,7 @@ import anyio
 import psutil
 
 from . import _proctree, _protocol, _worker
-from ._exceptions import ChildCrashed, MemoryLimitExceeded, RemoteError
+from ._exceptions import AsyncprocError, ChildCrashed, MemoryLimitExceeded, RemoteError
 from ._serverlink import link, spawn_python
 
 if TYPE_CHECKING:
@@ -55,11 +57,27 @@ class _Exit:
     never_started: bool = False  # the fork server died before any worker got the call
 
 
-class _ServerLost(Exception):
+class _ServerLost(AsyncprocError):
     """The fork server died before our call reached a worker: it never ran; retry it."""
+
+    def __init__(self) -> None:
+        super().__init__("the asyncproc fork server died before the call reached a worker (its stderr may say why)")
 
 
 # -- worker handles: one per start method, same four operations ---------------------------
+
+# The caller's ends of every call in flight. A forked child of the caller (ours or the
+# user's) closes its copies: the server takes end-of-stream on a call's ctl to mean "the
+# caller is done", which a copy in some child would postpone.
+_IN_FLIGHT: weakref.WeakSet[socket.socket] = weakref.WeakSet()
+
+
+def _close_in_flight_copies() -> None:
+    for sock in list(_IN_FLIGHT):
+        sock.close()
+
+
+os.register_at_fork(after_in_child=_close_in_flight_copies)
 
 
 async def _recv(sock: socket.socket) -> _protocol.Message | None:
@@ -81,6 +99,7 @@ class _Worker:
     def __init__(self, data: socket.socket):
         data.setblocking(False)
         self.data = data
+        _IN_FLIGHT.add(data)
 
     async def next_message(self) -> _protocol.Message | None:
         """The worker's next message, or None at end-of-stream (it is gone)."""
@@ -95,6 +114,9 @@ class _Worker:
 
     def release(self) -> None:
         """The answer is in; let the worker finish on its own."""
+        self.close()
+
+    def close(self) -> None:
         self.data.close()
 
 
@@ -105,6 +127,7 @@ class _ServerWorker(_Worker):
         super().__init__(data)
         ctl.setblocking(False)
         self.ctl = ctl
+        _IN_FLIGHT.add(ctl)
 
     def signal(self, sig: int) -> None:
         try:
@@ -164,19 +187,19 @@ class _OwnWorker(_Worker):
     async def exit_status(self) -> _Exit:
         assert self.pid is not None
         await self._wait_exited(_EXIT_BOUND_S)
-        # Its group may hold processes it left; the unreaped leader still reserves the id.
-        _proctree.signal_tree(self.pid, self.tree, signal.SIGKILL)
-        code = _proctree.reap(self.pid)
-        if code is None:
+        if not _proctree.has_exited(self.pid):
             self.signal(signal.SIGKILL)
             await self._wait_exited(_KILL_BOUND_S)
-            code = _proctree.reap(self.pid)
+        # Until the leader is reaped its pid, the group id, cannot be reused: end the group,
+        # then reap what its death re-parented to us (if we are a subreaper), leader last.
+        _proctree.signal_tree(self.pid, self.tree, signal.SIGKILL)
+        with anyio.move_on_after(_KILL_BOUND_S):
+            await _proctree.reap_adopted(self.pid, self.tree)
+        code = _proctree.reap(self.pid)
         if code is None:
             log.warning("asyncproc: child %s did not exit after SIGKILL (uninterruptible sleep?); giving up on it", self.pid)
         else:
             self.reaped = True
-            with anyio.move_on_after(_KILL_BOUND_S):
-                await _proctree.reap_adopted(self.pid, self.tree)
         fault = _protocol.read_text(self.fault_fd) if code else ""
         self.close()
         return _Exit(self.pid, code, fault)
@@ -207,17 +230,33 @@ def _user_frames(fault_log: str) -> str:
     )
 
 
-def _start_forkserver(spec: _worker.CallSpec, job: _worker.Job) -> _Worker:
+# Imported by a worker only for some calls, but then at a cost (63 ms and 9 ms here) far
+# above a whole call's: the first such call has the fork server import it, once. Neither
+# starts threads, so the server stays safe to fork; callers that never need them keep the
+# leaner server (every page it holds costs every call).
+_BY_VALUE_MARK = b"cloudpickle"  # in the pickle of a lambda, closure or __main__ function
+
+
+def _learn_needs(call: bytes) -> None:
+    if "cloudpickle" not in link.preloads and _BY_VALUE_MARK in call[:65536]:
+        link.preload(["cloudpickle"])
+
+
+async def _start_forkserver(spec: _worker.CallSpec, job: _worker.Job) -> _Worker:
     call = _worker.encode_call(_with_context(spec, env=link.env_if_changed()), job)
+    _learn_needs(call)
     for _ in range(3):
-        data, ctl = link.take()
+        data, ctl = await link.take()
         try:
             _protocol.send(data, _protocol.CALL, call)
         except (BrokenPipeError, ConnectionResetError):
             data.close()  # the reserved worker died idle; the call never reached it
             ctl.close()
             continue
-        link.top_up()
+        try:
+            link.top_up()
+        except Exception as exc:  # refilling the reserve must never fail a call already sent
+            log.debug("asyncproc: could not refill the worker reserve: %r", exc)
         return _ServerWorker(data, ctl)
     raise _ServerLost
 
@@ -253,25 +292,38 @@ def _track_dynamic_classes(func: Callable[..., Any], depth: int = 3) -> None:
             _track_dynamic_classes(obj, depth - 1)
 
 
-def _start_fork(spec: _worker.CallSpec, job: _worker.Job) -> _Worker:
+# Held from socketpair() to closing the worker's end after fork(): a "fork" call from
+# another thread would otherwise fork a child holding this call's worker end, and this call
+# would not see end-of-stream when its own worker dies, only when that sibling exits.
+_FORK_LOCK = threading.Lock()
+
+
+async def _start_fork(spec: _worker.CallSpec, job: _worker.Job) -> _Worker:
     _track_dynamic_classes(job[0])
-    data, data_far = _protocol.seqpacket_pair()
-    fault_fd = os.memfd_create("asyncproc-fault", os.MFD_CLOEXEC)
     parent = os.getpid()
     for stream in (sys.stdout, sys.stderr):  # or the child would print our buffer again
         try:
             stream.flush()
         except Exception:
             pass
-    pid = os.fork()
-    if pid == 0:
-        data.close()
-        _worker.forked_main(data_far, fault_fd, parent, job, spec)
-    data_far.close()
+    with _FORK_LOCK:
+        data, data_far = _protocol.seqpacket_pair()
+        fault_fd = os.memfd_create("asyncproc-fault", os.MFD_CLOEXEC)
+        try:
+            pid = os.fork()
+        except BaseException:  # EAGAIN/ENOMEM: nothing started, nothing may leak
+            for sock in (data, data_far):
+                sock.close()
+            os.close(fault_fd)
+            raise
+        if pid == 0:
+            data.close()
+            _worker.forked_main(data_far, fault_fd, parent, job, spec)
+        data_far.close()
     return _OwnWorker(data, pid, fault_fd)
 
 
-def _start_spawn(spec: _worker.CallSpec, job: _worker.Job) -> _Worker:
+async def _start_spawn(spec: _worker.CallSpec, job: _worker.Job) -> _Worker:
     data, data_far = _protocol.seqpacket_pair()
     fault_fd = os.memfd_create("asyncproc-fault", os.MFD_CLOEXEC)
     try:
@@ -287,7 +339,7 @@ def _start_spawn(spec: _worker.CallSpec, job: _worker.Job) -> _Worker:
     return _OwnWorker(data, pid, fault_fd)
 
 
-_STARTERS: dict[str, Callable[[_worker.CallSpec, _worker.Job], _Worker]] = {
+_STARTERS: dict[str, Callable[[_worker.CallSpec, _worker.Job], Awaitable[_Worker]]] = {
     "forkserver": _start_forkserver,
     "fork": _start_fork,
     "spawn": _start_spawn,
@@ -309,7 +361,23 @@ async def _drain_to_end(worker: _Worker) -> None:
 
 
 async def _stop(worker: _Worker, grace: float) -> _Exit:
-    """SIGTERM the tree, wait ``grace``, SIGKILL, wait a bounded time; then the status."""
+    """SIGTERM the tree, wait ``grace``, SIGKILL, wait a bounded time; then the status.
+
+    Never raises: it runs while a timeout or a cancellation is on its way to the caller,
+    and an error here must neither replace that outcome nor skip the SIGKILL.
+    """
+    try:
+        return await _stop_or_raise(worker, grace)
+    except Exception as exc:
+        log.warning("asyncproc: error while stopping child %s: %r; killing it", worker.pid, exc)
+        try:
+            worker.signal(signal.SIGKILL)
+        finally:
+            worker.close()
+        return _Exit(worker.pid, None)
+
+
+async def _stop_or_raise(worker: _Worker, grace: float) -> _Exit:
     worker.signal(signal.SIGTERM)
     ended = False
     with anyio.move_on_after(grace):
@@ -375,6 +443,8 @@ async def _outcome(worker: _Worker, msg: _protocol.Message | None) -> Any:
         message = f"{end.note}; its outcome is unknown" if end.note else None
         raise ChildCrashed(message, pid=end.pid, exitcode=end.exitcode, fault_log=_user_frames(end.fault_log))
     if msg.tag == _protocol.RAISED:
+        if isinstance(worker, _ServerWorker) and "tblib.pickling_support" not in link.preloads:
+            link.preload(["tblib.pickling_support"])  # how workers pickle tracebacks
         exc, _ = _loads_exception(msg.body)
         raise exc
     if msg.tag == _protocol.MEMORY:
@@ -397,13 +467,15 @@ async def _outcome(worker: _Worker, msg: _protocol.Message | None) -> Any:
 # -- the public API -----------------------------------------------------------------------
 
 
-def _check_number(name: str, value: object, *, allow_none: bool) -> None:
+def _check_number(name: str, value: object, *, allow_none: bool, finite: bool = False) -> None:
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number of seconds{' or None' if allow_none else ''}, got {value!r}")
     if math.isnan(value) or value < 0:
         raise ValueError(f"{name} must be >= 0 seconds, got {value!r}")
+    if finite and math.isinf(value):
+        raise ValueError(f"{name} must be finite (every wait is bounded), got {value!r}")
 
 
 def _numa_binding(options: NumaOptions | None, local_rank_id: int | None) -> Binding | None:
@@ -431,7 +503,8 @@ class Isolated:
 
     ``timeout`` (seconds, or None for no limit) covers the whole call; past it the child's
     tree gets SIGTERM, ``grace`` seconds, then SIGKILL, and the caller gets TimeoutError.
-    ``memory_limit`` (bytes) caps the child's data memory (RLIMIT_DATA).
+    ``memory_limit`` (bytes) caps how much data memory the call may allocate on top of
+    what its process starts with (RLIMIT_DATA).
     ``numa_options`` with ``local_rank_id`` bind each child's CPUs and memory as that local
     rank's (see ``asyncproc.numa``) before the function's first instruction.
     """
@@ -447,7 +520,7 @@ class Isolated:
         local_rank_id: int | None = None,
     ):
         _check_number("timeout", timeout, allow_none=True)
-        _check_number("grace", grace, allow_none=False)
+        _check_number("grace", grace, allow_none=False, finite=True)
         if start_method not in START_METHODS:
             raise ValueError(f"start_method must be one of {', '.join(map(repr, START_METHODS))}, got {start_method!r}")
         if memory_limit is not None:
@@ -480,23 +553,30 @@ class Isolated:
             return await self._call_once(func, args, kwargs)
         except _ServerLost:
             # Safe to retry: no worker ever received the call. The link restarts the server.
+            # Raised as a plain AsyncprocError if it happens again.
             log.warning("asyncproc: the fork server died before starting a call; retrying on a new one")
-            return await self._call_once(func, args, kwargs)
+            try:
+                return await self._call_once(func, args, kwargs)
+            except _ServerLost as again:
+                raise AsyncprocError(str(again)) from None
 
     async def _call_once(self, func: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any]) -> T:
-        worker = _STARTERS[self.start_method](self._spec, (func, args, kwargs))
+        worker: _Worker | None = None
+        msg = None
         try:
-            msg = None
-            timeout = math.inf if self.timeout is None else self.timeout
-            with anyio.move_on_after(timeout) as scope:
+            # The timeout covers the whole call, waiting for a busy fork server included.
+            with anyio.move_on_after(math.inf if self.timeout is None else self.timeout) as scope:
+                worker = await _STARTERS[self.start_method](self._spec, (func, args, kwargs))
                 msg = await worker.next_message()
             if scope.cancelled_caught:
-                with anyio.CancelScope(shield=True):
-                    await _stop(worker, self.grace)
+                if worker is not None:
+                    with anyio.CancelScope(shield=True):
+                        await _stop(worker, self.grace)
                 raise TimeoutError(f"{_describe(func)} did not return within {self.timeout} s; its process was stopped")
+            assert worker is not None
             return await _outcome(worker, msg)
         except BaseException:
-            if not _is_closed(worker):  # cancelled from outside while waiting
+            if worker is not None and not _is_closed(worker):  # cancelled from outside while waiting
                 with anyio.CancelScope(shield=True):
                     await _stop(worker, self.grace)
             raise

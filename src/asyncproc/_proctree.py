@@ -38,6 +38,8 @@ __all__ = [
     "kill_tree_sync",
     "process_and_descendants",
     "wait_fds",
+    "has_exited",
+    "own_children",
     "reap_adopted",
     "wait_exit",
     "wait_gone",
@@ -229,34 +231,54 @@ def _has_exited(pid: int) -> bool:
         return True
 
 
-async def reap_adopted(pgid: int, snapshot: Iterable[psutil.Process]) -> None:
-    """Reap what a dead child left that was re-parented to *us* (we are a subreaper).
+def own_children() -> list[int] | None:
+    """This process's direct children, from /proc (cheap: no scan of every process);
+    None where the kernel does not list them (CONFIG_PROC_CHILDREN)."""
+    pids: list[int] = []
+    try:
+        for tid in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{tid}/children") as f:
+                pids += map(int, f.read().split())
+    except FileNotFoundError:
+        return None
+    return pids
 
-    Only then: otherwise init adopts and reaps them, and these calls find no such child.
-    ``waitid(P_PGID)`` reaps our children of the dead child's group; members of
-    ``snapshot`` that had left the group are reaped by pid. SIGKILLed processes take
-    microseconds to die; the short sleeps below only run while one is still dying.
+
+async def reap_adopted(leader: int, snapshot: Iterable[psutil.Process]) -> None:
+    """Reap what the death of ``leader`` (our exited, *unreaped* child) re-parented to us.
+
+    That happens only when we are a subreaper; otherwise init adopts and reaps them and
+    nothing here finds a child. Members of ``leader``'s group are found among our own
+    children; those that had left the group are in ``snapshot``. Each is awaited on a pidfd
+    (the caller bounds the wait) and reaped; ``leader`` itself is left for last, so its pid
+    keeps reserving the group id meanwhile.
     """
     import anyio
 
-    while True:
-        try:
-            if os.waitid(os.P_PGID, pgid, os.WEXITED | os.WNOHANG) is None:
-                await anyio.sleep(0.002)
-                continue
-        except ChildProcessError:
-            break
-    for proc in snapshot:
-        fd = pidfd_open(proc.pid)
+    members = [pid for pid in own_children() or () if pid != leader and _pgid_of(pid) == leader]
+    for pid in {*members, *(p.pid for p in snapshot)} - {leader}:
+        fd = pidfd_open(pid)
         if fd is not None:
             try:
                 await anyio.wait_readable(fd)
             finally:
                 os.close(fd)
         try:
-            os.waitpid(proc.pid, os.WNOHANG)
+            os.waitpid(pid, os.WNOHANG)
         except ChildProcessError:
             pass
+
+
+def has_exited(pid: int) -> bool:
+    """Whether our child ``pid`` has exited, without reaping it."""
+    return _has_exited(pid)
+
+
+def _pgid_of(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
 
 
 def _pgid_led_by(pid: int) -> int | None:

@@ -80,7 +80,11 @@ def send(sock: socket.socket, tag: bytes, body: bytes | memoryview = b"", fds: l
 
 def recv(sock: socket.socket) -> Message | None:
     """Receive one message; None at end of stream. Received fds are the caller's to close."""
-    data, ancillary, msg_flags, _ = sock.recvmsg(INLINE_MAX + 2, socket.CMSG_SPACE(_MAX_FDS * 4))
+    # MSG_CMSG_CLOEXEC: a received descriptor must not leak into what the receiver execs
+    # (a grandchild holding a worker's data socket would hide the worker's death).
+    data, ancillary, msg_flags, _ = sock.recvmsg(
+        INLINE_MAX + 2, socket.CMSG_SPACE(_MAX_FDS * 4), socket.MSG_CMSG_CLOEXEC
+    )
     fds = _fds_from(ancillary)
     if not data:
         for fd in fds:

@@ -22,14 +22,13 @@ from __future__ import annotations
 import gc
 import importlib
 import os
+import resource
 import selectors
 import signal
 import socket
 import sys
 
 from . import _proctree, _protocol, _worker
-
-_CHILDREN_FILE = "/proc/self/task/{pid}/children"
 
 
 class _Spare:
@@ -89,8 +88,11 @@ class Server:
         # Drop every descriptor of the server: the caller's lifeline, other calls' sockets,
         # other spares' fault logs. A worker must hold nothing but its own.
         signal.set_wakeup_fd(-1)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        if _worker_nofile is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, _worker_nofile)
         low, high = sorted((keep_sock, keep_fault))
         os.closerange(3, low)
         os.closerange(low + 1, high)
@@ -111,12 +113,21 @@ class Server:
     def _on_request(self) -> None:
         try:
             msg = _protocol.recv(self.channel)
-        except (ConnectionResetError, OSError):
+        except (ConnectionResetError, BrokenPipeError):
             msg = None
+        except OSError as exc:  # e.g. descriptors dropped (EMFILE): that request is lost, not us
+            _complain("could not receive a request", exc)
+            return
         if msg is None:
             raise SystemExit(0)  # lifeline cut: the caller is gone
         if msg.tag == _protocol.SPAWN:
-            self._start_job(msg.fds)
+            try:
+                self._start_job(msg.fds)
+            except Exception as exc:  # fork or memfd failed (EAGAIN, EMFILE, ENOMEM)
+                # Closing its sockets unanswered tells that caller its call never started.
+                for fd in msg.fds:
+                    _close_quietly(fd)
+                _complain("could not start a worker", exc)
         elif msg.tag == _protocol.PRELOAD:
             self._preload(*_decode_preload(bytes(msg.body)))
         else:  # pragma: no cover - a protocol bug, not a user error
@@ -127,18 +138,22 @@ class Server:
         ctl = socket.socket(fileno=fds[0])
         ctl.setblocking(False)  # a stale readiness event must never block the server
         data = socket.socket(fileno=fds[1])
+        if _hung_up(ctl):  # the caller gave up while this request waited: fork nothing
+            ctl.close()
+            data.close()
+            return
         spare = self.spares.pop(0) if self.spares else self._fork_spare()
+        try:
+            # Before ASSIGN: once the worker may have the call, the caller must know it, so
+            # that it never retries a call that may have run (should we die from here on).
+            _protocol.send(ctl, _protocol.HELLO, str(spare.pid).encode())
+        except OSError:
+            pass
         try:
             _protocol.send(spare.ctl, _protocol.ASSIGN, b"", [data.fileno()])
         except OSError:
             pass  # the spare died idle: the SIGCHLD path reports it as this call's crash
         spare.ctl.close()
-        try:
-            # Tells the caller which worker holds its call; should we die later, the call
-            # may have started and must not be retried.
-            _protocol.send(ctl, _protocol.HELLO, str(spare.pid).encode())
-        except OSError:
-            pass
         job = _Job(spare.pid, ctl, data, spare.fault_fd)
         self.jobs[spare.pid] = job
         self.by_ctl[ctl.fileno()] = job
@@ -174,7 +189,7 @@ class Server:
         for name in fresh:
             try:
                 importlib.import_module(name)
-            except Exception as exc:  # a bad preload must not take the server down
+            except (Exception, SystemExit) as exc:  # a bad preload must not take the server down
                 print(f"asyncproc: could not preload {name!r}: {exc!r}", file=sys.stderr)
         if fresh:
             # Spares forked before the import would import it again on every call.
@@ -241,11 +256,10 @@ class Server:
     def _end_adopted(self, also_known: int = 0) -> None:
         """Kill every child we did not fork: orphans of a dead worker's tree."""
         known = {*self.jobs, *(s.pid for s in self.spares), also_known}
-        try:
-            with open(_CHILDREN_FILE.format(pid=self.pid)) as f:
-                adopted = [int(p) for p in f.read().split() if int(p) not in known]
-        except FileNotFoundError:  # pragma: no cover - kernels without CONFIG_PROC_CHILDREN
-            adopted = [p.pid for p in _proctree.descendants(self.pid) if p.ppid() == self.pid and p.pid not in known]
+        children = _proctree.own_children()
+        if children is None:  # pragma: no cover - kernels without CONFIG_PROC_CHILDREN
+            children = [p.pid for p in _proctree.descendants(self.pid) if p.ppid() == self.pid]
+        adopted = [pid for pid in children if pid not in known]
         if not adopted:
             return
         tree = [t for pid in adopted for t in _proctree.process_and_descendants(pid)]
@@ -267,7 +281,12 @@ class Server:
                     # A handler earlier in this batch may have closed this one's socket
                     # (a worker's exit finishes its call); its event is stale.
                     if self.selector.get_map().get(key.fd) is key:
-                        key.data()
+                        try:
+                            key.data()
+                        except (SystemExit, KeyboardInterrupt):
+                            raise
+                        except Exception as exc:  # one call's trouble must not end every call
+                            _complain("unexpected error", exc)
         finally:
             self.shutdown()
 
@@ -298,6 +317,41 @@ def _decode_preload(body: bytes) -> tuple[list[str], list[str]]:
     return [n for n in names.split(_UNIT) if n], path.split(_UNIT)
 
 
+def _hung_up(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+def _complain(what: str, exc: BaseException) -> None:
+    print(f"asyncproc fork server (pid {os.getpid()}): {what}: {exc!r}", file=sys.stderr)
+
+
+def _close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def _raise_fd_limit() -> None:
+    # Three descriptors per call in flight: the default soft limit (often 1024) would
+    # cap concurrency far below what the hard limit allows. Workers get the usual one back.
+    global _worker_nofile
+    _worker_nofile = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (_worker_nofile[1], _worker_nofile[1]))
+
+
+_worker_nofile: tuple[int, int] | None = None
+
+
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
     """``python -c 'from asyncproc._server import main; main()' SPARES PRELOAD``; fd 3 is the channel."""
     try:
@@ -307,6 +361,9 @@ def main() -> None:
     _proctree.set_comm("asyncproc-srv")
     _proctree.make_subreaper()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # stopped from outside: end every call's tree first
+        signal.signal(sig, _exit_on_signal)
+    _raise_fd_limit()
     channel = socket.socket(fileno=3)
     server = Server(channel, spares=int(sys.argv[1]))
     if len(sys.argv) > 2 and sys.argv[2]:

@@ -11,15 +11,19 @@ import atexit
 import collections
 import logging
 import os
+import select
 import socket
 import sys
 import threading
+import time
 from collections.abc import Iterable
+
+import anyio
 
 from . import _proctree, _protocol
 from ._server import encode_preload
 
-__all__ = ["ServerLink", "link", "python_env", "spawn_python"]
+__all__ = ["ServerLink", "link", "spawn_python"]
 
 log = logging.getLogger("asyncproc")
 
@@ -32,14 +36,13 @@ _RESERVE = max(1, int(os.environ.get("ASYNCPROC_RESERVE", "2")))
 _PRELOAD_ENV = "ASYNCPROC_PRELOAD"
 
 
-def python_env() -> dict[str, str]:
-    """os.environ, with asyncproc's own folder first on PYTHONPATH so that ``python -c``
-    children import this very copy of the package, installed or not."""
-    env = dict(os.environ)
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    rest = env.get("PYTHONPATH")
-    env["PYTHONPATH"] = here if not rest else here + os.pathsep + rest
-    return env
+_PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _bootstrap(code: str) -> str:
+    """``code`` run after putting this very copy of asyncproc first on sys.path, installed
+    or not. (Not through PYTHONPATH: workers would pass it on to what they run.)"""
+    return f"import sys; sys.path.insert(0, {_PACKAGE_PARENT!r}); {code}"
 
 
 def _high_dup(fd: int) -> int:
@@ -59,14 +62,26 @@ def spawn_python(code: str, argv: Iterable[str], fds: dict[int, int]) -> int:
         actions = [(os.POSIX_SPAWN_DUP2, src, target) for target, src in sources.items()]
         return os.posix_spawn(
             sys.executable,
-            [sys.executable, "-c", code, *argv],
-            python_env(),
+            [sys.executable, "-c", _bootstrap(code), *argv],
+            os.environ,
             file_actions=actions,
             setsid=True,
         )
     finally:
         for src in sources.values():
             os.close(src)
+
+
+async def _room_on(chan: socket.socket | None) -> None:
+    """Until ``chan`` can take a message. Only reached while the server is behind (stalled
+    or stopped); anyio lets one task at a time wait on a descriptor, so the others (every
+    thread and event loop shares this channel) check again every 10 ms."""
+    if chan is None:
+        return
+    try:
+        await anyio.wait_writable(chan)
+    except anyio.BusyResourceError:
+        await anyio.sleep(0.01)
 
 
 def _still_open(data: socket.socket) -> bool:
@@ -91,6 +106,10 @@ class ServerLink:
     def pid(self) -> int | None:
         return self._pid
 
+    @property
+    def preloads(self) -> tuple[str, ...]:
+        return tuple(self._preloads)
+
     def env_if_changed(self) -> dict[str, str] | None:
         """The caller's environment when it differs from the one the server started with."""
         data = getattr(os.environ, "_data", None)
@@ -106,10 +125,14 @@ class ServerLink:
             self._pid = spawn_python(code, [str(_SPARES), preload], {3: theirs.fileno()})
         finally:
             theirs.close()
+        # Non-blocking: a stalled server (a long preload, a stopped process) must never
+        # freeze the caller's event loop in sendmsg; callers wait for room instead.
+        ours.setblocking(False)
         self._chan = ours
         self._env = dict(getattr(os.environ, "_data", {}))
 
     def _send(self, tag: bytes, body: bytes, fds: list[int]) -> None:
+        """Send to the server, (re)starting it as needed; BlockingIOError when it is full."""
         with self._lock:
             for attempt in (1, 2):
                 if self._chan is None:
@@ -139,22 +162,31 @@ class ServerLink:
             ctl_far.close()
         return data, ctl
 
-    def take(self) -> tuple[socket.socket, socket.socket]:
+    async def take(self) -> tuple[socket.socket, socket.socket]:
         """A worker waiting for a call: ``(data, ctl)``, from the reserve when it has one."""
-        while True:
+        while self._reserve:
             try:
                 data, ctl = self._reserve.popleft()
-            except IndexError:
-                return self._request()
+            except IndexError:  # another thread took the last one
+                break
             if _still_open(data):
                 return data, ctl
             data.close()  # died idle (killed, or its server died): its call never started
             ctl.close()
+        while True:
+            try:
+                return self._request()
+            except BlockingIOError:  # the server is behind: wait for room, never block
+                await _room_on(self._chan)
 
     def top_up(self) -> None:
-        """Refill the reserve; called after a call is on its way, off its critical path."""
+        """Refill the reserve; called after a call is on its way, off its critical path.
+        Gives up quietly when the server is behind: the next call asks for itself."""
         while len(self._reserve) < _RESERVE:
-            self._reserve.append(self._request())
+            try:
+                self._reserve.append(self._request())
+            except BlockingIOError:
+                return
 
     def _drop_reserve(self) -> None:
         while self._reserve:
@@ -168,8 +200,17 @@ class ServerLink:
             return
         self._preloads += names
         self._drop_reserve()  # forked before the import: each would import them again
-        if self._chan is not None:
-            self._send(_protocol.PRELOAD, encode_preload(names, sys.path), [])
+        if self._chan is None:
+            return  # the server will import them when it starts
+        deadline = time.monotonic() + _STOP_BOUND_S
+        while True:
+            try:
+                self._send(_protocol.PRELOAD, encode_preload(names, sys.path), [])
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline or self._chan is None:
+                    raise TimeoutError("asyncproc: the fork server is not reading requests") from None
+                select.select([], [self._chan], [], 0.1)  # until there is room again
 
     def _stop_locked(self) -> None:
         self._drop_reserve()

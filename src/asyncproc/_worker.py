@@ -116,11 +116,27 @@ def _apply(spec: CallSpec) -> None:
         os.environ.update(spec.env)
     if spec.binding is not None:
         spec.binding.apply_to_current_thread()
+
+
+def _limit_memory(spec: CallSpec) -> None:
+    """Applied last, right before the call: the imports and arguments it needed to arrive
+    are not the call's own allocations."""
     if spec.memory_limit is not None:
         # RLIMIT_DATA counts heap and private writable mappings (kernel >= 4.7) but not
         # PROT_NONE reservations such as glibc's per-thread arenas, which make RLIMIT_AS
-        # fail threaded programs long before they really use the memory.
-        resource.setrlimit(resource.RLIMIT_DATA, (spec.memory_limit, spec.memory_limit))
+        # fail threaded programs long before they really use the memory. The limit is
+        # what the call may add: a "fork" child starts with all of its caller's memory.
+        limit = _data_size() + spec.memory_limit
+        resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+
+
+def _data_size() -> int:
+    """This process's data segment and private writable mappings, in bytes (VmData)."""
+    with open("/proc/self/status", "rb") as f:
+        for line in f:
+            if line.startswith(b"VmData:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 # -- running and answering --------------------------------------------------------------
@@ -144,6 +160,8 @@ def _format(exc: BaseException) -> str:
 def _encode_value(value: Any) -> tuple[bytes, bytes]:
     try:
         return _protocol.VALUE, dumps(value)
+    except MemoryError:
+        raise  # out of memory while pickling: the memory limit's outcome, not "unpicklable"
     except Exception as exc:
         reason = f"{type(exc).__name__}: {exc}"
         return _protocol.UNPICKLABLE, pickle.dumps((_type_name(type(value)), reason))
@@ -192,22 +210,10 @@ def _flush_stdio() -> None:
             pass
 
 
-def _children() -> list[int] | None:
-    """Our direct children, from /proc (cheap); None where the kernel doesn't list them."""
-    pids: list[int] = []
-    try:
-        for tid in os.listdir("/proc/self/task"):
-            with open(f"/proc/self/task/{tid}/children") as f:
-                pids += map(int, f.read().split())
-    except FileNotFoundError:
-        return None
-    return pids
-
-
 def _end_descendants() -> None:
     """Kill and reap whatever the call left running (we are its subreaper, so it is all
     in our tree). SIGKILL: the call is over, nothing may outlive it."""
-    children = _children()
+    children = _proctree.own_children()
     if children == []:
         return
     tree = _proctree.descendants(os.getpid())
@@ -249,8 +255,10 @@ def run_one(data: socket.socket, job: Job | None = None, spec: CallSpec | None =
             job = pickle.loads(payload)
         else:
             _proctree.set_comm("asyncproc-run")
-            _apply(spec or CallSpec())
+            spec = spec or CallSpec()
+            _apply(spec)
         func, args, kwargs = job
+        _limit_memory(spec)
         tag, body = _encode_value(func(*args, **kwargs))
     except SystemExit as exc:
         _finish(data, b"", b"", _exit_code(exc))
@@ -279,6 +287,8 @@ def forked_main(data: socket.socket, fault_fd: int, parent_pid: int, job: Job, s
 def spawn_main() -> NoReturn:
     """Entry of a "spawn" child: ``python -c 'from asyncproc._worker import spawn_main; spawn_main()' PARENT_PID``;
     fd 3 is the data socket, fd 4 the fault log."""
+    for fd in (3, 4):  # posix_spawn's dup2 made them inheritable: not for what the call execs
+        os.set_inheritable(fd, False)
     prepare_process(4, int(sys.argv[1]))
     run_one(socket.socket(fileno=3))
 
