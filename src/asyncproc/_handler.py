@@ -258,7 +258,7 @@ class SubprocessHandler:
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(self.wait)
                     for fd in fds:
-                        tg.start_soon(anyio.wait_readable, fd)
+                        tg.start_soon(_until_readable, fd)
             # Only now: a process's children are re-parented when it exits, so once the
             # whole tree has exited every orphan has reached its final parent.
             _reap_adopted(fds)
@@ -369,3 +369,7 @@ def _group_leftovers(pgid: int) -> list[psutil.Process]:
             with contextlib.suppress(psutil.Error):
                 found.append(psutil.Process(pid))
     return found
+
+
+async def _until_readable(fd: int) -> None:
+    await anyio.wait_readable(fd)

@@ -165,6 +165,8 @@ class _ServerWorker(_Worker):
 class _OwnWorker(_Worker):
     """A worker that is our own child ("fork" and "spawn"): we signal and reap it."""
 
+    pid: int  # always known: we forked or spawned it ourselves
+
     def __init__(self, data: socket.socket, pid: int, fault_fd: int):
         super().__init__(data)
         self.pid = pid
@@ -185,7 +187,6 @@ class _OwnWorker(_Worker):
             await _proctree.wait_exit(self.pid, self.pidfd)
 
     async def exit_status(self) -> _Exit:
-        assert self.pid is not None
         await self._wait_exited(_EXIT_BOUND_S)
         if not _proctree.has_exited(self.pid):
             self.signal(signal.SIGKILL)

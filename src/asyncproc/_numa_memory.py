@@ -65,7 +65,7 @@ def _syscall(index: int, *args: object) -> None:
         raise OSError(err, os.strerror(err))
 
 
-def _mask(nodes: Iterable[int]) -> _NodeMask:
+def _mask(nodes: Iterable[int]) -> ctypes.Array[ctypes.c_ulong]:
     mask = _NodeMask()
     for node in nodes:
         if not 0 <= node < _MAX_NODES:
