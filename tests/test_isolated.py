@@ -308,13 +308,14 @@ async def test_crash_ends_grandchildren(method: str, tmp_path: Path) -> None:
     assert_gone(int(pidfile.read_text()))
 
 
-async def test_crash_ends_grandchild_that_left_the_group() -> None:
-    # Only the fork server can: it is a subreaper, so the escaped orphan comes to it.
-    # ("fork"/"spawn" workers are the caller's own children; see the README.)
+@pytest.mark.parametrize("server_started", ["forkserver", "spawn"])
+async def test_crash_ends_grandchild_that_left_the_group(server_started: str) -> None:
+    # Workers the fork server starts: it is a subreaper, so the escaped orphan comes to it.
+    # ("fork" workers are the caller's own children; see the README.)
     pidfile = Path(os.environ.get("TMPDIR", "/tmp")) / f"asyncproc-test-{os.getpid()}"
     try:
         with pytest.raises(ChildCrashed):
-            await runner("forkserver").call(start_then, "segfault", str(pidfile), escape=True)
+            await runner(server_started).call(start_then, "segfault", str(pidfile), escape=True)
         assert_gone(int(pidfile.read_text()))
     finally:
         pidfile.unlink(missing_ok=True)
@@ -432,14 +433,15 @@ def hang(pidfile):
     p = subprocess.Popen(["sleep", "60"])
     open(pidfile, "w").write(f"{os.getpid()} {p.pid}")
     time.sleep(60)
-anyio.run(asyncproc.Isolated(timeout=60).call, hang, sys.argv[1], backend=sys.argv[2])
+anyio.run(asyncproc.Isolated(timeout=60, start_method=sys.argv[3]).call, hang, sys.argv[1], backend=sys.argv[2])
 """
 
 
+@pytest.mark.parametrize("server_started", ["forkserver", "spawn"])
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
-def test_nothing_survives_a_sigkilled_caller(tmp_path: Path, backend: str) -> None:
+def test_nothing_survives_a_sigkilled_caller(tmp_path: Path, backend: str, server_started: str) -> None:
     pidfile = tmp_path / "pids"
-    caller = subprocess.Popen([sys.executable, "-c", CALLER_KILLED, str(pidfile), backend])
+    caller = subprocess.Popen([sys.executable, "-c", CALLER_KILLED, str(pidfile), backend, server_started])
     deadline = time.monotonic() + 30
     while not pidfile.exists() or not pidfile.read_text():
         assert time.monotonic() < deadline and caller.poll() is None

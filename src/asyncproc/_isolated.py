@@ -29,7 +29,7 @@ import psutil
 
 from . import _proctree, _protocol, _worker
 from ._exceptions import AsyncprocError, ChildCrashed, MemoryLimitExceeded, RemoteError
-from ._serverlink import link, spawn_python
+from ._serverlink import link
 
 if TYPE_CHECKING:
     from .numa import Binding, NumaOptions
@@ -244,10 +244,20 @@ def _learn_needs(call: bytes) -> None:
 
 
 async def _start_forkserver(spec: _worker.CallSpec, job: _worker.Job) -> _Worker:
+    return await _start_via_server(spec, job, _protocol.FORKED)
+
+
+async def _start_spawn(spec: _worker.CallSpec, job: _worker.Job) -> _Worker:
+    # Started by the fork server, not by us: it is a subreaper and holds a lifeline, so a
+    # fresh interpreter gets every guarantee a forked worker has.
+    return await _start_via_server(spec, job, _protocol.FRESH)
+
+
+async def _start_via_server(spec: _worker.CallSpec, job: _worker.Job, kind: bytes) -> _Worker:
     call = _worker.encode_call(_with_context(spec, env=link.env_if_changed()), job)
     _learn_needs(call)
     for _ in range(3):
-        data, ctl = await link.take()
+        data, ctl = await link.take(kind)
         try:
             _protocol.send(data, _protocol.CALL, call)
         except (BrokenPipeError, ConnectionResetError):
@@ -320,22 +330,6 @@ async def _start_fork(spec: _worker.CallSpec, job: _worker.Job) -> _Worker:
         if pid == 0:
             data.close()
             _worker.forked_main(data_far, fault_fd, parent, job, spec)
-        data_far.close()
-    return _OwnWorker(data, pid, fault_fd)
-
-
-async def _start_spawn(spec: _worker.CallSpec, job: _worker.Job) -> _Worker:
-    data, data_far = _protocol.seqpacket_pair()
-    fault_fd = os.memfd_create("asyncproc-fault", os.MFD_CLOEXEC)
-    try:
-        _protocol.send(data, _protocol.CALL, _worker.encode_call(_with_context(spec, env=dict(os.environ)), job))
-        code = "from asyncproc._worker import spawn_main; spawn_main()"
-        pid = spawn_python(code, [str(os.getpid())], {3: data_far.fileno(), 4: fault_fd})
-    except BaseException:
-        data.close()
-        os.close(fault_fd)
-        raise
-    finally:
         data_far.close()
     return _OwnWorker(data, pid, fault_fd)
 

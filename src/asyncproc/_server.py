@@ -122,7 +122,7 @@ class Server:
             raise SystemExit(0)  # lifeline cut: the caller is gone
         if msg.tag == _protocol.SPAWN:
             try:
-                self._start_job(msg.fds)
+                self._start_job(msg.fds, fresh=bytes(msg.body) == _protocol.FRESH)
             except Exception as exc:  # fork or memfd failed (EAGAIN, EMFILE, ENOMEM)
                 # Closing its sockets unanswered tells that caller its call never started.
                 for fd in msg.fds:
@@ -134,13 +134,16 @@ class Server:
             for fd in msg.fds:
                 os.close(fd)
 
-    def _start_job(self, fds: list[int]) -> None:
+    def _start_job(self, fds: list[int], fresh: bool = False) -> None:
         ctl = socket.socket(fileno=fds[0])
         ctl.setblocking(False)  # a stale readiness event must never block the server
         data = socket.socket(fileno=fds[1])
         if _hung_up(ctl):  # the caller gave up while this request waited: fork nothing
             ctl.close()
             data.close()
+            return
+        if fresh:
+            self._start_fresh(ctl, data)
             return
         spare = self.spares.pop(0) if self.spares else self._fork_spare()
         try:
@@ -154,11 +157,29 @@ class Server:
         except OSError:
             pass  # the spare died idle: the SIGCHLD path reports it as this call's crash
         spare.ctl.close()
-        job = _Job(spare.pid, ctl, data, spare.fault_fd)
-        self.jobs[spare.pid] = job
-        self.by_ctl[ctl.fileno()] = job
-        self.selector.register(ctl, selectors.EVENT_READ, lambda: self._on_ctl(job))
+        self._register(_Job(spare.pid, ctl, data, spare.fault_fd))
         self._refill()  # off the critical path: the call is already on its way
+
+    def _start_fresh(self, ctl: socket.socket, data: socket.socket) -> None:
+        """"spawn": a new interpreter, but ours, so it gets every guarantee a forked worker
+        has (we are its subreaper, its lifeline and its reaper). It reads the call itself."""
+        fault_fd = os.memfd_create("asyncproc-fault", os.MFD_CLOEXEC)
+        try:
+            code = "from asyncproc._worker import spawn_main; spawn_main()"
+            pid = _worker.spawn_python(code, [str(self.pid)], {3: data.fileno(), 4: fault_fd})
+        except BaseException:
+            os.close(fault_fd)
+            raise
+        self._register(_Job(pid, ctl, data, fault_fd))
+        try:
+            _protocol.send(ctl, _protocol.HELLO, str(pid).encode())
+        except OSError:
+            pass
+
+    def _register(self, job: _Job) -> None:
+        self.jobs[job.pid] = job
+        self.by_ctl[job.ctl.fileno()] = job
+        self.selector.register(job.ctl, selectors.EVENT_READ, lambda: self._on_ctl(job))
 
     def _on_ctl(self, job: _Job) -> None:
         try:

@@ -22,8 +22,9 @@ import anyio
 
 from . import _proctree, _protocol
 from ._server import encode_preload
+from ._worker import spawn_python
 
-__all__ = ["ServerLink", "link", "spawn_python"]
+__all__ = ["ServerLink", "link"]
 
 log = logging.getLogger("asyncproc")
 
@@ -34,42 +35,6 @@ _SPARES = max(1, int(os.environ.get("ASYNCPROC_SPARES", "1")))
 # wake-ups and a fork on the critical path.
 _RESERVE = max(1, int(os.environ.get("ASYNCPROC_RESERVE", "2")))
 _PRELOAD_ENV = "ASYNCPROC_PRELOAD"
-
-
-_PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _bootstrap(code: str) -> str:
-    """``code`` run after putting this very copy of asyncproc first on sys.path, installed
-    or not. (Not through PYTHONPATH: workers would pass it on to what they run.)"""
-    return f"import sys; sys.path.insert(0, {_PACKAGE_PARENT!r}); {code}"
-
-
-def _high_dup(fd: int) -> int:
-    # Above the target slots (3, 4): a posix_spawn dup2 can then never overwrite a source.
-    import fcntl
-
-    return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10)
-
-
-def spawn_python(code: str, argv: Iterable[str], fds: dict[int, int]) -> int:
-    """posix_spawn ``python -c code argv...`` in a new session, ``fds`` mapped target->source.
-
-    posix_spawn keeps glibc's vfork-style fast path: the cost does not grow with our RSS.
-    """
-    sources = {target: _high_dup(src) for target, src in fds.items()}
-    try:
-        actions = [(os.POSIX_SPAWN_DUP2, src, target) for target, src in sources.items()]
-        return os.posix_spawn(
-            sys.executable,
-            [sys.executable, "-c", _bootstrap(code), *argv],
-            os.environ,
-            file_actions=actions,
-            setsid=True,
-        )
-    finally:
-        for src in sources.values():
-            os.close(src)
 
 
 async def _room_on(chan: socket.socket | None) -> None:
@@ -147,12 +112,12 @@ class ServerLink:
                     log.warning("asyncproc: the fork server (pid %s) died; starting a new one", self._pid)
                     self._stop_locked()
 
-    def _request(self) -> tuple[socket.socket, socket.socket]:
+    def _request(self, kind: bytes = _protocol.FORKED) -> tuple[socket.socket, socket.socket]:
         """Ask the server for a worker; it will wait on the returned ``data`` for a call."""
         data, data_far = _protocol.seqpacket_pair()
         ctl, ctl_far = _protocol.seqpacket_pair()
         try:
-            self._send(_protocol.SPAWN, b"", [ctl_far.fileno(), data_far.fileno()])
+            self._send(_protocol.SPAWN, kind, [ctl_far.fileno(), data_far.fileno()])
         except BaseException:
             data.close()
             ctl.close()
@@ -162,9 +127,10 @@ class ServerLink:
             ctl_far.close()
         return data, ctl
 
-    async def take(self) -> tuple[socket.socket, socket.socket]:
-        """A worker waiting for a call: ``(data, ctl)``, from the reserve when it has one."""
-        while self._reserve:
+    async def take(self, kind: bytes = _protocol.FORKED) -> tuple[socket.socket, socket.socket]:
+        """A worker waiting for a call: ``(data, ctl)``; a forked one from the reserve when
+        it has one, a fresh interpreter (``_protocol.FRESH``) always on request."""
+        while kind == _protocol.FORKED and self._reserve:
             try:
                 data, ctl = self._reserve.popleft()
             except IndexError:  # another thread took the last one
@@ -175,7 +141,7 @@ class ServerLink:
             ctl.close()
         while True:
             try:
-                return self._request()
+                return self._request(kind)
             except BlockingIOError:  # the server is behind: wait for room, never block
                 await _room_on(self._chan)
 

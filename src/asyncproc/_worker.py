@@ -83,6 +83,43 @@ def _decode_call(body: bytes | memoryview) -> tuple[CallSpec, bytes | memoryview
 
 # -- process set-up ---------------------------------------------------------------------
 
+_PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _bootstrap(code: str) -> str:
+    """``code`` run after putting this very copy of asyncproc first on sys.path, installed
+    or not. (Not through PYTHONPATH: workers would pass it on to what they run.)"""
+    return f"import sys; sys.path.insert(0, {_PACKAGE_PARENT!r}); {code}"
+
+
+def _high_dup(fd: int) -> int:
+    # Above the target slots (3, 4): a posix_spawn dup2 can then never overwrite a source.
+    import fcntl
+
+    return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10)
+
+
+def spawn_python(code: str, argv: list[str], fds: dict[int, int]) -> int:
+    """posix_spawn ``python -c code argv...`` in a new session, ``fds`` mapped target->source.
+
+    posix_spawn keeps glibc's vfork-style fast path: the cost does not grow with our RSS.
+    """
+    sources = {target: _high_dup(src) for target, src in fds.items()}
+    try:
+        actions = [(os.POSIX_SPAWN_DUP2, src, target) for target, src in sources.items()]
+        return os.posix_spawn(
+            sys.executable,
+            [sys.executable, "-c", _bootstrap(code), *argv],
+            os.environ,
+            file_actions=actions,
+            setsid=True,
+        )
+    finally:
+        for src in sources.values():
+            os.close(src)
+
+
+
 
 def prepare_process(fault_fd: int, parent_pid: int) -> None:
     """Isolate this fresh child: own session, subreaper, dies with its parent, fault log."""
