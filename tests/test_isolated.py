@@ -3,8 +3,6 @@ asyncio, uvloop and trio (the ``anyio_backend`` fixture)."""
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import os
 import signal
 import subprocess
@@ -18,122 +16,22 @@ from pathlib import Path
 import anyio
 import psutil
 import pytest
+from _children import (
+    LONG, CustomError, _server_tree, add, allocate, assert_gone, big_return, big_value, cpus_and_policy,
+    crash_abort, crash_killed, crash_leaving_background_job, crash_os_exit, crash_segfault, crash_sys_exit,
+    deep_in_child, pythonpath, raise_custom, raise_unpicklable, return_lock, runner, running, sleep_ignoring_sigterm,
+    start_then,
+)
 
 import asyncproc
 from asyncproc import ChildCrashed, Isolated, MemoryLimitExceeded, RemoteError
 
 pytestmark = pytest.mark.anyio
 
-# "returns at once, not at the timeout": crashes must be reported long before this.
-LONG = 30.0
-
 
 @pytest.fixture(params=["forkserver", "fork", "spawn"])
 def method(request: pytest.FixtureRequest) -> str:
     return request.param
-
-
-def runner(method: str, **options: object) -> Isolated:
-    return Isolated(start_method=method, **{"timeout": LONG, **options})  # type: ignore[arg-type]
-
-
-# -- functions that run in the child ------------------------------------------------------
-
-
-class CustomError(Exception):
-    def __init__(self, code: int, detail: str):
-        super().__init__(code, detail)
-        self.code = code
-
-
-class Unpicklable(Exception):
-    def __init__(self) -> None:
-        super().__init__("holds a lock")
-        self.lock = threading.Lock()
-
-
-def add(a: int, b: int = 0, *, timeout: int = 0) -> int:
-    return a + b + timeout
-
-
-def raise_custom(code: int) -> None:
-    raise CustomError(code, "went wrong")
-
-
-def deep_in_child() -> None:
-    raise_custom(7)
-
-
-def raise_unpicklable() -> None:
-    raise Unpicklable()
-
-
-def return_lock() -> threading.Lock:
-    return threading.Lock()
-
-
-def crash_segfault() -> None:
-    ctypes.string_at(0)
-
-
-def crash_abort() -> None:
-    os.abort()
-
-
-def crash_os_exit() -> None:
-    os._exit(3)
-
-
-def crash_sys_exit() -> None:
-    sys.exit(4)
-
-
-def crash_killed() -> None:
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
-def allocate(n: int) -> int:
-    return len(bytearray(n))
-
-
-def big_value(n: int) -> bytes:
-    return b"x" * n
-
-
-def start_then(what: str, pidfile: str, *, escape: bool = False) -> int:
-    """Start a grandchild (optionally in a new session, out of our group), record its pid,
-    then end as ``what`` says."""
-    proc = subprocess.Popen(["sleep", "60"], start_new_session=escape)
-    Path(pidfile).write_text(str(proc.pid))
-    if what == "segfault":
-        crash_segfault()
-    if what == "hang":
-        time.sleep(60)
-    return proc.pid
-
-
-def sleep_ignoring_sigterm(seconds: float) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    time.sleep(seconds)
-
-
-def running(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def assert_gone(pid: int) -> None:
-    """Neither running nor an unreaped zombie."""
-    try:
-        status = psutil.Process(pid).status()
-    except psutil.NoSuchProcess:
-        return
-    pytest.fail(f"process {pid} is still there: {status}")
-
-
-# -- values -------------------------------------------------------------------------------
 
 
 async def test_returns_value_of_lambda_closure_and_kwargs(method: str) -> None:
@@ -156,9 +54,6 @@ async def test_large_value(method: str) -> None:
 
 async def test_safe_call_uses_defaults() -> None:
     assert await asyncproc.safe_call(add, 2, 3) == 5
-
-
-# -- exceptions ---------------------------------------------------------------------------
 
 
 async def test_exception_keeps_type_args_and_child_traceback(method: str) -> None:
@@ -194,8 +89,6 @@ async def test_unpicklable_value_becomes_remote_error(method: str) -> None:
         await runner(method).call(return_lock)
     assert "lock" in info.value.type_name
 
-
-# -- deaths -------------------------------------------------------------------------------
 
 DEATHS = [
     (crash_segfault, -signal.SIGSEGV, "SIGSEGV"),
@@ -235,9 +128,6 @@ async def test_memory_limit(method: str) -> None:
         await run.call(allocate, 2 * limit)
     assert isinstance(info.value, MemoryError) and isinstance(info.value, ChildCrashed)
     assert str(limit) in str(info.value) and "allocate" in str(info.value)
-
-
-# -- timeouts, cancellation and what the child started ------------------------------------
 
 
 async def test_timeout_stops_child_and_grandchildren(method: str, tmp_path: Path) -> None:
@@ -283,7 +173,12 @@ async def test_task_group_cancellation_propagates(method: str) -> None:
         async with anyio.create_task_group() as tg:
             tg.start_soon(fail_soon)
             await runner(method).call(time.sleep, 60)
-    assert info.group_contains(Boom) if isinstance(info.value, BaseExceptionGroup) else isinstance(info.value, Boom)
+    assert _contains(info.value, Boom)
+
+
+def _contains(exc: BaseException, kind: type[BaseException]) -> bool:
+    """``exc`` is ``kind`` or an exception group holding one (any Python >= 3.10)."""
+    return isinstance(exc, kind) or any(_contains(e, kind) for e in getattr(exc, "exceptions", ()))
 
 
 async def test_fail_after_is_the_callers_own_timeout(method: str) -> None:
@@ -306,22 +201,6 @@ async def test_crash_ends_grandchildren(method: str, tmp_path: Path) -> None:
     with pytest.raises(ChildCrashed):
         await runner(method).call(start_then, "segfault", str(pidfile))
     assert_gone(int(pidfile.read_text()))
-
-
-@pytest.mark.parametrize("server_started", ["forkserver", "spawn"])
-async def test_crash_ends_grandchild_that_left_the_group(server_started: str) -> None:
-    # Workers the fork server starts: it is a subreaper, so the escaped orphan comes to it.
-    # ("fork" workers are the caller's own children; see the README.)
-    pidfile = Path(os.environ.get("TMPDIR", "/tmp")) / f"asyncproc-test-{os.getpid()}"
-    try:
-        with pytest.raises(ChildCrashed):
-            await runner(server_started).call(start_then, "segfault", str(pidfile), escape=True)
-        assert_gone(int(pidfile.read_text()))
-    finally:
-        pidfile.unlink(missing_ok=True)
-
-
-# -- arguments, decorator, sync entry ----------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -355,14 +234,6 @@ async def test_bad_function_raises_before_any_process(method: str) -> None:
     assert {p.pid for p in psutil.Process().children(recursive=True)} <= before | _server_tree()
 
 
-def _server_tree() -> set[int]:
-    from asyncproc._serverlink import link
-
-    if link.pid is None:
-        return set()
-    return {link.pid, *(p.pid for p in psutil.Process(link.pid).children(recursive=True))}
-
-
 async def test_decorator_makes_an_async_function(method: str) -> None:
     @Isolated(timeout=LONG, start_method=method)
     def parse(blob: str, *, sep: str = ",") -> list[str]:
@@ -384,8 +255,6 @@ async def test_safe_call_sync_refuses_a_running_loop() -> None:
         asyncproc.safe_call_sync(add, 1, 2)
 
 
-# -- the caller's __main__ and the fork server's life ------------------------------------
-
 UNGUARDED_MAIN = """
 import os, sys, anyio, asyncproc
 print("main logic ran in", os.getpid(), flush=True)
@@ -405,71 +274,6 @@ def test_unguarded_main_never_runs_again(method: str, tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("main logic ran") == 1
     assert "result 49" in out.stdout and "sync result 9" in out.stdout
-
-
-def test_fork_server_restarts_after_it_dies() -> None:
-    from asyncproc._serverlink import link
-
-    assert asyncproc.safe_call_sync(add, 1) == 1
-    old = link.pid
-    assert old is not None
-    server = psutil.Process(old)
-    workers = server.children()
-    os.kill(old, signal.SIGKILL)
-    # Its workers die with it (parent-death signal). Outside this harness init reaps them;
-    # here the test process is a subreaper, so they are ours to reap. (A call racing the
-    # server's death is reported as a crash with an unknown outcome: see the README.)
-    psutil.wait_procs(workers, timeout=5)
-    while server.status() != psutil.STATUS_ZOMBIE:
-        time.sleep(0.01)
-    assert asyncproc.safe_call_sync(add, 2) == 2
-    assert link.pid not in (None, old)
-
-
-CALLER_KILLED = """
-import os, sys, time, anyio, asyncproc
-def hang(pidfile):
-    import subprocess
-    p = subprocess.Popen(["sleep", "60"])
-    open(pidfile, "w").write(f"{os.getpid()} {p.pid}")
-    time.sleep(60)
-anyio.run(asyncproc.Isolated(timeout=60, start_method=sys.argv[3]).call, hang, sys.argv[1], backend=sys.argv[2])
-"""
-
-
-@pytest.mark.parametrize("server_started", ["forkserver", "spawn"])
-@pytest.mark.parametrize("backend", ["asyncio", "trio"])
-def test_nothing_survives_a_sigkilled_caller(tmp_path: Path, backend: str, server_started: str) -> None:
-    pidfile = tmp_path / "pids"
-    caller = subprocess.Popen([sys.executable, "-c", CALLER_KILLED, str(pidfile), backend, server_started])
-    deadline = time.monotonic() + 30
-    while not pidfile.exists() or not pidfile.read_text():
-        assert time.monotonic() < deadline and caller.poll() is None
-        time.sleep(0.02)
-    server = [p for p in psutil.Process(caller.pid).children() if p.name() == "asyncproc-srv"]
-    caller.kill()
-    caller.wait()
-    pids = [int(p) for p in pidfile.read_text().split()] + [p.pid for p in server]
-    deadline = time.monotonic() + 5
-    for pid in pids:
-        while psutil.pid_exists(pid):
-            try:
-                if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-                    os.waitpid(pid, os.WNOHANG)  # re-parented to this (subreaper) test process
-                    continue
-            except (psutil.NoSuchProcess, ChildProcessError):
-                break
-            assert time.monotonic() < deadline, f"{pid} survived its SIGKILLed caller"
-            time.sleep(0.02)
-
-
-# -- NUMA ---------------------------------------------------------------------------------
-
-
-def cpus_and_policy() -> tuple[set[int], str]:
-    with open("/proc/self/status") as f:
-        status = f.read()
-    return os.sched_getaffinity(0), status
 
 
 async def test_numa_binding_applies_in_the_child(method: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -497,45 +301,6 @@ def test_bad_numa_options_raise_at_once(options: dict[str, object], error: type[
         Isolated(**options)  # type: ignore[arg-type]
 
 
-# -- preloading ---------------------------------------------------------------------------
-
-PRELOADED = """
-import os, sys, anyio, asyncproc
-sys.path.insert(0, sys.argv[1])
-if sys.argv[2] == "preload":
-    asyncproc.preload("_preload_probe")
-import _preload_probe  # the caller imports it too: one line in the log
-
-async def main():
-    for _ in range(4):
-        assert await asyncproc.safe_call(_preload_probe.answer) == 42
-anyio.run(main)
-"""
-
-
-@pytest.mark.parametrize("mode", ["preload", "no-preload"])
-def test_preloaded_module_is_not_imported_again_per_call(tmp_path: Path, mode: str) -> None:
-    log = tmp_path / "imports"
-    env = {**os.environ, "ASYNCPROC_TEST_IMPORT_LOG": str(log)}
-    tests_dir = str(Path(__file__).parent)
-    out = subprocess.run([sys.executable, "-c", PRELOADED, tests_dir, mode], env=env, capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    imports = log.read_text().split()
-    if mode == "preload":
-        assert len(imports) == 2  # the caller and the fork server; no worker
-    else:
-        assert len(imports) == 5  # the caller and each of the four workers
-
-
-def test_preload_rejects_what_is_not_a_module_name() -> None:
-    with pytest.raises(ValueError, match="module names"):
-        asyncproc.preload("not a module")
-
-
-def big_return(n: int) -> bytes:
-    return b"x" * n
-
-
 async def test_memory_limit_counts_what_the_call_adds(method: str) -> None:
     # The limit is on top of the process's own size: even a small limit lets a call run.
     assert await runner(method, memory_limit=8 * 1024 * 1024).call(add, 1) == 1
@@ -547,20 +312,11 @@ async def test_running_out_while_pickling_the_value_is_a_memory_error(method: st
         await runner(method, memory_limit=150 * 1024 * 1024).call(big_return, 100 * 1024 * 1024)
 
 
-def crash_leaving_background_job() -> None:
-    os.system("sleep 30 &")  # a grandchild that inherits whatever descriptors leak
-    os._exit(3)
-
-
 async def test_crash_is_seen_even_if_a_grandchild_inherited_descriptors(method: str) -> None:
     started = time.monotonic()
     with pytest.raises(ChildCrashed) as info:
         await runner(method).call(crash_leaving_background_job)
     assert info.value.exitcode == 3 and time.monotonic() - started < LONG / 3
-
-
-def pythonpath() -> str | None:
-    return os.environ.get("PYTHONPATH")
 
 
 async def test_workers_see_the_callers_environment(method: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -569,61 +325,3 @@ async def test_workers_see_the_callers_environment(method: str, monkeypatch: pyt
     monkeypatch.setenv("ASYNCPROC_TEST_VAR", "changed after the server started")
     assert await runner(method).call(os.environ.get, "ASYNCPROC_TEST_VAR") == "changed after the server started"
 
-
-def test_a_preload_that_exits_does_not_end_the_server() -> None:
-    sys.path.insert(0, str(Path(__file__).parent))
-    try:
-        assert asyncproc.safe_call_sync(add, 1) == 1
-        asyncproc.preload("_exits_on_import")
-        assert asyncproc.safe_call_sync(add, 2) == 2
-    finally:
-        sys.path.remove(str(Path(__file__).parent))
-
-
-def test_sigterm_to_the_server_still_ends_every_calls_tree(tmp_path: Path) -> None:
-    from asyncproc._serverlink import link
-
-    pidfile = tmp_path / "pid"
-
-    async def call_and_terminate_server() -> None:
-        async def terminate_once_started() -> None:
-            while not pidfile.exists() or not pidfile.read_text():
-                await anyio.sleep(0.02)
-            assert link.pid is not None
-            os.kill(link.pid, signal.SIGTERM)
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(terminate_once_started)
-            with pytest.raises(ChildCrashed) as info:  # the server ended its worker on the way out
-                await runner("forkserver").call(start_then, "hang", str(pidfile))
-            assert info.value.exitcode == -signal.SIGKILL
-
-    anyio.run(call_and_terminate_server)
-    assert_gone(int(pidfile.read_text()))
-    assert asyncproc.safe_call_sync(add, 1) == 1  # a new server; the old one is reaped
-
-
-async def test_a_stopped_server_never_freezes_the_event_loop() -> None:
-    from asyncproc._serverlink import link
-
-    assert await asyncproc.safe_call(add, 1) == 1
-    assert link.pid is not None
-    outcomes: list[BaseException] = []
-
-    async def one_call() -> None:
-        try:  # a worker reserved before the server stopped can still answer
-            assert await Isolated(timeout=1, grace=0).call(add, 1) == 1
-        except TimeoutError as exc:
-            outcomes.append(exc)
-
-    os.kill(link.pid, signal.SIGSTOP)
-    try:
-        started = time.monotonic()
-        async with anyio.create_task_group() as tg:  # 400 requests fill a stopped server's channel
-            for _ in range(400):
-                tg.start_soon(one_call)
-        assert time.monotonic() - started < 12  # the loop kept running and every timeout fired
-    finally:
-        os.kill(link.pid, signal.SIGCONT)
-    assert len(outcomes) >= 400 - 2 * 3  # all but the few reserved workers timed out
-    assert await asyncproc.safe_call(add, 2) == 2  # served once the backlog is cleared

@@ -1,0 +1,147 @@
+"""What runs inside isolated children in the tests, and helpers to check on them.
+
+A module of its own (not a test module): workers import these functions by reference.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from asyncproc import Isolated
+
+LONG = 30.0
+
+
+def runner(method: str, **options: object) -> Isolated:
+    return Isolated(start_method=method, **{"timeout": LONG, **options})  # type: ignore[arg-type]
+
+
+class CustomError(Exception):
+    def __init__(self, code: int, detail: str):
+        super().__init__(code, detail)
+        self.code = code
+
+
+class Unpicklable(Exception):
+    def __init__(self) -> None:
+        super().__init__("holds a lock")
+        self.lock = threading.Lock()
+
+
+def add(a: int, b: int = 0, *, timeout: int = 0) -> int:
+    return a + b + timeout
+
+
+def raise_custom(code: int) -> None:
+    raise CustomError(code, "went wrong")
+
+
+def deep_in_child() -> None:
+    raise_custom(7)
+
+
+def raise_unpicklable() -> None:
+    raise Unpicklable()
+
+
+def return_lock() -> threading.Lock:
+    return threading.Lock()
+
+
+def crash_segfault() -> None:
+    ctypes.string_at(0)
+
+
+def crash_abort() -> None:
+    os.abort()
+
+
+def crash_os_exit() -> None:
+    os._exit(3)
+
+
+def crash_sys_exit() -> None:
+    sys.exit(4)
+
+
+def crash_killed() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def allocate(n: int) -> int:
+    return len(bytearray(n))
+
+
+def big_value(n: int) -> bytes:
+    return b"x" * n
+
+
+def start_then(what: str, pidfile: str, *, escape: bool = False) -> int:
+    """Start a grandchild (optionally in a new session, out of our group), record its pid,
+    then end as ``what`` says."""
+    proc = subprocess.Popen(["sleep", "60"], start_new_session=escape)
+    Path(pidfile).write_text(str(proc.pid))
+    if what == "segfault":
+        crash_segfault()
+    if what == "hang":
+        time.sleep(60)
+    return proc.pid
+
+
+def sleep_ignoring_sigterm(seconds: float) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    time.sleep(seconds)
+
+
+def running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def assert_gone(pid: int) -> None:
+    """Neither running nor an unreaped zombie."""
+    try:
+        status = psutil.Process(pid).status()
+    except psutil.NoSuchProcess:
+        return
+    pytest.fail(f"process {pid} is still there: {status}")
+
+
+def _server_tree() -> set[int]:
+    from asyncproc._serverlink import link
+
+    if link.pid is None:
+        return set()
+    return {link.pid, *(p.pid for p in psutil.Process(link.pid).children(recursive=True))}
+
+
+def cpus_and_policy() -> tuple[set[int], str]:
+    with open("/proc/self/status") as f:
+        status = f.read()
+    return os.sched_getaffinity(0), status
+
+
+def big_return(n: int) -> bytes:
+    return b"x" * n
+
+
+def crash_leaving_background_job() -> None:
+    os.system("sleep 30 &")  # a grandchild that inherits whatever descriptors leak
+    os._exit(3)
+
+
+def pythonpath() -> str | None:
+    return os.environ.get("PYTHONPATH")
+

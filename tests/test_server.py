@@ -1,0 +1,183 @@
+"""The fork server: restarted when it dies, stopped with its caller, told what to preload,
+never a reason for a caller to hang, and the subreaper that catches escaped processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import anyio
+import psutil
+import pytest
+from _children import add, assert_gone, runner, start_then
+
+import asyncproc
+from asyncproc import ChildCrashed, Isolated
+
+pytestmark = pytest.mark.anyio
+
+@pytest.mark.parametrize("server_started", ["forkserver", "spawn"])
+async def test_crash_ends_grandchild_that_left_the_group(server_started: str) -> None:
+    # Workers the fork server starts: it is a subreaper, so the escaped orphan comes to it.
+    # ("fork" workers are the caller's own children; see the README.)
+    pidfile = Path(os.environ.get("TMPDIR", "/tmp")) / f"asyncproc-test-{os.getpid()}"
+    try:
+        with pytest.raises(ChildCrashed):
+            await runner(server_started).call(start_then, "segfault", str(pidfile), escape=True)
+        assert_gone(int(pidfile.read_text()))
+    finally:
+        pidfile.unlink(missing_ok=True)
+
+
+def test_fork_server_restarts_after_it_dies() -> None:
+    from asyncproc._serverlink import link
+
+    assert asyncproc.safe_call_sync(add, 1) == 1
+    old = link.pid
+    assert old is not None
+    server = psutil.Process(old)
+    workers = server.children()
+    os.kill(old, signal.SIGKILL)
+    # Its workers die with it (parent-death signal). Outside this harness init reaps them;
+    # here the test process is a subreaper, so they are ours to reap. (A call racing the
+    # server's death is reported as a crash with an unknown outcome: see the README.)
+    psutil.wait_procs(workers, timeout=5)
+    while server.status() != psutil.STATUS_ZOMBIE:
+        time.sleep(0.01)
+    assert asyncproc.safe_call_sync(add, 2) == 2
+    assert link.pid not in (None, old)
+
+
+CALLER_KILLED = """
+import os, sys, time, anyio, asyncproc
+def hang(pidfile):
+    import subprocess
+    p = subprocess.Popen(["sleep", "60"])
+    open(pidfile, "w").write(f"{os.getpid()} {p.pid}")
+    time.sleep(60)
+anyio.run(asyncproc.Isolated(timeout=60, start_method=sys.argv[3]).call, hang, sys.argv[1], backend=sys.argv[2])
+"""
+
+
+@pytest.mark.parametrize("server_started", ["forkserver", "spawn"])
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_nothing_survives_a_sigkilled_caller(tmp_path: Path, backend: str, server_started: str) -> None:
+    pidfile = tmp_path / "pids"
+    caller = subprocess.Popen([sys.executable, "-c", CALLER_KILLED, str(pidfile), backend, server_started])
+    deadline = time.monotonic() + 30
+    while not pidfile.exists() or not pidfile.read_text():
+        assert time.monotonic() < deadline and caller.poll() is None
+        time.sleep(0.02)
+    server = [p for p in psutil.Process(caller.pid).children() if p.name() == "asyncproc-srv"]
+    caller.kill()
+    caller.wait()
+    pids = [int(p) for p in pidfile.read_text().split()] + [p.pid for p in server]
+    deadline = time.monotonic() + 5
+    for pid in pids:
+        while psutil.pid_exists(pid):
+            try:
+                if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                    os.waitpid(pid, os.WNOHANG)  # re-parented to this (subreaper) test process
+                    continue
+            except (psutil.NoSuchProcess, ChildProcessError):
+                break
+            assert time.monotonic() < deadline, f"{pid} survived its SIGKILLed caller"
+            time.sleep(0.02)
+
+
+PRELOADED = """
+import os, sys, anyio, asyncproc
+sys.path.insert(0, sys.argv[1])
+if sys.argv[2] == "preload":
+    asyncproc.preload("_preload_probe")
+import _preload_probe  # the caller imports it too: one line in the log
+
+async def main():
+    for _ in range(4):
+        assert await asyncproc.safe_call(_preload_probe.answer) == 42
+anyio.run(main)
+"""
+
+
+@pytest.mark.parametrize("mode", ["preload", "no-preload"])
+def test_preloaded_module_is_not_imported_again_per_call(tmp_path: Path, mode: str) -> None:
+    log = tmp_path / "imports"
+    env = {**os.environ, "ASYNCPROC_TEST_IMPORT_LOG": str(log)}
+    tests_dir = str(Path(__file__).parent)
+    out = subprocess.run([sys.executable, "-c", PRELOADED, tests_dir, mode], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    imports = log.read_text().split()
+    if mode == "preload":
+        assert len(imports) == 2  # the caller and the fork server; no worker
+    else:
+        assert len(imports) == 5  # the caller and each of the four workers
+
+
+def test_preload_rejects_what_is_not_a_module_name() -> None:
+    with pytest.raises(ValueError, match="module names"):
+        asyncproc.preload("not a module")
+
+
+def test_a_preload_that_exits_does_not_end_the_server() -> None:
+    sys.path.insert(0, str(Path(__file__).parent))
+    try:
+        assert asyncproc.safe_call_sync(add, 1) == 1
+        asyncproc.preload("_exits_on_import")
+        assert asyncproc.safe_call_sync(add, 2) == 2
+    finally:
+        sys.path.remove(str(Path(__file__).parent))
+
+
+def test_sigterm_to_the_server_still_ends_every_calls_tree(tmp_path: Path) -> None:
+    from asyncproc._serverlink import link
+
+    pidfile = tmp_path / "pid"
+
+    async def call_and_terminate_server() -> None:
+        async def terminate_once_started() -> None:
+            while not pidfile.exists() or not pidfile.read_text():
+                await anyio.sleep(0.02)
+            assert link.pid is not None
+            os.kill(link.pid, signal.SIGTERM)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(terminate_once_started)
+            with pytest.raises(ChildCrashed) as info:  # the server ended its worker on the way out
+                await runner("forkserver").call(start_then, "hang", str(pidfile))
+            assert info.value.exitcode == -signal.SIGKILL
+
+    anyio.run(call_and_terminate_server)
+    assert_gone(int(pidfile.read_text()))
+    assert asyncproc.safe_call_sync(add, 1) == 1  # a new server; the old one is reaped
+
+
+async def test_a_stopped_server_never_freezes_the_event_loop() -> None:
+    from asyncproc._serverlink import link
+
+    assert await asyncproc.safe_call(add, 1) == 1
+    assert link.pid is not None
+    outcomes: list[BaseException] = []
+
+    async def one_call() -> None:
+        try:  # a worker reserved before the server stopped can still answer
+            assert await Isolated(timeout=1, grace=0).call(add, 1) == 1
+        except TimeoutError as exc:
+            outcomes.append(exc)
+
+    os.kill(link.pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        async with anyio.create_task_group() as tg:  # 400 requests fill a stopped server's channel
+            for _ in range(400):
+                tg.start_soon(one_call)
+        assert time.monotonic() - started < 12  # the loop kept running and every timeout fired
+    finally:
+        os.kill(link.pid, signal.SIGCONT)
+    assert len(outcomes) >= 400 - 2 * 3  # all but the few reserved workers timed out
+    # Served once the backlog is cleared (about 2 s here): a generous bound, not a timing.
+    assert await Isolated(timeout=30).call(add, 2) == 2
+
