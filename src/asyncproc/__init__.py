@@ -17,7 +17,7 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (and re) 
 if TYPE_CHECKING:
     from typing import Any
 
-    from . import numa
+    from . import numa as numa  # the public submodule
     from ._errorfile import record
     from ._exceptions import AsyncprocError, ChildCrashed, LaunchFailed, MemoryLimitExceeded, RemoteError
     from ._handler import SubprocessHandler, get_subprocess_handler
@@ -49,7 +49,26 @@ _EXPORTS = {
     "start_processes": "._launcher",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [  # a literal, for linters and IDEs; tests/test_init.py keeps it equal to _EXPORTS
+    "AffinityMode",
+    "AsyncprocError",
+    "ChildCrashed",
+    "Isolated",
+    "LaunchConfig",
+    "LaunchFailed",
+    "LaunchResult",
+    "MemoryLimitExceeded",
+    "NumaOptions",
+    "RankResult",
+    "RemoteError",
+    "SubprocessHandler",
+    "get_subprocess_handler",
+    "preload",
+    "record",
+    "safe_call",
+    "safe_call_sync",
+    "start_processes",
+]
 
 
 def __getattr__(name: str) -> Any:
