@@ -14,6 +14,7 @@ from asyncproc.numa import format_cpulist
 
 NVIDIA, AMD, INTEL, MELLANOX = 0x10DE, 0x1002, 0x8086, 0x15B3
 VGA, CONTROLLER_3D, AUDIO, ETHERNET = 0x030000, 0x030200, 0x040300, 0x020000
+DISPLAY_OTHER, ACCELERATOR = 0x038000, 0x120000
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,7 @@ class Pci:
     numa_node: int  # -1: the firmware gave no affinity
     vendor: int = NVIDIA
     pci_class: int = CONTROLLER_3D
+    driver: str | None = None  # the name its bus/pci/drivers link points to
 
 
 def gpus(*placed: tuple[str, int]) -> list[Pci]:
@@ -92,6 +94,10 @@ def build_sysfs(
         _write(device_dir / "class", f"0x{device.pci_class:06x}")
         _write(device_dir / "vendor", f"0x{device.vendor:04x}")
         _write(device_dir / "numa_node", str(device.numa_node))
+        if device.driver is not None:
+            driver_dir = root / "bus/pci/drivers" / device.driver
+            driver_dir.mkdir(parents=True, exist_ok=True)
+            (device_dir / "driver").symlink_to(driver_dir)
     return root
 
 

@@ -279,12 +279,13 @@ def test_unguarded_main_never_runs_again(method: str, tmp_path: Path) -> None:
 async def test_numa_binding_applies_in_the_child(method: str, monkeypatch: pytest.MonkeyPatch) -> None:
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("needs two CPUs")
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     first, second = sorted(os.sched_getaffinity(0))[:2]
-    for rank, expected in ((0, {first}), (1, {second})):
-        run = runner(method, numa_options=asyncproc.NumaOptions("exclusive"), local_rank_id=rank)
-        cpus, _ = await run.call(cpus_and_policy)
-        assert cpus == expected
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # the default world size: rank 0 of 2
+    run = runner(method, numa_options=asyncproc.NumaOptions("exclusive"), local_rank_id=0)
+    assert (await run.call(cpus_and_policy))[0] == {first}
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")  # or given explicitly: rank 1 of 2
+    run = runner(method, numa_options=asyncproc.NumaOptions("exclusive"), local_rank_id=1, local_world_size=2)
+    assert (await run.call(cpus_and_policy))[0] == {second}
     assert len(os.sched_getaffinity(0)) >= 2  # the caller itself is never bound
 
 

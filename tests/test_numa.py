@@ -20,7 +20,7 @@ import pytest
 import asyncproc
 from asyncproc import AffinityMode, NumaOptions
 from asyncproc.numa import Binding, NumaBindingError, Topology, binding_for, cpus_for, format_cpulist, parse_cpulist
-from numa_sysfs import DGX_GPUS, build_sysfs, gpus
+from numa_sysfs import ACCELERATOR, AMD, DGX_GPUS, DISPLAY_OTHER, Pci, build_sysfs, gpus
 
 NODE, SOCKET, EXCLUSIVE, CORE_COMPLEX = (NumaOptions(mode) for mode in AffinityMode)
 
@@ -474,25 +474,28 @@ def test_apply_to_current_thread_binds_a_forked_child() -> None:
 
 
 @needs_mempolicy
-def test_a_refused_memory_policy_raises_and_leaves_the_thread_alone() -> None:
+def test_a_refused_strict_memory_policy_raises_and_leaves_the_thread_alone() -> None:
     before = os.sched_getaffinity(0)
     # Node 900 does not exist: the kernel refuses the policy for real.
-    with pytest.raises(NumaBindingError, match="the kernel refused the preferred memory policy on nodes 900"):
-        with Binding(frozenset({0}), frozenset({900})).on_this_thread():
+    with pytest.raises(NumaBindingError, match="the kernel refused the bind memory policy on nodes 900"):
+        with Binding(frozenset({0}), frozenset({900}), strict_memory=True).on_this_thread():
             pytest.fail("the block must not run")
     assert os.sched_getaffinity(0) == before
 
 
 @needs_two_cpus
 @needs_mempolicy
-def test_a_refused_memory_policy_falls_back_to_cpus_only(caplog: pytest.LogCaptureFixture) -> None:
-    binding = Binding(frozenset({LAST_CPU}), frozenset({900}), should_fall_back_if_binding_fails=True)
+def test_a_refused_preferred_memory_policy_keeps_the_cpus_and_warns_once(caplog: pytest.LogCaptureFixture) -> None:
+    # A preferred node is advice; Docker's default seccomp profile forbids the syscall. The
+    # binding must not fail for it, with or without should_fall_back_if_binding_fails.
+    binding = Binding(frozenset({LAST_CPU}), frozenset({900}))
     with caplog.at_level(logging.WARNING, logger="asyncproc.numa"):
-        with binding.on_this_thread():
-            assert _child_sees() == ({LAST_CPU}, "default")
-    assert [r.name for r in caplog.records] == ["asyncproc.numa"]
+        for _ in range(2):
+            with binding.on_this_thread():
+                assert _child_sees() == ({LAST_CPU}, "default")
+    assert [r.name for r in caplog.records] == ["asyncproc.numa"]  # once, not per spawn
     assert "refused the preferred memory policy on nodes 900" in caplog.records[0].getMessage()
-    assert "going on without it" in caplog.records[0].getMessage()
+    assert "keeping the CPU binding only" in caplog.records[0].getMessage()
 
 
 def test_a_refused_cpu_set_raises_or_falls_back_unbound(caplog: pytest.LogCaptureFixture) -> None:
@@ -522,3 +525,29 @@ async def test_binding_the_spawning_worker_thread_from_async_code(anyio_backend:
     child_cpus, _ = await anyio.to_thread.run_sync(spawn_bound)
     assert child_cpus == binding.cpus
     assert await anyio.to_thread.run_sync(os.sched_getaffinity, 0) == os.sched_getaffinity(0)
+
+
+def test_amd_instinct_accelerators_are_gpus_but_npus_are_not(tmp_path: Path) -> None:
+    root = build_sysfs(
+        tmp_path,
+        nodes_per_socket=2,
+        pci=[
+            Pci("0000:c1:00.0", 1, vendor=AMD, pci_class=ACCELERATOR, driver="amdgpu"),  # MI300
+            Pci("0000:41:00.0", 0, vendor=AMD, pci_class=DISPLAY_OTHER, driver="amdgpu"),  # MI200
+            Pci("0000:c5:00.1", 1, vendor=AMD, pci_class=ACCELERATOR, driver="amdxdna"),  # an NPU
+        ],
+    )
+    topology = Topology.from_sysfs(root)
+    assert [(g.pci_address, g.vendor, g.node) for g in topology.gpus] == [
+        ("0000:41:00.0", "AMD", 0),
+        ("0000:c1:00.0", "AMD", 1),
+    ]
+    # local rank 1 is bound near the second accelerator, on node 1
+    assert cpus_for(NumaOptions("node"), 1, topology=topology, allowed=topology.cpus) == topology.nodes[1]
+
+
+def test_a_garbled_sysfs_file_is_named_in_the_error(tmp_path: Path) -> None:
+    root = build_sysfs(tmp_path, pci=[Pci("0000:17:00.0", 0)])
+    (root / "bus/pci/devices/0000:17:00.0/numa_node").write_text("garbage\n")
+    with pytest.raises(NumaBindingError, match=r"numa_node: expected an integer, got 'garbage'"):
+        Topology.from_sysfs(root)

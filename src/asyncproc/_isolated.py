@@ -249,8 +249,10 @@ async def _start_forkserver(spec: _worker.CallSpec, job: _worker.Job) -> _Worker
 
 async def _start_spawn(spec: _worker.CallSpec, job: _worker.Job) -> _Worker:
     # Started by the fork server, not by us: it is a subreaper and holds a lifeline, so a
-    # fresh interpreter gets every guarantee a forked worker has.
-    return await _start_via_server(spec, job, _protocol.FRESH)
+    # fresh interpreter gets every guarantee a forked worker has. The binding goes with
+    # the request: the server sets it on its thread around the spawn (before exec).
+    binding = pickle.dumps(spec.binding) if spec.binding is not None else b""
+    return await _start_via_server(spec, job, _protocol.FRESH + binding)
 
 
 async def _start_via_server(spec: _worker.CallSpec, job: _worker.Job, kind: bytes) -> _Worker:
@@ -473,7 +475,7 @@ def _check_number(name: str, value: object, *, allow_none: bool, finite: bool = 
         raise ValueError(f"{name} must be finite (every wait is bounded), got {value!r}")
 
 
-def _numa_binding(options: NumaOptions | None, local_rank_id: int | None) -> Binding | None:
+def _numa_binding(options: NumaOptions | None, local_rank_id: int | None, local_world_size: int | None) -> Binding | None:
     """The binding each call's child gets, worked out once, before any process starts."""
     if options is None:
         if local_rank_id is not None:
@@ -483,7 +485,7 @@ def _numa_binding(options: NumaOptions | None, local_rank_id: int | None) -> Bin
         raise ValueError(f"numa_options needs local_rank_id (which local rank to bind), got numa_options={options!r} and local_rank_id=None")
     from .numa import binding_for
 
-    return binding_for(options, local_rank_id)
+    return binding_for(options, local_rank_id, local_world_size)
 
 
 def _check_callable(func: object, where: str) -> None:
@@ -500,8 +502,10 @@ class Isolated:
     tree gets SIGTERM, ``grace`` seconds, then SIGKILL, and the caller gets TimeoutError.
     ``memory_limit`` (bytes) caps how much data memory the call may allocate on top of
     what its process starts with (RLIMIT_DATA).
-    ``numa_options`` with ``local_rank_id`` bind each child's CPUs and memory as that local
-    rank's (see ``asyncproc.numa``) before the function's first instruction.
+    ``numa_options`` with ``local_rank_id`` (and ``local_world_size``, by default
+    ``$LOCAL_WORLD_SIZE``) bind each child's CPUs and memory as that local rank's (see
+    ``asyncproc.numa``): a "spawn" interpreter from its first instruction, a forked child
+    before the function's first.
     """
 
     def __init__(
@@ -513,6 +517,7 @@ class Isolated:
         memory_limit: int | None = None,
         numa_options: NumaOptions | None = None,
         local_rank_id: int | None = None,
+        local_world_size: int | None = None,
     ):
         _check_number("timeout", timeout, allow_none=True)
         _check_number("grace", grace, allow_none=False, finite=True)
@@ -523,8 +528,8 @@ class Isolated:
                 raise TypeError(f"memory_limit must be a number of bytes (int) or None, got {memory_limit!r}")
             if memory_limit <= 0:
                 raise ValueError(f"memory_limit must be > 0 bytes, got {memory_limit!r}")
-        binding = _numa_binding(numa_options, local_rank_id)
-        if binding is not None and start_method == "forkserver":
+        binding = _numa_binding(numa_options, local_rank_id, local_world_size)
+        if binding is not None and start_method != "fork":
             link.preload(["asyncproc.numa"])  # or every bound worker imports it to unpickle
         self.timeout = timeout
         self.grace = grace

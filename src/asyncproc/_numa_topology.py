@@ -37,7 +37,11 @@ __all__ = [
 
 # PCI class code, upper 16 bits: display controller / VGA-compatible and 3D controller
 # (NVIDIA data-centre GPUs are 3D controllers, consumer ones VGA).
-_GPU_CLASSES = frozenset({0x0300, 0x0302})
+_GPU_CLASSES = frozenset({0x0300, 0x0302})  # VGA-compatible, 3D controller
+# AMD Instinct accelerators present themselves as "display controller" (MI200 series) or
+# "processing accelerator" (MI300). The latter class also holds AMD's XDNA NPUs, hence the
+# check that amdgpu drives the device.
+_AMD_ACCELERATOR_CLASSES = frozenset({0x0380, 0x1200})
 _GPU_VENDORS: Mapping[int, str] = MappingProxyType({0x10DE: "NVIDIA", 0x1002: "AMD"})
 _PCI_ADDRESS = re.compile(r"^([0-9a-f]{4,}):([0-9a-f]{2}):([0-9a-f]{2})\.([0-7])$")
 _NODE_DIR = re.compile(r"^node(\d+)$")
@@ -264,15 +268,37 @@ def _read_gpus(pci_dir: Path) -> tuple[Gpu, ...]:
     return tuple(gpu for _, gpu in sorted(found, key=lambda item: item[0]))
 
 
+def _is_gpu_class(pci_class: int, vendor: int, device: Path) -> bool:
+    if pci_class in _GPU_CLASSES:
+        return True
+    return vendor == 0x1002 and pci_class in _AMD_ACCELERATOR_CLASSES and _driver(device) == "amdgpu"
+
+
+def _driver(device: Path) -> str | None:
+    try:
+        return os.path.basename(os.readlink(device / "driver"))
+    except OSError:
+        return None
+
+
+def _read_int(path: Path, base: int) -> int:
+    """An integer file of /sys; a clear error naming the file and what it held."""
+    text = path.read_text()
+    try:
+        return int(text, base)
+    except ValueError:
+        raise ValueError(f"{path}: expected an integer, got {text.strip()!r}") from None
+
+
 def _read_gpu(device: Path) -> Gpu | None:
     try:
-        pci_class = int((device / "class").read_text(), 16)
-        vendor = int((device / "vendor").read_text(), 16)
+        pci_class = _read_int(device / "class", base=16)
+        vendor = _read_int(device / "vendor", base=16)
     except FileNotFoundError:
         return None  # not a function that describes itself: not a GPU we could drive
-    if pci_class >> 8 not in _GPU_CLASSES or vendor not in _GPU_VENDORS:
+    if vendor not in _GPU_VENDORS or not _is_gpu_class(pci_class >> 8, vendor, device):
         return None
     node_file = device / "numa_node"
-    node = int(node_file.read_text()) if node_file.exists() else -1
+    node = _read_int(node_file, base=10) if node_file.exists() else -1
     # -1: the firmware gave no affinity (usual on single-node machines); node 0 is the one.
     return Gpu(pci_address=device.name, vendor=_GPU_VENDORS[vendor], node=max(node, 0))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import gc
 import importlib
 import os
+import pickle
 import resource
 import selectors
 import signal
@@ -29,6 +30,10 @@ import socket
 import sys
 
 from . import _proctree, _protocol, _worker
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 
 class _Spare:
@@ -122,7 +127,8 @@ class Server:
             raise SystemExit(0)  # lifeline cut: the caller is gone
         if msg.tag == _protocol.SPAWN:
             try:
-                self._start_job(msg.fds, fresh=bytes(msg.body) == _protocol.FRESH)
+                kind = bytes(msg.body)
+                self._start_job(msg.fds, fresh=kind[:1] == _protocol.FRESH, binding=kind[1:])
             except Exception as exc:  # fork or memfd failed (EAGAIN, EMFILE, ENOMEM)
                 # Closing its sockets unanswered tells that caller its call never started.
                 for fd in msg.fds:
@@ -134,7 +140,7 @@ class Server:
             for fd in msg.fds:
                 os.close(fd)
 
-    def _start_job(self, fds: list[int], fresh: bool = False) -> None:
+    def _start_job(self, fds: list[int], fresh: bool = False, binding: bytes = b"") -> None:
         ctl = socket.socket(fileno=fds[0])
         ctl.setblocking(False)  # a stale readiness event must never block the server
         data = socket.socket(fileno=fds[1])
@@ -143,7 +149,7 @@ class Server:
             data.close()
             return
         if fresh:
-            self._start_fresh(ctl, data)
+            self._start_fresh(ctl, data, pickle.loads(binding) if binding else None)
             return
         spare = self.spares.pop(0) if self.spares else self._fork_spare()
         try:
@@ -160,13 +166,20 @@ class Server:
         self._register(_Job(spare.pid, ctl, data, spare.fault_fd))
         self._refill()  # off the critical path: the call is already on its way
 
-    def _start_fresh(self, ctl: socket.socket, data: socket.socket) -> None:
+    def _start_fresh(self, ctl: socket.socket, data: socket.socket, binding: Any) -> None:
         """"spawn": a new interpreter, but ours, so it gets every guarantee a forked worker
-        has (we are its subreaper, its lifeline and its reaper). It reads the call itself."""
+        has (we are its subreaper, its lifeline and its reaper). It reads the call itself.
+        A NUMA binding is set on our (only) thread around the spawn: the child has it from
+        its first instruction, and posix_spawn keeps its vfork path."""
         fault_fd = os.memfd_create("asyncproc-fault", os.MFD_CLOEXEC)
         try:
             code = "from asyncproc._worker import spawn_main; spawn_main()"
-            pid = _worker.spawn_python(code, [str(self.pid)], {3: data.fileno(), 4: fault_fd})
+            fds = {3: data.fileno(), 4: fault_fd}
+            if binding is None:
+                pid = _worker.spawn_python(code, [str(self.pid)], fds)
+            else:
+                with binding.on_this_thread():
+                    pid = _worker.spawn_python(code, [str(self.pid)], fds)
         except BaseException:
             os.close(fault_fd)
             raise

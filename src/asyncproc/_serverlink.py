@@ -130,7 +130,7 @@ class ServerLink:
     async def take(self, kind: bytes = _protocol.FORKED) -> tuple[socket.socket, socket.socket]:
         """A worker waiting for a call: ``(data, ctl)``; a forked one from the reserve when
         it has one, a fresh interpreter (``_protocol.FRESH``) always on request."""
-        while kind == _protocol.FORKED and self._reserve:
+        while kind == _protocol.FORKED and self._reserve:  # FRESH requests may carry more
             try:
                 data, ctl = self._reserve.popleft()
             except IndexError:  # another thread took the last one

@@ -176,8 +176,10 @@ class Binding:
         saved = self._apply()
         try:
             yield self
-        finally:
-            self._restore(saved)
+        except BaseException:
+            self._restore(saved, raising=False)  # never hide what the block raised
+            raise
+        self._restore(saved, raising=True)
 
     # What the thread had before, to put back: None where we changed nothing.
     def _apply(self) -> tuple[set[int] | None, _numa_memory.MemoryPolicy | None]:
@@ -202,28 +204,54 @@ class Binding:
             (_numa_memory.bind if self.strict_memory else _numa_memory.prefer)(self.nodes)
         except OSError as err:
             what = f"the kernel refused the {kind} memory policy on nodes {format_cpulist(self.nodes)}"
-            self._refused(what, err, memory=True)
+            if self.strict_memory:
+                self._refused(what, err, memory=True)
+            else:
+                # A preferred node is advice (the kernel allocates near the bound CPUs anyway),
+                # and the syscall is often forbidden (Docker's default seccomp profile) or
+                # missing: never let it fail a binding whose CPUs are in place.
+                _warn_once(f"{what}: {err.strerror or err}{_hint(err, True)}; keeping the CPU binding only")
             return None
         return previous
 
-    def _restore(self, saved: tuple[set[int] | None, _numa_memory.MemoryPolicy | None]) -> None:
+    def _restore(self, saved: tuple[set[int] | None, _numa_memory.MemoryPolicy | None], *, raising: bool) -> None:
+        """Put both back, whatever fails: a spawning thread left bound would bind every
+        later child to one rank's CPUs. Failing to restore is an error whatever the
+        fallback flag says (it is about this thread, not the child); it is raised after both
+        attempts when ``raising``, logged when an exception is already leaving the block."""
         previous_cpus, previous_policy = saved
+        errors: list[str] = []
         if previous_cpus is not None:
             try:
                 os.sched_setaffinity(0, previous_cpus)
             except OSError as err:
-                self._refused(f"could not restore the thread's CPU affinity {format_cpulist(previous_cpus)}", err)
+                errors.append(f"CPU affinity {format_cpulist(previous_cpus)}: {err.strerror or err}")
         if previous_policy is not None:
             try:
                 _numa_memory.restore(previous_policy)
             except OSError as err:
-                self._refused("could not restore the thread's memory policy", err, memory=True)
+                errors.append(f"memory policy: {err.strerror or err}")
+        if errors:
+            message = "could not restore the spawning thread's " + "; ".join(errors)
+            if not raising:
+                logger.error("%s", message)
+            else:
+                raise NumaBindingError(message)
 
     def _refused(self, what: str, err: OSError, *, memory: bool = False) -> None:
         error = NumaBindingError(f"{what}: {err.strerror or err}{_hint(err, memory)}")
         if not self.should_fall_back_if_binding_fails:
             raise error from err
         logger.warning("%s; going on without it (should_fall_back_if_binding_fails=True)", error)
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        logger.warning("%s", message)
 
 
 def _hint(err: OSError, memory: bool) -> str:
