@@ -238,3 +238,27 @@ async def test_numa_binding_is_in_place_before_exec(anyio_backend: object, tmp_p
     assert await handler.wait() == 0
     assert log.read_text().split()[-1] == str(cpus[1])
     assert sorted(os.sched_getaffinity(0)) == cpus  # the spawning thread got its CPUs back
+
+
+async def test_kill_escalates_for_a_group_member_left_by_an_exited_leader(anyio_backend: object, tmp_path: Path) -> None:
+    # The leader exits at once (a zombie, unreaped); its background child ignores SIGTERM.
+    pids = tmp_path / "pids"
+    handler = python(
+        f"""
+        import subprocess
+        code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print(flush=True); time.sleep(60)"
+        p = subprocess.Popen([{PY!r}, "-c", code], stdout=subprocess.PIPE)
+        p.stdout.readline()
+        open({str(pids)!r}, "w").write(f"{{p.pid}}\\n")
+        """
+    )
+    await handler.spawn()
+    try:
+        (member,) = await read_pids(pids, 1)
+        with anyio.fail_after(10):
+            while psutil.Process(handler.pid).status() != psutil.STATUS_ZOMBIE:
+                await anyio.sleep(0.01)
+            assert await handler.kill(signal.SIGTERM, grace=0.5) == 0
+        assert not alive(member)
+    finally:
+        handler.close()

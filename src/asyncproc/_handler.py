@@ -145,15 +145,16 @@ class SubprocessHandler:
             raise ValueError(f"grace must be >= 0 seconds, got {grace!r}")
         tree = self._snapshot()
         self._signal(sig, tree)
-        alive = await self._wait_gone(tree, grace)
-        if alive or self.returncode is None:
-            tree = [*alive, *self._snapshot()]
-            self._signal(signal.SIGKILL, tree)
-            alive = await self._wait_gone(tree, KILL_BOUND_S)
-            if alive or self.returncode is None:
+        left = await self._wait_gone(tree, grace)
+        # The leader may be gone while members of its group live on (a SIGTERM-ignoring
+        # background child): anything still there after the grace gets SIGKILL.
+        if left or self.returncode is None:
+            self._signal(signal.SIGKILL, left)
+            left = await self._wait_gone(left, KILL_BOUND_S)
+            if left or self.returncode is None:
                 log.warning(
                     "%r: %d process(es) still alive %.1f s after SIGKILL (uninterruptible sleep?): %s",
-                    self, len(alive) + (self.returncode is None), KILL_BOUND_S, [p.pid for p in alive],
+                    self, len(left) + (self.returncode is None), KILL_BOUND_S, [p.pid for p in left],
                 )
         return self.returncode
 
@@ -238,20 +239,31 @@ class SubprocessHandler:
         return None
 
     def _snapshot(self) -> list[psutil.Process]:
-        """Processes to end besides the group: the descendants, or, once the leader was
-        reaped, the members its group and session left behind."""
+        """Processes to end besides the group: the descendants, plus, once the leader has
+        exited (zombie or reaped), the members its group and session left behind."""
         pid = self._started().pid
         if self.returncode is None:
-            return _proctree.descendants(pid)
-        if self._own_group() is None:
+            stat = read_stat(pid)
+            found = _proctree.descendants(pid)
+            # A zombie leader has no children left: its group's members were re-parented.
+            return found + _group_leftovers(pid) if stat is not None and stat.zombie else found
+        if self._own_group() is None or not _group_exists(pid):
             return []
         return _group_leftovers(pid)
+
+    def _left(self, tree: list[psutil.Process]) -> list[psutil.Process]:
+        """What is still alive: of ``tree``, and of a fresh snapshot (unique by pid)."""
+        living = {p.pid: p for p in tree if _is_alive(p)}
+        for proc in self._snapshot():
+            living.setdefault(proc.pid, proc)
+        return list(living.values())
 
     def _signal(self, sig: int, tree: list[psutil.Process]) -> None:
         _proctree.signal_tree(self._own_group(), tree, sig)
 
     async def _wait_gone(self, tree: list[psutil.Process], timeout: float) -> list[psutil.Process]:
-        """Wait up to ``timeout`` for the child (reaped) and ``tree`` to end; the living."""
+        """Wait up to ``timeout`` for the child (reaped) and ``tree`` to end; what is left
+        (recomputed: once the leader is reaped, its group's leftovers are found by scan)."""
         fds = _pidfds(tree)
         try:
             with anyio.move_on_after(timeout):
@@ -265,7 +277,7 @@ class SubprocessHandler:
         finally:
             for fd in fds:
                 os.close(fd)
-        return [p for p in tree if _is_alive(p)]
+        return self._left(tree)
 
     def _close_logs(self) -> None:
         for f in (self._stdout, self._stderr):
@@ -358,6 +370,19 @@ def _is_alive(proc: psutil.Process) -> bool:
         return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
+
+
+def _group_exists(pgid: int) -> bool:
+    """Whether process group ``pgid`` has a member; cheap, so most exits skip the scan.
+    (A session member that left the group is then not looked for: it was in the
+    descendant snapshot taken while the leader lived.)"""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _group_leftovers(pgid: int) -> list[psutil.Process]:
