@@ -208,3 +208,38 @@ def test_numa_exclusive_launch_binds_each_rank_before_its_first_instruction() ->
     lines = sorted(line for line in out.stdout.splitlines() if "Cpus_allowed_list" in line)
     assert [line.split()[-1] for line in lines] == [str(cpus[0]), str(cpus[1])]
     assert [line.split(":")[0] for line in lines] == ["[rank0]", "[rank1]"]
+
+
+LEFTOVER = """
+import os, signal, subprocess, sys
+code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print(flush=True); time.sleep(60)"
+if os.environ["RANK"] == "0":
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    p.stdout.readline()
+    open(sys.argv[1], "w").write(f"{p.pid}\\n")
+    sys.exit(int(sys.argv[2]))
+"""
+
+
+def _gone(path: Path) -> bool:
+    pid = int(path.read_text())
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("code", [0, 3])
+async def test_what_a_finished_rank_left_in_its_group_is_killed(
+    anyio_backend: object, tmp_path: Path, code: int
+) -> None:
+    # A SIGTERM-ignoring member of the rank's group: one SIGTERM is not enough, and on
+    # success it holds the rank's stdout pipe, so it must be ended before draining.
+    pid_file = tmp_path / "pid"
+    command = [*rank_code(LEFTOVER + "import time; time.sleep(60)"), str(pid_file), str(code)]
+    started = time.monotonic()
+    result = await start_processes(command, LaunchConfig(nproc=2 if code else 1, grace=0.3))
+    assert result.exit_code == code
+    assert _gone(pid_file)
+    assert time.monotonic() - started < 10

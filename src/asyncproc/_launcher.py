@@ -366,8 +366,8 @@ class _Launch:
                 if self.config.handle_signals:
                     tg.start_soon(self._watch_signals)
                 await self.done.wait()
-                await self._stop_all()
-                # The ranks are gone; a grandchild may still hold a pipe open: bounded drain.
+                await self._stop_all()  # on success too: their leftovers hold the pipes
+                # The ranks are gone; an escaped grandchild may hold a pipe open: bounded drain.
                 with anyio.move_on_after(_DRAIN_BOUND_S):
                     if self._pumps_left:
                         await self._pumps_done.wait()
@@ -407,13 +407,19 @@ class _Launch:
                 return
 
     async def _stop_all(self) -> None:
-        """Kill every rank still running, all at once; bounded by grace + KILL_BOUND_S."""
+        """Kill every started rank, all at once; bounded by grace + KILL_BOUND_S.
+
+        Finished ranks too: ``kill`` then ends what their group left behind (SIGTERM,
+        grace, SIGKILL), which would otherwise outlive the launch and hold its pipes.
+        """
         with anyio.CancelScope(shield=True):
             async with anyio.create_task_group() as tg:
                 for rank in self.ranks:
-                    if rank.handler.proc is not None and rank.handler.returncode is None:
+                    if rank.handler.proc is None:
+                        continue
+                    if rank.handler.returncode is None:
                         rank.stopped = True
-                        tg.start_soon(rank.handler.kill, self.stop_signal, self.config.grace)
+                    tg.start_soon(rank.handler.kill, self.stop_signal, self.config.grace)
 
 
 def _free_port(host: str) -> int:
