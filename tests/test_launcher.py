@@ -243,3 +243,25 @@ async def test_what_a_finished_rank_left_in_its_group_is_killed(
     assert result.exit_code == code
     assert _gone(pid_file)
     assert time.monotonic() - started < 10
+
+
+def test_a_helper_in_its_own_session_does_not_outlive_the_run(tmp_path: Path) -> None:
+    # Rank 0 starts a helper with setsid and exits: nothing can find the helper from the
+    # rank any more; the launcher (a subreaper) adopts it and ends it.
+    pid_file = tmp_path / "pid"
+    helper = "import os, time; open(os.environ['PID_FILE'], 'w').write(f'{os.getpid()}\\n'); time.sleep(60)"
+    code = f"""
+        import os, subprocess, sys, time
+        if os.environ["RANK"] == "0":
+            subprocess.Popen([sys.executable, "-c", {helper!r}], start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            while not os.path.exists(os.environ["PID_FILE"]):
+                time.sleep(0.01)
+            sys.exit(4)
+        time.sleep(60)
+        """
+    env = {**os.environ, "PID_FILE": str(pid_file)}
+    proc = subprocess.run([*LAUNCHER, "-n", "2", "--grace", "0.5", "--", *rank_code(code)],
+                          capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 4, proc.stderr
+    assert _gone(pid_file)

@@ -36,7 +36,8 @@ import anyio.abc
 
 from ._errorfile import ENV_VARS, ErrorRecord, read_error_file
 from ._exceptions import LaunchFailed, describe_exitcode
-from ._handler import DEFAULT_GRACE_S, StrPath, SubprocessHandler
+from . import _guardian, _proctree
+from ._handler import DEFAULT_GRACE_S, KILL_BOUND_S, StrPath, SubprocessHandler
 
 __all__ = ["LaunchConfig", "LaunchResult", "RankResult", "start_processes", "configure_parser", "cli"]
 
@@ -44,6 +45,7 @@ TAIL_LINES = 20  # last stderr lines kept per rank for the failure summary
 _CHUNK = 65536
 _LONGEST_LINE = 65536  # a line longer than this is emitted in pieces, each prefixed
 _DRAIN_BOUND_S = 2.0  # after the ranks are gone, a grandchild may still hold their pipes
+_ORPHAN_ROUNDS = 3  # a killed orphan's own descendants are re-parented to us in turn
 NUMA_MODES = ("node", "socket", "exclusive", "core-complex")
 
 
@@ -54,6 +56,12 @@ class LaunchConfig:
     ``env`` overlays ``os.environ`` for every rank (None removes a variable); the rank
     variables are set on top. ``master_port`` None picks a free port. ``handle_signals``
     makes SIGINT/SIGTERM to this process stop every rank (main thread only; the CLI sets it).
+
+    ``reap_orphans`` makes this process a child subreaper (for good: it cannot be undone
+    per launch) and, once the ranks are stopped, kills (with their trees) and reaps every
+    child of this process but the guardian: a rank's helper that started its own session
+    and lost its parent is re-parented here instead of escaping. Only for a process that
+    exists to launch (the CLI sets it): it would end the program's other children too.
     """
 
     nproc: int
@@ -65,6 +73,7 @@ class LaunchConfig:
     master_addr: str = "127.0.0.1"
     master_port: int | None = None
     handle_signals: bool = False
+    reap_orphans: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.nproc, bool) or not isinstance(self.nproc, int) or self.nproc < 1:
@@ -367,6 +376,7 @@ class _Launch:
                     tg.start_soon(self._watch_signals)
                 await self.done.wait()
                 await self._stop_all()  # on success too: their leftovers hold the pipes
+                await self._end_orphans()
                 # The ranks are gone; an escaped grandchild may hold a pipe open: bounded drain.
                 with anyio.move_on_after(_DRAIN_BOUND_S):
                     if self._pumps_left:
@@ -375,6 +385,7 @@ class _Launch:
         finally:
             with anyio.CancelScope(shield=True):
                 await self._stop_all()
+                await self._end_orphans()
                 for rank in self.ranks:
                     rank.close()
         ranks = tuple(rank.result() for rank in self.ranks)
@@ -422,6 +433,29 @@ class _Launch:
                     tg.start_soon(rank.handler.kill, self.stop_signal, self.config.grace)
 
 
+    async def _end_orphans(self) -> None:
+        """With ``reap_orphans``: stop and reap what was re-parented to us (the ranks'
+        escaped helpers), with their descendants: signal, grace, SIGKILL."""
+        if not self.config.reap_orphans:
+            return
+        for _ in range(_ORPHAN_ROUNDS):
+            tree = [proc for pid in self._orphans() for proc in _proctree.process_and_descendants(pid)]
+            if not tree:
+                return
+            for sig, bound in ((self.stop_signal, self.config.grace), (signal.SIGKILL, KILL_BOUND_S)):
+                _proctree.signal_tree(None, tree, sig)
+                tree = await anyio.to_thread.run_sync(_proctree.wait_gone, tree, bound)
+                if not tree:
+                    break
+
+    def _orphans(self) -> list[int]:
+        """Our living children that are neither the guardian nor an unreaped rank; the
+        dead ones are reaped on the way (they would stay zombies)."""
+        keep = {_guardian.guardian_pid(), *(r.handler.pid for r in self.ranks if r.handler.returncode is None)}
+        pids = [pid for pid in _proctree.own_children() or () if pid not in keep]
+        return [pid for pid in pids if _proctree.reap(pid) is None]
+
+
 def _free_port(host: str) -> int:
     """A port free right now (the ranks' rendezvous binds it moments later, as torchrun)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -438,6 +472,8 @@ async def start_processes(command: Sequence[StrPath], config: LaunchConfig) -> L
     """
     if isinstance(command, (str, bytes)) or not command:
         raise ValueError(f"command must be a non-empty sequence of arguments, got {command!r}")
+    if config.reap_orphans:
+        _proctree.make_subreaper()
     return await _Launch(list(command), config).run()
 
 
@@ -467,7 +503,7 @@ def cli(args: argparse.Namespace) -> int:
     try:
         config = LaunchConfig(
             nproc=args.nproc, log_dir=args.log_dir, tee=args.tee, grace=args.grace,
-            numa_options=_numa_options(args.numa), handle_signals=True,
+            numa_options=_numa_options(args.numa), handle_signals=True, reap_orphans=True,
         )
     except ValueError as exc:
         print(f"asyncproc run: {exc}", file=sys.stderr)
