@@ -262,3 +262,27 @@ async def test_kill_escalates_for_a_group_member_left_by_an_exited_leader(anyio_
         assert not alive(member)
     finally:
         handler.close()
+
+
+async def test_cancelling_kill_during_its_grace_still_ends_the_child(anyio_backend: object, tmp_path: Path) -> None:
+    ready = tmp_path / "ready"
+    handler = python(
+        f"""
+        import signal, time
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        open({str(ready)!r}, "w").write("1\\n")
+        time.sleep(60)
+        """
+    )
+    await handler.spawn()
+    try:
+        await read_pids(ready, 1)
+        with anyio.fail_after(10):
+            with anyio.move_on_after(0.3) as scope:
+                await handler.kill(signal.SIGTERM, grace=30)
+        assert scope.cancelled_caught
+        assert handler.returncode == -signal.SIGKILL
+    finally:
+        handler.close(signal.SIGKILL)
+        with anyio.fail_after(10):
+            await handler.wait()

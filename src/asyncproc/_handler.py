@@ -145,18 +145,28 @@ class SubprocessHandler:
             raise ValueError(f"grace must be >= 0 seconds, got {grace!r}")
         tree = self._snapshot()
         self._signal(sig, tree)
-        left = await self._wait_gone(tree, grace)
+        try:
+            left = await self._wait_gone(tree, grace)
+        except BaseException:
+            # Cancelled during the grace: stopping waiting must not leave the child running.
+            await self._kill_now(self._left(tree))
+            raise
         # The leader may be gone while members of its group live on (a SIGTERM-ignoring
         # background child): anything still there after the grace gets SIGKILL.
         if left or self.returncode is None:
-            self._signal(signal.SIGKILL, left)
-            left = await self._wait_gone(left, KILL_BOUND_S)
-            if left or self.returncode is None:
-                log.warning(
-                    "%r: %d process(es) still alive %.1f s after SIGKILL (uninterruptible sleep?): %s",
-                    self, len(left) + (self.returncode is None), KILL_BOUND_S, [p.pid for p in left],
-                )
+            await self._kill_now(left)
         return self.returncode
+
+    async def _kill_now(self, tree: list[psutil.Process]) -> None:
+        """SIGKILL the group and ``tree``, then reap; shielded, as it is bounded."""
+        self._signal(signal.SIGKILL, tree)
+        with anyio.CancelScope(shield=True):
+            left = await self._wait_gone(tree, KILL_BOUND_S)
+        if left or self.returncode is None:
+            log.warning(
+                "%r: %d process(es) still alive %.1f s after SIGKILL (uninterruptible sleep?): %s",
+                self, len(left) + (self.returncode is None), KILL_BOUND_S, [p.pid for p in left],
+            )
 
     def close(self, death_sig: int | None = None) -> None:
         """Torch's ``close``: signal the process group (SIGTERM by default), close the log
