@@ -43,6 +43,18 @@ async def read_pids(path: Path, count: int) -> list[int]:
             await anyio.sleep(0.01)
 
 
+def ignoring_sigterm(ready: Path) -> SubprocessHandler:
+    """A child that ignores SIGTERM, then writes ``ready`` and sleeps."""
+    return python(
+        f"""
+        import signal, time
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        open({str(ready)!r}, "w").write("1\\n")
+        time.sleep(60)
+        """
+    )
+
+
 async def test_wait_returns_exit_code_and_the_attributes_say_so(anyio_backend: object) -> None:
     handler = python("import sys; sys.exit(7)")
     assert handler.pid is None and handler.returncode is None and handler.local_rank_id == 0
@@ -116,14 +128,7 @@ async def test_kill_ends_group_and_escaped_grandchild_then_reaps(anyio_backend: 
 
 async def test_kill_escalates_to_sigkill_after_grace(anyio_backend: object, tmp_path: Path) -> None:
     ready = tmp_path / "ready"
-    handler = python(
-        f"""
-        import signal, time
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        open({str(ready)!r}, "w").write("1\\n")
-        time.sleep(60)
-        """
-    )
+    handler = ignoring_sigterm(ready)
     async with handler:
         await read_pids(ready, 1)
         started = time.monotonic()
@@ -266,14 +271,7 @@ async def test_kill_escalates_for_a_group_member_left_by_an_exited_leader(anyio_
 
 async def test_cancelling_kill_during_its_grace_still_ends_the_child(anyio_backend: object, tmp_path: Path) -> None:
     ready = tmp_path / "ready"
-    handler = python(
-        f"""
-        import signal, time
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        open({str(ready)!r}, "w").write("1\\n")
-        time.sleep(60)
-        """
-    )
+    handler = ignoring_sigterm(ready)
     await handler.spawn()
     try:
         await read_pids(ready, 1)
