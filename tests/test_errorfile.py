@@ -4,9 +4,11 @@ launcher's failure summary."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -116,3 +118,35 @@ def test_launcher_summary_shows_the_recorded_error_and_traceback(tmp_path: Path)
     assert "error      : ValueError: rank 1 cannot parse its shard" in summary
     assert "in parse" in summary.split("traceback  :")[1]
     assert (tmp_path / "1" / "error.json").exists()
+
+
+@pytest.mark.parametrize(
+    "content",
+    ['{"message": {"message": "x", "extraInfo": "oops"}}', '{"message": {"message": "x", "extraInfo": [1]}}',
+     "[" * 100000 + "]" * 100000, '{"message": {"message": "x"', "\udcff\udcfe", "[1]", "null"],
+    ids=["str-extra", "list-extra", "deep", "truncated", "not-utf8", "list", "null"],
+)
+def test_a_malformed_error_file_is_never_an_exception(tmp_path: Path, content: str) -> None:
+    path = tmp_path / "error.json"
+    path.write_text(content, errors="surrogateescape")
+    record = read_error_file(path)
+    assert record is None or record.message == "x" and record.traceback == ""
+
+
+def test_a_huge_error_file_or_a_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
+    huge = tmp_path / "huge.json"
+    huge.write_text(json.dumps({"message": "x" * (2 << 20)}))
+    assert read_error_file(huge) is None
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)
+    started = time.monotonic()
+    assert read_error_file(fifo) is None
+    assert time.monotonic() - started < 5
+
+
+def test_launcher_survives_a_malformed_error_file() -> None:
+    code = "import os, json; json.dump({'message': {'message': 'boom', 'extraInfo': 'x'}}, open(os.environ['TORCHELASTIC_ERROR_FILE'], 'w')); raise SystemExit(3)"
+    proc = subprocess.run([*LAUNCHER, "-n", "2", "--", sys.executable, "-c", code],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3, proc.stderr
+    assert "error      : boom" in proc.stderr and "Traceback" not in proc.stderr

@@ -17,6 +17,7 @@ import functools
 import inspect
 import json
 import os
+import stat
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -28,6 +29,7 @@ __all__ = ["ENV_VARS", "ErrorRecord", "read_error_file", "record", "write_error_
 
 # Read in this order; the launcher sets both to the same path.
 ENV_VARS = ("ASYNCPROC_ERROR_FILE", "TORCHELASTIC_ERROR_FILE")
+MAX_ERROR_FILE = 1 << 20  # bytes read at most from a rank's error file
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -130,22 +132,47 @@ def read_error_file(path: str | os.PathLike[str]) -> ErrorRecord | None:
     Torch writes ``message`` either as a dict (with ``extraInfo``) or as a plain string
     with a top-level ``timestamp``; both are accepted.
     """
-    try:
-        with open(path) as f:
-            data = json.load(f)
-        message = data["message"]
-    except (OSError, ValueError, KeyError, TypeError):
+    data = _load_json(path)
+    if not isinstance(data, dict):
         return None
+    message = data.get("message")
     if isinstance(message, str):
         return ErrorRecord(message, "", _int(data.get("timestamp")))
     if not isinstance(message, dict):
         return None
-    extra = message.get("extraInfo") or {}
+    extra = message.get("extraInfo")
+    extra = extra if isinstance(extra, dict) else {}  # a rank wrote it: anything goes
     return ErrorRecord(
         str(message.get("message", "<N/A>")),
         str(extra.get("py_callstack", "")),
         _int(extra.get("timestamp")),
     )
+
+
+def _load_json(path: str | os.PathLike[str]) -> object:
+    """The file's JSON, or None. The file comes from a rank, so nothing it holds may hurt
+    the launcher: only a regular file (a FIFO would block), at most ``MAX_ERROR_FILE``
+    bytes, and any parse failure (deep nesting raises RecursionError) is just None."""
+    try:
+        # O_NONBLOCK: opening a FIFO for reading must not wait for a writer.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        with open(fd, "rb", closefd=False) as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None
+            raw = f.read(MAX_ERROR_FILE + 1)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if len(raw) > MAX_ERROR_FILE:
+        return None
+    try:
+        return json.loads(raw)
+    except Exception:  # ValueError, UnicodeDecodeError, RecursionError
+        return None
 
 
 def _int(value: object) -> int:
