@@ -3,6 +3,7 @@ asyncio, uvloop and trio."""
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import sys
@@ -284,3 +285,32 @@ async def test_cancelling_kill_during_its_grace_still_ends_the_child(anyio_backe
         handler.close(signal.SIGKILL)
         with anyio.fail_after(10):
             await handler.wait()
+
+
+def open_fds() -> set[int]:
+    return {int(fd) for fd in os.listdir("/proc/self/fd")}
+
+
+async def test_reaping_through_popen_or_dropping_the_handler_leaks_nothing(anyio_backend: object) -> None:
+    from asyncproc import _guardian
+
+    warm = python("pass")  # the guardian's lifeline is opened once, by the first spawn
+    await warm.spawn()
+    await warm.wait()
+    before = open_fds()
+    handler = python("pass")
+    await handler.spawn()
+    assert handler.proc is not None
+    handler.proc.wait()  # what torch's SubprocessContext does
+    handler.close()
+    assert handler.pid not in _guardian._registered
+    assert await handler.wait() == 0
+    assert open_fds() == before
+
+    dropped = python("pass")
+    await dropped.spawn()
+    assert dropped.proc is not None
+    dropped.proc.wait()
+    del dropped
+    gc.collect()
+    assert open_fds() == before

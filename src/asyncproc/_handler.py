@@ -25,6 +25,7 @@ import logging
 import os
 import signal
 import subprocess
+import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import IO, Any, Union
@@ -84,6 +85,7 @@ class SubprocessHandler:
         self._stderr: IO[bytes] | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         self._pidfd: int | None = None
+        self._pidfd_closer: weakref.finalize[Any, SubprocessHandler] | None = None
         self._wait_lock: anyio.Lock | None = None
 
     # -- what a user reads --------------------------------------------------------------
@@ -119,6 +121,10 @@ class SubprocessHandler:
             raise
         _guardian.register(self.proc.pid)
         self._pidfd = _proctree.pidfd_open(self.proc.pid)
+        if self._pidfd is not None:
+            # A dropped handler must not leak its pidfd; calling the finalizer closes it
+            # exactly once, so a later close never hits a recycled fd number.
+            self._pidfd_closer = weakref.finalize(self, os.close, self._pidfd)
 
     async def wait(self) -> int:
         """Wait for the child to exit, reap it, and return its exit code."""
@@ -130,6 +136,7 @@ class SubprocessHandler:
             while proc.returncode is None:
                 await _until_exited(proc.pid, self._pidfd)
                 self._try_reap()
+            self._release()  # also when the user reaped it with ``proc.wait()``
         return proc.returncode
 
     async def kill(self, sig: int = signal.SIGTERM, grace: float = DEFAULT_GRACE_S) -> int | None:
@@ -175,7 +182,7 @@ class SubprocessHandler:
             self._signal(death_sig or signal.SIGTERM, [])
             assert self._wait_lock is not None
             # A task blocked in wait() owns the pidfd and will reap; never close it under it.
-            if self.returncode is None and not self._wait_lock.locked():
+            if not self._wait_lock.locked():
                 self._try_reap()
         self._close_logs()
 
@@ -222,6 +229,9 @@ class SubprocessHandler:
     def _try_reap(self) -> None:
         """Reap without blocking; on success close the pidfd and release the guardian."""
         proc = self._started()
+        if proc.returncode is not None:  # reaped already, perhaps by ``proc.wait()``
+            self._release()
+            return
         try:
             pid, status = os.waitpid(proc.pid, os.WNOHANG)
         except ChildProcessError:
@@ -231,10 +241,14 @@ class SubprocessHandler:
         if pid != proc.pid:
             return
         proc.returncode = _proctree.exitcode_of(status)
-        if self._pidfd is not None:
-            os.close(self._pidfd)
-            self._pidfd = None
-        _guardian.unregister(proc.pid)
+        self._release()
+
+    def _release(self) -> None:
+        """Once reaped: close our pidfd; the guardian has nothing of ours to kill."""
+        if self._pidfd_closer is not None:
+            self._pidfd_closer()
+        self._pidfd = self._pidfd_closer = None
+        _guardian.unregister(self._started().pid)
 
     def _own_group(self) -> int | None:
         """Our process group id if it is safe to signal it, else None.
