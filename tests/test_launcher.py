@@ -265,3 +265,29 @@ def test_a_helper_in_its_own_session_does_not_outlive_the_run(tmp_path: Path) ->
                           capture_output=True, text=True, timeout=60, env=env)
     assert proc.returncode == 4, proc.stderr
     assert _gone(pid_file)
+
+
+def _fds_and_temp_dirs(temp: Path) -> tuple[set[int], list[Path]]:
+    return {int(fd) for fd in os.listdir("/proc/self/fd")}, list(temp.iterdir())
+
+
+@pytest.mark.anyio
+async def test_a_launch_that_fails_to_start_leaks_no_fd_and_no_folder(
+    anyio_backend: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tempfile
+
+    temp = tmp_path / "temp"  # our own temporary folder: other runs' folders don't count
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    await start_processes(["true"], LaunchConfig(nproc=1))  # the guardian's lifeline, once
+    before = _fds_and_temp_dirs(temp)
+    with pytest.raises(FileNotFoundError):
+        await start_processes([str(tmp_path / "nope")], LaunchConfig(nproc=2))
+    with pytest.raises(TypeError):
+        await start_processes([b"/bin/true"], LaunchConfig(nproc=2))  # type: ignore[list-item]
+    # Rank 1 cannot open its log (a folder is in the way): rank 0 already runs.
+    (tmp_path / "logs" / "1" / "stdout.log").mkdir(parents=True)
+    with pytest.raises(IsADirectoryError):
+        await start_processes(rank_code("import time; time.sleep(60)"), LaunchConfig(nproc=2, log_dir=tmp_path / "logs", grace=0.5))
+    assert _fds_and_temp_dirs(temp) == before == (before[0], [])

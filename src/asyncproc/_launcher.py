@@ -186,9 +186,13 @@ class _Rank:
         err: StrPath | int | None = self.stderr_log
         if self.piped:
             out, err = self._pipe(), self._pipe()
-        self.handler = SubprocessHandler(
-            command[0], command[1:], env, out, err, rank, config.numa_options, local_world_size=config.nproc
-        )
+        try:
+            self.handler = SubprocessHandler(
+                command[0], command[1:], env, out, err, rank, config.numa_options, local_world_size=config.nproc
+            )
+        except BaseException:  # a bad command: nobody else will close our pipes
+            self._close_pipes()
+            raise
 
     def _rank_env(self, port: int) -> dict[str, str]:
         n = str(self.config.nproc)
@@ -239,6 +243,9 @@ class _Rank:
         """Close the handler's logs, and pipes never handed to a pump (spawn failed)."""
         if self.handler.proc is not None:
             self.handler.close()
+        self._close_pipes()
+
+    def _close_pipes(self) -> None:
         for fd in (*self._read_ends, *self._write_ends):
             os.close(fd)
         self._read_ends.clear()
@@ -286,9 +293,21 @@ class _Pump:
     log_path: Path | None
     tail: collections.deque[str] | None
 
+    closed: bool = False
+
+    def close(self) -> None:
+        """Close the pipe (idempotent): after running, or when the launch failed first."""
+        if not self.closed:
+            self.closed = True
+            os.close(self.fd)
+
     async def run(self) -> None:
-        os.set_blocking(self.fd, False)
-        log = open(self.log_path, "wb") if self.log_path is not None else None
+        try:
+            os.set_blocking(self.fd, False)
+            log = open(self.log_path, "wb") if self.log_path is not None else None
+        except BaseException:
+            self.close()
+            raise
         pending = b""
         try:
             while data := await _read_some(self.fd):
@@ -304,7 +323,7 @@ class _Pump:
             if pending:
                 self._emit(pending)
         finally:
-            os.close(self.fd)
+            self.close()
             if log is not None:
                 log.close()
 
@@ -350,8 +369,16 @@ class _Launch:
     def __init__(self, command: Sequence[StrPath], config: LaunchConfig):
         self.config = config
         self.dirs = _Dirs(config.log_dir)
-        port = config.master_port or _free_port(config.master_addr)
-        self.ranks = [_Rank(i, command, config, self.dirs, port) for i in range(config.nproc)]
+        self.ranks: list[_Rank] = []
+        try:
+            port = config.master_port or _free_port(config.master_addr)
+            for i in range(config.nproc):
+                self.ranks.append(_Rank(i, command, config, self.dirs, port))
+        except BaseException:  # a bad command: what was made so far is ours to undo
+            for rank in self.ranks:
+                rank.close()
+            self.dirs.cleanup()
+            raise
         self.console = _Console.of_this_process()
         self.done = anyio.Event()
         self.failure: _Rank | None = None
@@ -363,9 +390,20 @@ class _Launch:
 
     async def run(self) -> LaunchResult:
         try:
+            await self._supervise()
+            ranks = tuple(rank.result() for rank in self.ranks)
+        finally:
+            self.dirs.cleanup()  # on every path: a failed spawn must not leave the folder
+        failure = ranks[self.failure.rank] if self.failure is not None else None
+        return LaunchResult(ranks, failure, self.interrupted_by)
+
+    async def _supervise(self) -> None:
+        pumps: list[_Pump] = []
+        try:
             # Spawn before the task group, so a missing command raises FileNotFoundError
             # itself, not inside an exception group (the finally stops the ranks started).
-            pumps = [pump for rank in self.ranks for pump in await rank.spawn(self.console)]
+            for rank in self.ranks:
+                pumps += await rank.spawn(self.console)
             self._pumps_left = len(pumps)
             async with anyio.create_task_group() as tg:
                 for pump in pumps:
@@ -383,15 +421,13 @@ class _Launch:
                         await self._pumps_done.wait()
                 tg.cancel_scope.cancel()
         finally:
+            for pump in pumps:
+                pump.close()  # those that never ran: a later rank's spawn failed
             with anyio.CancelScope(shield=True):
                 await self._stop_all()
                 await self._end_orphans()
                 for rank in self.ranks:
                     rank.close()
-        ranks = tuple(rank.result() for rank in self.ranks)
-        self.dirs.cleanup()
-        failure = ranks[self.failure.rank] if self.failure is not None else None
-        return LaunchResult(ranks, failure, self.interrupted_by)
 
     async def _run_pump(self, pump: _Pump) -> None:
         try:
