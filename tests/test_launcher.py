@@ -291,3 +291,32 @@ async def test_a_launch_that_fails_to_start_leaks_no_fd_and_no_folder(
     with pytest.raises(IsADirectoryError):
         await start_processes(rank_code("import time; time.sleep(60)"), LaunchConfig(nproc=2, log_dir=tmp_path / "logs", grace=0.5))
     assert _fds_and_temp_dirs(temp) == before == (before[0], [])
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_a_second_signal_kills_the_ranks_now_and_still_summarizes(sig: signal.Signals, backend: str) -> None:
+    command = rank_code(
+        """
+        import os, signal, time
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print(os.getpid(), flush=True)
+        time.sleep(60)
+        """
+    )
+    launcher = subprocess.Popen(
+        [*LAUNCHER, "-n", "1", "--grace", "30", "--backend", backend, "--", *command],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    assert launcher.stdout is not None
+    rank = int(launcher.stdout.readline().split(": ")[1])
+    launcher.send_signal(sig)
+    time.sleep(0.5)
+    started = time.monotonic()
+    launcher.send_signal(sig)
+    _, err = launcher.communicate(timeout=20)
+    assert time.monotonic() - started < 10  # not the 30 s grace
+    assert launcher.returncode == 128 + sig, err
+    assert f"interrupted by {sig.name}" in err and "Traceback" not in err
+    assert not (psutil.pid_exists(rank) and psutil.Process(rank).status() != "zombie")

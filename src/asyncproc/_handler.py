@@ -175,6 +175,12 @@ class SubprocessHandler:
                 self, len(left) + (self.returncode is None), KILL_BOUND_S, [p.pid for p in left],
             )
 
+    def signal_tree(self, sig: int) -> None:
+        """Send ``sig`` to the group and the tree now, without waiting (a ``kill`` in
+        progress sees the effect); used by the launcher's second SIGINT."""
+        self._started()
+        self._signal(sig, self._snapshot())
+
     def close(self, death_sig: int | None = None) -> None:
         """Torch's ``close``: signal the process group (SIGTERM by default), close the log
         files. Synchronous and non-blocking; reaps the child if it has already exited."""

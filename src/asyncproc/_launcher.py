@@ -446,12 +446,19 @@ class _Launch:
             self.done.set()
 
     async def _watch_signals(self) -> None:
+        """The first SIGINT/SIGTERM stops the ranks cleanly; a second one (an impatient
+        user) SIGKILLs them now. The receiver stays open until the ranks are stopped, so
+        a second signal never takes the launcher down without its summary."""
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for signum in signals:
-                self.interrupted_by = signal.Signals(signum)
-                self.stop_signal = signum  # forwarded to the ranks first, as torch does
-                self.done.set()
-                return
+                if self.interrupted_by is None:
+                    self.interrupted_by = signal.Signals(signum)
+                    self.stop_signal = signum  # forwarded to the ranks first, as torch does
+                    self.done.set()
+                    continue
+                for rank in self.ranks:
+                    if rank.handler.proc is not None:
+                        rank.handler.signal_tree(signal.SIGKILL)
 
     async def _stop_all(self) -> None:
         """Kill every started rank, all at once; bounded by grace + KILL_BOUND_S.
