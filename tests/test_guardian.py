@@ -154,3 +154,44 @@ def test_guardian_is_named_and_restarted_when_killed() -> None:
         _guardian.unregister(child.pid)
         child.kill()
         child.wait()
+
+
+# Another thread's fork() while the guardian starts, made deterministic: the fork happens
+# inside the guardian's Popen call. The forked process lives on for 10 s; the child must
+# still die with the parent, not when that process exits.
+FORK_DURING_START = textwrap.dedent(
+    """
+    import os, subprocess, sys, time, anyio
+    from asyncproc import _guardian, get_subprocess_handler
+
+    class ForkingPopen(subprocess.Popen):
+        def __init__(self, *args, **kwargs):
+            if os.fork() == 0:
+                time.sleep(10)
+                os._exit(0)
+            super().__init__(*args, **kwargs)
+
+    _guardian.subprocess.Popen = ForkingPopen
+
+    async def main():
+        handler = get_subprocess_handler("sleep", ["60"], {}, None, None, 0)
+        await handler.spawn()
+        print(handler.pid, _guardian.guardian_pid(), flush=True)
+        await anyio.sleep(60)
+
+    anyio.run(main)
+    """
+)
+
+
+def test_a_fork_while_the_guardian_starts_does_not_hold_the_lifeline() -> None:
+    parent = subprocess.Popen([sys.executable, "-c", FORK_DURING_START], stdout=subprocess.PIPE, text=True)
+    assert parent.stdout is not None
+    child, guardian = map(int, parent.stdout.readline().split())
+    forked = [p.pid for p in psutil.Process(parent.pid).children() if p.pid not in (child, guardian)]
+    try:
+        kill_parent_and_check(parent, {"child": child, "grandchild": child, "guardian": guardian})
+    finally:
+        for pid in forked:
+            os.kill(pid, signal.SIGKILL)
+        wait_gone_and_reap(forked, timeout=2.0)

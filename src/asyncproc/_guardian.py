@@ -40,6 +40,7 @@ _EXIT_BOUND_S = 2.0  # at interpreter exit, how long the guardian may take to sw
 _lock = threading.RLock()  # handlers may spawn from several threads / event loops
 _proc: subprocess.Popen[bytes] | None = None
 _lifeline: int | None = None  # the write end; only this process holds it
+_starting_read: int | None = None  # the guardian's end, ours only while it starts
 _registered: dict[int, int] = {}  # pid -> start time, replayed to a restarted guardian
 _warned = False
 
@@ -89,8 +90,11 @@ def _send(message: bytes) -> None:
 
 def _start() -> bool:
     """Start the guardian; False (and one warning) when it cannot be started."""
-    global _proc, _lifeline, _warned
+    global _proc, _lifeline, _starting_read, _warned
     read_end, write_end = os.pipe()  # both close-on-exec; Popen dup2s read_end onto 0
+    # Known before Popen: a fork() from another thread meanwhile closes both in its child,
+    # which would otherwise hold the lifeline open after we die.
+    _lifeline, _starting_read = write_end, read_end
     try:
         _proc = subprocess.Popen(
             [sys.executable, "-I", "-S", _MAIN],
@@ -100,15 +104,18 @@ def _start() -> bool:
             # before it has done its job.
             start_new_session=True,
         )
-    except OSError as exc:
+    except BaseException as exc:
         os.close(write_end)
+        _lifeline = None
+        if not isinstance(exc, OSError):
+            raise
         if not _warned:
             log.warning("cannot start the asyncproc guardian (%s): children will not die with this process", exc)
             _warned = True
         return False
     finally:
         os.close(read_end)
-    _lifeline = write_end
+        _starting_read = None
     return True
 
 
@@ -150,11 +157,12 @@ def _forget_in_child() -> None:
     The child must not hold the write end (the guardian would never see EOF while the
     child lives), and it starts its own guardian for its own children if it needs one.
     """
-    global _proc, _lifeline, _lock
+    global _proc, _lifeline, _starting_read, _lock
     _lock = threading.RLock()  # another thread may have held it at fork time
-    if _lifeline is not None:
-        os.close(_lifeline)
-        _lifeline = None
+    for fd in (_lifeline, _starting_read):  # the read end only while a guardian starts
+        if fd is not None:
+            os.close(fd)
+    _lifeline = _starting_read = None
     if _proc is not None:
         _proc.returncode = 0  # not our child: keep Popen from waiting on it or warning
         _proc = None
