@@ -69,7 +69,27 @@ def test_success_and_sys_exit_zero_write_nothing(monkeypatch: pytest.MonkeyPatch
     assert asyncproc.record(lambda: sys.exit(0))() is None  # torch's rule
     with pytest.raises(SystemExit):
         asyncproc.record(lambda: sys.exit(3))()
+    with pytest.raises(SystemExit):
+        asyncproc.record(lambda: sys.exit())()  # torch swallows only an explicit 0
     assert not path.exists()
+
+
+class _BadStr(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("bad __str__")
+
+
+def test_an_exception_whose_str_raises_still_propagates_itself(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    path = error_file(monkeypatch, tmp_path)
+
+    @asyncproc.record
+    def main() -> None:
+        raise _BadStr()
+
+    with pytest.raises(_BadStr):
+        main()
+    record = read_error_file(path)
+    assert record is not None and record.message.startswith("_BadStr: ")
 
 
 def test_without_an_error_file_the_exception_just_propagates(monkeypatch: pytest.MonkeyPatch) -> None:

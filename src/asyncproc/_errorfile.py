@@ -48,7 +48,7 @@ def record(fn: F) -> F:
     """Write an uncaught exception of ``fn`` to the rank's error file, then re-raise it.
 
     For sync and async functions. ``SystemExit`` is not an error to record (torch's rule:
-    ``sys.exit(0)`` returns None; another code propagates as is). Without an error file in
+    ``sys.exit(0)`` returns None; any other code, ``sys.exit()`` included, propagates). Without an error file in
     the environment, ``fn`` runs undecorated in effect.
     """
     if inspect.iscoroutinefunction(fn):
@@ -75,7 +75,7 @@ def _recording() -> Iterator[None]:
     try:
         yield
     except SystemExit as exc:
-        if exc.code not in (0, None):
+        if exc.code != 0:  # as torch: only an explicit 0 is swallowed, not None
             raise
     except Exception as exc:
         write_error_file(exc)
@@ -98,15 +98,18 @@ def write_error_file(exc: BaseException, path: str | None = None) -> str | None:
     path = path or error_file_path()
     if not path:
         return None
-    data = {
-        "message": {
-            "message": f"{type(exc).__name__}: {exc}",
-            "extraInfo": {
-                "py_callstack": "".join(traceback.format_exception(type(exc), exc, _user_frames(exc))),
-                "timestamp": str(int(time.time())),
-            },
+    try:
+        data = {
+            "message": {
+                "message": f"{type(exc).__name__}: {_str(exc)}",
+                "extraInfo": {
+                    "py_callstack": "".join(traceback.format_exception(type(exc), exc, _user_frames(exc))),
+                    "timestamp": str(int(time.time())),
+                },
+            }
         }
-    }
+    except Exception:  # a broken exception must not replace itself with our error
+        return None
     try:
         # Write then rename: the launcher never reads half a file.
         tmp = f"{path}.{os.getpid()}.tmp"
@@ -116,6 +119,13 @@ def write_error_file(exc: BaseException, path: str | None = None) -> str | None:
     except OSError:
         return None
     return path
+
+
+def _str(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except Exception:  # the user's __str__ raised
+        return f"<{type(exc).__name__}: str() failed>"
 
 
 def _user_frames(exc: BaseException) -> TracebackType | None:
