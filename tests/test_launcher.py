@@ -320,3 +320,19 @@ def test_a_second_signal_kills_the_ranks_now_and_still_summarizes(sig: signal.Si
     assert launcher.returncode == 128 + sig, err
     assert f"interrupted by {sig.name}" in err and "Traceback" not in err
     assert not (psutil.pid_exists(rank) and psutil.Process(rank).status() != "zombie")
+
+
+def test_a_console_reader_that_goes_away_does_not_crash_the_launch(tmp_path: Path) -> None:
+    # `asyncproc run ... | head -1`: the console pipe breaks; the launch goes on, logged.
+    code = "import sys\nfor i in range(20000): print('x' * 100, i)\nsys.stdout.flush()"
+    launcher = subprocess.Popen(
+        [*LAUNCHER, "-n", "1", "--log-dir", str(tmp_path), "--tee", "--", *rank_code(code)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    assert launcher.stdout is not None and launcher.stderr is not None
+    launcher.stdout.readline()
+    launcher.stdout.close()
+    err = launcher.stderr.read().decode()
+    assert launcher.wait(timeout=60) == 0, err
+    assert "Traceback" not in err
+    assert len((tmp_path / "0" / "stdout.log").read_text().splitlines()) == 20000

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -38,6 +40,8 @@ from ._errorfile import ENV_VARS, ErrorRecord, read_error_file
 from ._exceptions import LaunchFailed, describe_exitcode
 from . import _guardian, _proctree
 from ._handler import DEFAULT_GRACE_S, KILL_BOUND_S, StrPath, SubprocessHandler
+
+log = logging.getLogger("asyncproc")
 
 __all__ = ["LaunchConfig", "LaunchResult", "RankResult", "start_processes", "configure_parser", "cli"]
 
@@ -311,8 +315,9 @@ class _Pump:
         pending = b""
         try:
             while data := await _read_some(self.fd):
-                if log is not None:
-                    log.write(data)
+                if log is not None and not _wrote(log, data, f"{self.log_path}"):
+                    log.close()
+                    log = None  # the disk is full, say: keep draining so the rank goes on
                 pending += data
                 cut = pending.rfind(b"\n") + 1
                 if cut == 0 and len(pending) >= _LONGEST_LINE:
@@ -333,8 +338,23 @@ class _Pump:
         if self.tail is not None:
             self.tail.extend(line.decode(errors="replace") for line in lines)
         if self.console is not None:
-            self.console.write(b"".join(self.prefix + line + b"\n" for line in lines))
-            self.console.flush()
+            try:
+                self.console.write(b"".join(self.prefix + line + b"\n" for line in lines))
+                self.console.flush()
+            except OSError:
+                # Nobody reads the console any more (`| head -1`): stop showing, keep
+                # logging and draining, so the ranks never block on a full pipe.
+                self.console = None
+
+
+def _wrote(stream: IO[bytes], data: bytes, name: str) -> bool:
+    """Write ``data``; False (logged) when the write failed."""
+    try:
+        stream.write(data)
+    except OSError as exc:
+        log.warning("asyncproc run: cannot write %s (%s); no longer writing it", name, exc)
+        return False
+    return True
 
 
 async def _read_some(fd: int) -> bytes:
@@ -432,6 +452,8 @@ class _Launch:
     async def _run_pump(self, pump: _Pump) -> None:
         try:
             await pump.run()
+        except Exception:  # one rank's output must never take the launch down
+            log.exception("asyncproc run: output pump of %r failed", pump.prefix.decode().strip())
         finally:
             self._pumps_left -= 1
             if self._pumps_left == 0:
@@ -561,8 +583,21 @@ def cli(args: argparse.Namespace) -> int:
         print(f"asyncproc run: cannot run {command[0]!r}: {exc.strerror}", file=sys.stderr)
         return 126
     if result.exit_code:
-        print(result.summary(), file=sys.stderr)
+        with contextlib.suppress(OSError):
+            print(result.summary(), file=sys.stderr)
+    _quiet_broken_stdout()
     return result.exit_code
+
+
+def _quiet_broken_stdout() -> None:
+    """When the console's reader went away, point stdout at /dev/null, so the flush at
+    exit does not fail with a BrokenPipeError traceback and exit code 120."""
+    try:
+        sys.stdout.flush()
+    except OSError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 def _numa_options(mode: str | None) -> Any:
