@@ -336,3 +336,30 @@ def test_a_console_reader_that_goes_away_does_not_crash_the_launch(tmp_path: Pat
     assert launcher.wait(timeout=60) == 0, err
     assert "Traceback" not in err
     assert len((tmp_path / "0" / "stdout.log").read_text().splitlines()) == 20000
+
+
+def test_a_console_nobody_reads_does_not_block_the_launcher(tmp_path: Path) -> None:
+    # The console pipe fills up; the launcher must still take SIGTERM and stop the rank.
+    pid_file = tmp_path / "pid"
+    code = f"""
+        import os, sys, time
+        open({str(pid_file)!r}, "w").write(f"{{os.getpid()}}\\n")
+        sys.stdout.write(("x" * 100 + "\\n") * 20000)
+        sys.stdout.flush()
+        time.sleep(60)
+        """
+    launcher = subprocess.Popen(
+        [*LAUNCHER, "-n", "1", "--grace", "1", "--", *rank_code(code)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not pid_file.exists() or not pid_file.read_text().endswith("\n"):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        time.sleep(1)  # the launcher is now stuck writing to its console, if it blocks
+        launcher.send_signal(signal.SIGTERM)
+        assert launcher.wait(timeout=20) == 128 + signal.SIGTERM
+        assert _gone(pid_file)
+    finally:
+        launcher.kill()
+        launcher.communicate()

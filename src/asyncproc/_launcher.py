@@ -7,8 +7,9 @@ Output paths, per rank and stream:
   (and ``stderr.log``); the launcher is not in the data path.
 * otherwise: the rank writes into a pipe; the launcher reads it, writes the raw bytes to the
   log file (if any) and whole lines, prefixed ``[rankN]:``, to its own stdout/stderr. All
-  pumps run on the one event-loop thread and each batch of complete lines is one write, so
-  console lines are never split or interleaved; a partial line waits for its newline (or
+  pumps run on the one event-loop thread and each batch of complete lines is one block,
+  written whole by one writer per console stream (``_ConsoleStream``, non-blocking for a
+  pipe or terminal), so console lines are never split or interleaved; a partial line waits for its newline (or
   for EOF, or for 64 KiB, whichever comes first).
 
 Fail fast: the first rank to fail stops the others (its signal, ``grace``, SIGKILL, through
@@ -26,6 +27,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -256,14 +258,88 @@ class _Rank:
         self._write_ends.clear()
 
 
+class _ConsoleStream:
+    """One console stream, written by one writer at a time: whole blocks, in order.
+
+    A pipe or terminal is written through a private non-blocking descriptor (reopened
+    through /proc, so the flag never reaches the file description our parent shares), so
+    a reader that stops reading (`| less`) makes the pumps wait on ``wait_writable``
+    instead of blocking the event loop, which then still handles signals. Anything else
+    (a regular file, a test's capture) is written as before. A write error (the reader
+    went away) ends console output for good; logging and draining go on.
+    """
+
+    def __init__(self, stream: IO[bytes]):
+        self.stream = stream
+        self.fd = _private_nonblocking(stream)
+        self.broken = False
+        self._lock = anyio.Lock()
+
+    async def write(self, block: bytes) -> None:
+        if self.broken:
+            return
+        async with self._lock:  # a block is written whole before the next one starts
+            try:
+                if self.fd is None:
+                    self.stream.write(block)
+                    self.stream.flush()
+                else:
+                    await _write_all(self.fd, block)
+            except OSError:
+                self.broken = True
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _private_nonblocking(stream: IO[bytes]) -> int | None:
+    """A non-blocking descriptor of our own on ``stream``'s pipe or terminal, or None."""
+    try:
+        stream.flush()  # what was written before us comes first
+        mode = os.fstat(stream.fileno()).st_mode
+        if not (stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)):
+            return None
+        return os.open(f"/proc/self/fd/{stream.fileno()}", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except (OSError, ValueError, AttributeError):  # no fd, a socket (ENXIO), no /proc
+        return None
+
+
+async def _write_all(fd: int, block: bytes) -> None:
+    view = memoryview(block)
+    while view:
+        try:
+            view = view[os.write(fd, view):]
+        except BlockingIOError:
+            await anyio.wait_writable(fd)
+
+
 @dataclass
 class _Console:
-    out: IO[bytes]
-    err: IO[bytes]
+    out: _ConsoleStream
+    err: _ConsoleStream
 
     @classmethod
     def of_this_process(cls) -> _Console:
-        return cls(_binary(sys.stdout), _binary(sys.stderr))
+        out = _ConsoleStream(_binary(sys.stdout))
+        # One writer for both when they are one pipe (`2>&1 |`): a block written in parts
+        # must not have the other stream's block land in between.
+        if _same_file(sys.stdout, sys.stderr):
+            return cls(out, out)
+        return cls(out, _ConsoleStream(_binary(sys.stderr)))
+
+    def close(self) -> None:
+        self.out.close()
+        self.err.close()
+
+
+def _same_file(a: Any, b: Any) -> bool:
+    try:
+        sa, sb = os.fstat(a.fileno()), os.fstat(b.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
 
 
 def _binary(stream: Any) -> IO[bytes]:
@@ -293,7 +369,7 @@ class _Pump:
 
     fd: int
     prefix: bytes
-    console: IO[bytes] | None
+    console: _ConsoleStream | None
     log_path: Path | None
     tail: collections.deque[str] | None
 
@@ -323,28 +399,22 @@ class _Pump:
                 if cut == 0 and len(pending) >= _LONGEST_LINE:
                     cut = len(pending)
                 if cut:
-                    self._emit(pending[:cut])
+                    await self._emit(pending[:cut])
                     pending = pending[cut:]
             if pending:
-                self._emit(pending)
+                await self._emit(pending)
         finally:
             self.close()
             if log is not None:
                 log.close()
 
-    def _emit(self, chunk: bytes) -> None:
-        """Write complete lines as one prefixed block (no await: nothing comes between)."""
+    async def _emit(self, chunk: bytes) -> None:
+        """Write complete lines as one prefixed block (the stream keeps blocks whole)."""
         lines = chunk[:-1].split(b"\n") if chunk.endswith(b"\n") else chunk.split(b"\n")
         if self.tail is not None:
             self.tail.extend(line.decode(errors="replace") for line in lines)
         if self.console is not None:
-            try:
-                self.console.write(b"".join(self.prefix + line + b"\n" for line in lines))
-                self.console.flush()
-            except OSError:
-                # Nobody reads the console any more (`| head -1`): stop showing, keep
-                # logging and draining, so the ranks never block on a full pipe.
-                self.console = None
+            await self.console.write(b"".join(self.prefix + line + b"\n" for line in lines))
 
 
 def _wrote(stream: IO[bytes], data: bytes, name: str) -> bool:
@@ -399,7 +469,6 @@ class _Launch:
                 rank.close()
             self.dirs.cleanup()
             raise
-        self.console = _Console.of_this_process()
         self.done = anyio.Event()
         self.failure: _Rank | None = None
         self.interrupted_by: signal.Signals | None = None
@@ -409,10 +478,12 @@ class _Launch:
         self._pumps_done = anyio.Event()
 
     async def run(self) -> LaunchResult:
+        self.console = _Console.of_this_process()
         try:
             await self._supervise()
             ranks = tuple(rank.result() for rank in self.ranks)
         finally:
+            self.console.close()
             self.dirs.cleanup()  # on every path: a failed spawn must not leave the folder
         failure = ranks[self.failure.rank] if self.failure is not None else None
         return LaunchResult(ranks, failure, self.interrupted_by)
