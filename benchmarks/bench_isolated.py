@@ -28,7 +28,6 @@ The targets of the issue are checked for asyncproc's default start method.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import importlib.metadata
 import json
 import math
@@ -45,6 +44,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from asyncproc import _proctree
+
 FUNC = operator.add
 ARGS = (1, 2)
 EXPECT = 3
@@ -57,7 +58,6 @@ WARMUP_CALLS = 5
 SETTLE_S = 0.05
 SETTLE_BURST_S = 0.25
 SIZE_TIMEOUT_S = 900  # one caller size, all methods: a bound for a wedged benchmark
-PR_SET_CHILD_SUBREAPER = 36
 
 
 def _check(value: Any) -> None:
@@ -511,20 +511,10 @@ def _machine() -> dict[str, Any]:
 def _become_subreaper() -> bool:
     """Orphans of the size runs are reparented to us, so we can see and end leftovers."""
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
-    except Exception:  # noqa: BLE001
+        _proctree.make_subreaper()
+        return True
+    except OSError:
         return False
-
-
-def _reap_zombies() -> None:
-    while True:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
 
 
 def _leftovers(bound_s: float = 5.0) -> list[str]:
@@ -534,7 +524,7 @@ def _leftovers(bound_s: float = 5.0) -> list[str]:
     deadline = time.monotonic() + bound_s
     me = psutil.Process()
     while True:
-        _reap_zombies()
+        _proctree.reap_exited_children()
         kids = [p for p in me.children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE]
         if not kids or time.monotonic() > deadline:
             break
@@ -546,7 +536,7 @@ def _leftovers(bound_s: float = 5.0) -> list[str]:
             p.send_signal(signal.SIGKILL)
         except Exception:  # noqa: BLE001
             pass
-    _reap_zombies()
+    _proctree.reap_exited_children()
     return found
 
 

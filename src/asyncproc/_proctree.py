@@ -40,6 +40,7 @@ __all__ = [
     "wait_fds",
     "has_exited",
     "own_children",
+    "reap_exited_children",
     "reap_adopted",
     "wait_exit",
     "wait_gone",
@@ -229,6 +230,17 @@ def _has_exited(pid: int) -> bool:
         return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
     except ChildProcessError:
         return True
+
+
+def reap_exited_children() -> None:
+    """Reap every child of ours that has exited, without waiting for the others."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
 
 
 def own_children() -> list[int] | None:

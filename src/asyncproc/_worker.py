@@ -256,13 +256,7 @@ def _end_descendants() -> None:
     tree = _proctree.descendants(os.getpid())
     _proctree.signal_tree(None, tree, signal.SIGKILL)
     _proctree.wait_gone(tree, 2.0)
-    while True:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
+    _proctree.reap_exited_children()
 
 
 def _finish(data: socket.socket, tag: bytes, body: bytes, exitcode: int = 0) -> NoReturn:
