@@ -733,10 +733,12 @@ class Supervisor:
             await self._handle(await self._start_plan(plan))
 
     async def _give_up(self, child: _Child, end: _End) -> None:
-        error = end.error or ChildCrashed(f"child {child.id!r} failed", pid=end.pid, exitcode=end.exitcode)
+        # A permanent child that ended normally too often has no failure to point to.
+        error = end.error if end.failed else None
+        last = f"last failure: {_first_line(error)}" if error is not None else f"it last {_describe_end(end)}"
         gave_up = SupervisorGaveUp(
-            f"supervisor {self.id!r} gave up: child {child.id!r} failed and restarting it would make more than "
-            f"{self.max_restarts} restart(s) within {self.max_seconds:g} s; last failure: {_first_line(error)}",
+            f"supervisor {self.id!r} gave up: child {child.id!r} ended and restarting it would make more than "
+            f"{self.max_restarts} restart(s) within {self.max_seconds:g} s; {last}",
             child=child.id, pid=end.pid, exitcode=end.exitcode,
         )
         gave_up.__cause__ = error
@@ -821,6 +823,10 @@ _LEVELS = {
 def _first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+
+
+def _describe_end(end: _End) -> str:
+    return describe_exitcode(end.exitcode) if end.exitcode is not None else "ended"
 
 
 def _describe(event: Event, sup: Supervisor) -> str:
