@@ -783,8 +783,8 @@ class Supervisor:
         error = end.error if end.failed else None
         last = f"last failure: {_first_line(error)}" if error is not None else f"it last {_describe_end(end)}"
         gave_up = SupervisorGaveUp(
-            f"supervisor {self.id!r} gave up: child {child.id!r} ended and restarting it would make more than "
-            f"{self.max_restarts} restart(s) within {self.max_seconds:g} s; {last}",
+            f"supervisor {self.id!r} gave up: restarting child {child.id!r} would make {self.max_restarts + 1} "
+            f"restarts within {self.max_seconds:g} s (max_restarts={self.max_restarts}); {last}",
             child=child.id, pid=end.pid, exitcode=end.exitcode,
         )
         gave_up.__cause__ = error
@@ -893,8 +893,8 @@ def _describe(event: Event, sup: Supervisor) -> str:
         return f"restarting in {event.delay:.3g} s (restart {event.restarts})"
     if event.kind == "memory_exceeded":
         return f"went over its memory limit{pid}; stopping it: {event.error}"
-    return (f"failed too often: more than {sup.max_restarts} restart(s) within {sup.max_seconds:g} s; "
-            "giving up and stopping every child")
+    return (f"would be restarted {sup.max_restarts + 1} times within {sup.max_seconds:g} s "
+            f"(max_restarts={sup.max_restarts}): giving up, stopping every child")
 
 
 def _check_spec(spec: object) -> None:
