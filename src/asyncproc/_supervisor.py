@@ -299,8 +299,8 @@ def _peek_hello(ctl: Any) -> int | None:
     if head[:1] != _protocol.HELLO:
         return None
     try:
-        return int(head[2:])
-    except ValueError:
+        return int(head[2:].split(maxsplit=1)[0])  # "PID" or "PID CGROUP-LEAF"
+    except (ValueError, IndexError):
         return None
 
 
