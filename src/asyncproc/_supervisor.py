@@ -199,6 +199,8 @@ class _CommandRun(_Run):
             if not self.stopping and (handler.returncode is None or _group_exists(handler.pid)):
                 with anyio.CancelScope(shield=True):
                     await handler.kill(signal.SIGTERM, grace=self.spec.shutdown)
+            if not self.stopping:  # a stop() closes it once its kill is done
+                handler.close()  # whatever the handler still holds (its log files: none here)
         spec = self.spec
         if self.memory_error is not None:
             self.memory_error.exitcode = code
@@ -212,6 +214,7 @@ class _CommandRun(_Run):
         self.stopping = True
         if self.handler is not None:
             await self.handler.kill(signal.SIGTERM, grace=self.spec.shutdown)
+            self.handler.close()
         await self._until_done()
 
     async def stop_for_memory(self) -> None:
