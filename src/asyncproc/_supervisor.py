@@ -160,32 +160,40 @@ class _CommandRun(_Run):
         # Spawned here, in the deciding task: a restart costs no task switch before the
         # spawn (Popen is synchronous anyway); the runner task only awaits the end.
         try:
-            self.handler = await self._spawn()
+            await self._spawn()
         except Exception as exc:
             self.start_error = exc
             self.done.set()
             return
+        except BaseException:
+            # Cancelled around a spawn that may have happened: nothing may be left running.
+            if self.handler is not None and self.handler.proc is not None:
+                with anyio.CancelScope(shield=True):
+                    await self.handler.kill(signal.SIGTERM, grace=self.spec.shutdown)
+                self.handler.close()
+            self.done.set()
+            raise
+        assert self.handler is not None
         self._pid = self.handler.pid
         self.started = True
         tg.start_soon(runner)
 
-    async def _spawn(self) -> SubprocessHandler:
+    async def _spawn(self) -> None:
         from ._handler import SubprocessHandler
 
         spec = self.spec
         out, err = _open_append(spec.stdout), None
         try:
             err = _open_append(spec.stderr)
-            handler = SubprocessHandler(
+            self.handler = SubprocessHandler(
                 spec.argv[0], spec.argv[1:], spec.env, out, err,
                 spec.local_rank_id or 0, spec.numa_options, cwd=spec.cwd,
             )
-            await handler.spawn()  # no checkpoint inside: nothing can cancel it half-way
+            await self.handler.spawn()
         finally:
             for fd in (out, err):
                 if fd is not None:
                     os.close(fd)  # the child has its own copies
-        return handler
 
     async def main(self) -> _End:
         handler = self.handler
