@@ -207,8 +207,7 @@ class _CommandRun(_Run):
             if not self.stopping and (handler.returncode is None or _group_exists(handler.pid)):
                 with anyio.CancelScope(shield=True):
                     await handler.kill(signal.SIGTERM, grace=self.spec.shutdown)
-            if not self.stopping:  # a stop() closes it once its kill is done
-                handler.close()  # whatever the handler still holds (its log files: none here)
+                handler.close()  # reaped, it holds nothing more; after a kill, release all
         spec = self.spec
         if self.memory_error is not None:
             self.memory_error.exitcode = code
