@@ -3,9 +3,10 @@
 How it works (all on anyio, the same code on asyncio, uvloop and trio):
 
 * The supervisor lives in the caller's task: ``async with sup`` opens a task group in which
-  each running child has one *runner* task. A runner starts its child, awaits its end on
-  an event (a Command's pidfd through ``SubprocessHandler.wait``, a Call's socket through
-  ``Isolated.call``, a Task's return), and reports the end. Nothing polls, except the
+  each running child has one *runner* task, which awaits its end on an event (a Command's
+  pidfd through ``SubprocessHandler.wait``, a Call's socket through ``Isolated.call``, a
+  Task's return) and reports it. A Command is spawned by the task that decides to start it,
+  so a restart costs no task switch before its ``Popen``. Nothing polls, except the
   memory check (RSS has no event without cgroups): one pass over the trees of the Commands
   that have a ``memory_limit``, once a second, only while such a Command runs.
 * Every decision (restart, strategy, intensity, give-up) and every dynamic call
