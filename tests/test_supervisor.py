@@ -8,6 +8,7 @@ whole file stays quick.
 from __future__ import annotations
 
 import os
+import select
 import signal
 import sys
 import time
@@ -345,10 +346,10 @@ async def test_backoff_goes_back_to_its_first_delay_after_reset_after_seconds_of
         nonlocal runs
         runs += 1
         if runs == 3:
-            await anyio.sleep(0.6)  # this run lasts past reset_after (the child's behaviour)
+            await anyio.sleep(1.2)  # this run lasts past reset_after (the child's behaviour)
         raise RuntimeError(f"run {runs}")
 
-    backoff = Backoff(initial=0.01, factor=3.0, max=10, jitter=0, reset_after=0.5)
+    backoff = Backoff(initial=0.01, factor=3.0, max=10, jitter=0, reset_after=1.0)
     sup = Supervisor([Task("flaky", flaky)], max_restarts=10, max_seconds=60, backoff=backoff)
     stream = sup.events()
     async with sup:
@@ -520,13 +521,17 @@ def test_everything_dies_with_a_sigkilled_supervising_process(backend: str) -> N
 
     import psutil
 
-    proc = subprocess.Popen([sys.executable, "-c", SUPERVISED_SCRIPT, backend], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", SUPERVISED_SCRIPT, backend], stdout=subprocess.PIPE)
     try:
         assert proc.stdout is not None
-        pids = {}
-        while len(pids) < 4:
-            name, pid = proc.stdout.readline().split()  # blocks until the child says; a dead one says ""
-            pids[name] = int(pid)
+        fd, out = proc.stdout.fileno(), b""
+        deadline = time.monotonic() + BOUND
+        while out.count(b"\n") < 4:  # a line per child: its name and pid
+            ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+            chunk = os.read(fd, 4096) if ready else b""
+            assert chunk, f"the supervising process ended or went silent before naming its children: {out!r}"
+            out += chunk
+        pids = {name: int(pid) for name, pid in (line.split() for line in out.decode().splitlines())}
         tree = psutil.Process(proc.pid).children(recursive=True)
         assert set(pids.values()) <= {p.pid for p in tree}
     finally:
