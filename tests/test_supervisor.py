@@ -568,3 +568,14 @@ async def test_a_supervisor_runs_once_at_a_time() -> None:
             async with sup:
                 pass
         assert sup.status()[0].state == "running"
+
+
+async def test_a_command_gets_its_env_and_cwd_and_appends_its_output_across_restarts(tmp_path: Path) -> None:
+    out = tmp_path / "out.log"
+    once = 'echo "$GREETING from $PWD"; if [ -e ran ]; then exit 0; fi; touch ran; exit 1'
+    cmd = Command("c", sh(once), env={"GREETING": "hello"}, cwd=tmp_path, stdout=out, restart="transient")
+    sup = Supervisor([cmd], backoff=FAST)
+    async with sup:
+        with anyio.fail_after(BOUND):
+            await sup.wait()
+    assert out.read_text() == f"hello from {tmp_path}\n" * 2  # both runs, in one file
