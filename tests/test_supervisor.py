@@ -579,3 +579,15 @@ async def test_a_command_gets_its_env_and_cwd_and_appends_its_output_across_rest
         with anyio.fail_after(BOUND):
             await sup.wait()
     assert out.read_text() == f"hello from {tmp_path}\n" * 2  # both runs, in one file
+
+
+async def test_children_failing_together_under_one_for_all_make_one_restart() -> None:
+    sup = Supervisor([sleeper("a"), sleeper("b")], strategy="one_for_all", max_restarts=1, max_seconds=60, backoff=FAST)
+    stream = sup.events()
+    async with sup:
+        await events_until(stream, "started", "b")
+        for status in sup.status():
+            os.kill(status.pid, signal.SIGKILL)
+        seen = await events_until(stream, "started", "b")
+        assert [e.kind for e in seen].count("restarting") == 1  # one incident, one restart
+        assert [(s.state, s.restarts) for s in sup.status()] == [("running", 1), ("running", 1)]
