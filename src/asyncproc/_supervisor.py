@@ -948,19 +948,36 @@ _HAS_CHILDREN_FILE = os.path.exists(f"/proc/self/task/{os.getpid()}/children")
 def _children(pid: int) -> list[int] | None:
     if not _HAS_CHILDREN_FILE:
         return None
-    kids: list[int] = []
     try:
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                kids += map(int, f.read().split())
-    except OSError:  # it (or a thread) exited meanwhile
-        pass
+        # A child is listed under the thread that forked it. procfs counts the threads in
+        # the link count of the task folder (2 + threads): a single-threaded process, the
+        # usual case, needs no listing.
+        if os.stat(f"/proc/{pid}/task").st_nlink <= 3:
+            tids: list[str] | list[int] = [pid]
+        else:
+            tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:  # it exited meanwhile
+        return []
+    kids: list[int] = []
+    for tid in tids:
+        kids += map(int, _read(f"/proc/{pid}/task/{tid}/children").split())
     return kids
 
 
-def _rss(pid: int) -> int:
+def _read(path: str) -> bytes:
+    """A small /proc file, raw (no text layer: this runs for every limited tree each second)."""
     try:
-        with open(f"/proc/{pid}/statm") as f:
-            return int(f.read().split()[1]) * _PAGE
-    except (OSError, IndexError, ValueError):
-        return 0
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return b""
+    try:
+        return os.read(fd, 65536)
+    except OSError:
+        return b""
+    finally:
+        os.close(fd)
+
+
+def _rss(pid: int) -> int:
+    fields = _read(f"/proc/{pid}/statm").split()
+    return int(fields[1]) * _PAGE if len(fields) > 1 else 0
