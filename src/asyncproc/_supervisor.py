@@ -514,7 +514,9 @@ class Supervisor:
         self._children = [_Child(s) for s in self._specs]
         self._gave_up = None
         self._restart_times.clear()
-        self._lock = anyio.Lock()
+        # No checkpoint when free: a restart takes it once, and a yield there costs a turn
+        # of the event loop (its fairness is not needed: every holder is bounded).
+        self._lock = anyio.Lock(fast_acquire=True)
         self._changed = None
         self._body = anyio.CancelScope()
         self._tg = anyio.create_task_group()
