@@ -77,7 +77,7 @@ class SubprocessHandler:
         self.args: tuple[str, ...] = (os.fspath(entrypoint), *map(str, args))
         self.env = _merged_env(env)
         self.local_rank_id = local_rank_id
-        self.numa_options = numa_options
+        self.numa_options = _numa_options(numa_options)
         self.local_world_size = local_world_size
         self._stdout_target = stdout
         self._stderr_target = stderr
@@ -324,9 +324,22 @@ def get_subprocess_handler(
     stderr: Redirect,
     local_rank_id: int,
     numa_options: Any = None,
+    local_world_size: int | None = None,
 ) -> SubprocessHandler:
-    """Torch's factory: an unstarted ``SubprocessHandler``."""
-    return SubprocessHandler(entrypoint, args, env, stdout, stderr, local_rank_id, numa_options)
+    """Torch's factory: an unstarted ``SubprocessHandler``. ``numa_options`` may be torch's
+    own; ``local_world_size`` tells the NUMA binding how many local ranks share the node."""
+    return SubprocessHandler(
+        entrypoint, args, env, stdout, stderr, local_rank_id, numa_options, local_world_size=local_world_size
+    )
+
+
+def _numa_options(options: Any) -> Any:
+    """Ours, or torch's NumaOptions converted (a bad value raises here, before spawn)."""
+    if options is None:
+        return None
+    from . import numa  # lazily: the NUMA module is optional for everything else
+
+    return numa.as_numa_options(options, "numa_options")
 
 
 def _merged_env(env: Mapping[str, str | None] | None) -> dict[str, str]:

@@ -55,7 +55,7 @@ class UsageError(Exception):
 # -- the parser ---------------------------------------------------------------------------
 
 
-def _opt(parser: argparse.ArgumentParser, *names: str, **kwargs: Any) -> None:
+def _opt(parser: argparse.ArgumentParser | argparse._ArgumentGroup, *names: str, **kwargs: Any) -> None:
     """An option under its dashed name and torchrun's underscored twin, defaulting to
     ``PET_<DEST>`` when that variable is set (torchrun's rule)."""
     spellings = [*names]
@@ -358,15 +358,17 @@ def _config(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[Launc
 
     option, value = source.get("log_dir")
     log_dir = _log_dir(option, value)
-    redirects: StdSpec | None = None
     stds: dict[str, StdSpec] = {}
+    given = False
     for dest in ("redirects", "tee"):
         option, value = source.get(dest)
         stds[dest] = _std(option, value, nproc)
-        if value is not None and dest == "redirects":
-            redirects = stds[dest]
+        given = given or value is not None
         if log_dir is None and stds[dest]:
             raise UsageError(option, value, "needs --log-dir: the streams go to files there")
+    # With neither, --log-dir alone sends every stream to its file (asyncproc's rule); with
+    # either, torchrun's: what neither names goes to the console only.
+    redirects = stds["redirects"] if given else None
     option, value = source.get("local_ranks_filter")
     ranks_filter = _ranks_filter(option, value, nproc)
 
