@@ -1,20 +1,22 @@
-"""Launching local ranks: torch.distributed.elastic's ``start_processes``, async, and the
-``asyncproc run`` command.
+"""Launching local ranks: torch.distributed.elastic's ``start_processes``, async (the
+``asyncproc run`` command line is ``_runcli``).
 
-Output paths, per rank and stream:
+Output paths, per rank and stream (``LaunchConfig.std_of``):
 
-* ``log_dir`` without ``tee``: the rank writes straight into ``<log_dir>/<rank>/stdout.log``
-  (and ``stderr.log``); the launcher is not in the data path.
+* redirected only (``--log-dir`` alone, or ``--redirects``): the rank writes straight into
+  ``<log_dir>/<run id>/attempt_<n>/<rank>/stdout.log`` (or ``stderr.log``); the launcher
+  is not in the data path.
 * otherwise: the rank writes into a pipe; the launcher reads it, writes the raw bytes to the
-  log file (if any) and whole lines, prefixed ``[rankN]:``, to its own stdout/stderr. All
+  log file (if teed) and whole lines, prefixed (``[rankN]: ``), to its own stdout/stderr. All
   pumps run on the one event-loop thread and each batch of complete lines is one block,
   written whole by one writer per console stream (``_ConsoleStream``, non-blocking for a
   pipe or terminal), so console lines are never split or interleaved; a partial line waits for its newline (or
   for EOF, or for 64 KiB, whichever comes first).
 
 Fail fast: the first rank to fail stops the others (its signal, ``grace``, SIGKILL, through
-``SubprocessHandler.kill``); SIGINT/SIGTERM to the launcher (``handle_signals``) do the same
-with the signal received.
+``SubprocessHandler.kill``); a handled signal to the launcher (``handle_signals``) does the
+same with the signal received. With ``max_restarts``, a failed attempt is followed by a new
+one (``_Run``), up to that many times.
 """
 
 from __future__ import annotations
@@ -55,7 +57,6 @@ _CHUNK = 65536
 _LONGEST_LINE = 65536  # a line longer than this is emitted in pieces, each prefixed
 _DRAIN_BOUND_S = 2.0  # after the ranks are gone, a grandchild may still hold their pipes
 _ORPHAN_ROUNDS = 3  # a killed orphan's own descendants are re-parented to us in turn
-NUMA_MODES = ("node", "socket", "exclusive", "core-complex")
 
 
 # One stream's bits in torchrun's --redirects/--tee numbering: 1 stdout, 2 stderr, 3 both.

@@ -161,6 +161,11 @@ class _Source:
         return lambda: self.environ.get(name) or None
 
 
+def _or(value: str | None, default: str) -> str:
+    """The value given (an empty one too: it is refused, not taken as the default)."""
+    return default if value is None else value
+
+
 def _int(option: str, value: str, minimum: int, maximum: int | None = None) -> int:
     try:
         number = int(value)
@@ -326,14 +331,14 @@ def _config(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[Launc
     source = _Source(args, environ)
     notices: list[str] = []
     option, value = source.get("nproc")
-    nproc = _nproc(option, value or "1")
+    nproc = _nproc(option, _or(value, "1"))
     _check_fd_limit(option, nproc)
 
     standalone = source.flag("standalone")
     option, value = source.get("nnodes", source.slurm("SLURM_JOB_NUM_NODES"))
-    nnodes = 1 if standalone else _nnodes(option, value or "1")
+    nnodes = 1 if standalone else _nnodes(option, _or(value, "1"))
     option, value = source.get("node_rank", source.slurm("SLURM_NODEID"))
-    node_rank = 0 if standalone else _int(option, value or "0", 0)
+    node_rank = 0 if standalone else _int(option, _or(value, "0"), 0)
     if node_rank >= nnodes:
         raise UsageError(option, value, f"must be below --nnodes ({nnodes})")
 
@@ -346,7 +351,7 @@ def _config(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[Launc
 
     master_addr, master_port = _master(source, nnodes, standalone or backend not in (None, "static"))
     option, value = source.get("max_restarts")
-    max_restarts = _int(option, value or "0", 0)
+    max_restarts = _int(option, _or(value, "0"), 0)
     if max_restarts and nnodes > 1:
         raise UsageError(option, value, "restarting several nodes together needs a rendezvous: use torchrun's "
                                         "c10d rendezvous, or the scheduler's requeue (see the README)")
