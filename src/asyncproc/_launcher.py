@@ -352,6 +352,9 @@ class _Dirs:
     def __init__(self, log_dir: StrPath | None):
         self.temporary = log_dir is None
         self.root = Path(tempfile.mkdtemp(prefix="asyncproc-run-")) if log_dir is None else Path(log_dir)
+        if self.temporary:
+            # Our SIGKILL skips ``cleanup``: the guardian removes it then, after the ranks.
+            _guardian.register_folder(str(self.root))
 
     def rank_dir(self, rank: int) -> Path:
         path = self.root / str(rank)
@@ -361,6 +364,7 @@ class _Dirs:
     def cleanup(self) -> None:
         if self.temporary:
             shutil.rmtree(self.root, ignore_errors=True)
+            _guardian.unregister_folder(str(self.root))
 
 
 @dataclass
@@ -575,7 +579,9 @@ class _Launch:
         if not self.config.reap_orphans:
             return
         for _ in range(_ORPHAN_ROUNDS):
-            tree = [proc for pid in self._orphans() for proc in _proctree.process_and_descendants(pid)]
+            orphans = self._orphans()
+            # One /proc scan for all of them, on a worker thread: never one per orphan.
+            tree = await anyio.to_thread.run_sync(_proctree.trees_of, orphans) if orphans else []
             if not tree:
                 return
             for sig, bound in ((self.stop_signal, self.config.grace), (signal.SIGKILL, KILL_BOUND_S)):
