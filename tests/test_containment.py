@@ -51,7 +51,8 @@ def cgroup_of(pid: int) -> str:
 
 
 def cgroup_dir(pid: int) -> Path:
-    return Path(_cgroup.mount() or "/") / cgroup_of(pid).lstrip("/")
+    point, _ = _cgroup._v2_mount() or ("/", "/")
+    return Path(point) / cgroup_of(pid).lstrip("/")
 
 
 def pidfds(pids: list[int]) -> dict[int, int]:

@@ -1,215 +1,296 @@
-"""One cgroup v2 per started tree, where this process may create them.
+"""cgroup v2 helpers: one cgroup per process tree, ended atomically with ``cgroup.kill``.
 
-Why: a process group and a descendant walk both miss a process that double-forked and
-called ``setsid()`` once its parent is gone (it is re-parented to init or a subreaper). A
-cgroup keeps every descendant whatever it does, and writing ``1`` to its ``cgroup.kill``
-(kernel 5.14+) SIGKILLs all of them at once, forks in flight and fork bombs included.
+Why a cgroup: a process that calls ``setsid()`` leaves its group, and once its parent dies
+nothing in /proc links it to the tree it came from; a fork bomb can outrun any scan. Every
+process in a cgroup stays in it (children are born there) until moved, and writing ``1`` to
+``cgroup.kill`` (Linux >= 5.14) SIGKILLs all of them at once, descendant cgroups included,
+with no race against forks.
 
-Layout: one *base* cgroup per process, ``<v2 mount><our own cgroup>/asyncproc-<pid>-<start>``,
-holding one leaf per started tree. The base is handed to the guardian, which kills and
-removes it when we die; we remove it ourselves at exit.
+Usable only where the kernel lets us: cgroup v2 mounted (found in /proc/self/mountinfo,
+never assumed: ``/sys/fs/cgroup`` on a unified host, ``/sys/fs/cgroup/unified`` on a hybrid
+one), our own cgroup writable (root, or a subtree delegated to our user), ``cgroup.kill``
+present, and ``ASYNCPROC_NO_CGROUP`` unset (or 0). ``available()`` probes all of that once; callers fall back to process scans when
+it is False. No controller is ever enabled: the cgroups only group, so creating one costs
+a mkdir (~60 us) and the "no internal processes" rule never applies.
 
-``available()`` is False (and every caller falls back to process-group and /proc scans)
-when: no cgroup v2 hierarchy is mounted, the kernel has no ``cgroup.kill``, we may not
-create a cgroup (not root, no delegated subtree), or ``ASYNCPROC_NO_CGROUP=1``. The v2
-mount is found in /proc/self/mountinfo (``/sys/fs/cgroup`` on a unified host,
-``/sys/fs/cgroup/unified`` on a hybrid one), never assumed.
+Layout: ``<our cgroup>/asyncproc-<owner pid>-<name>``, nested as the caller likes. The owner
+pid in the name lets a later process remove what a SIGKILLed one left (``sweep_stale``).
+
+Typical use::
+
+    path = _cgroup.create("w123")            # None when unavailable
+    _cgroup.attach(path, pid)                # before pid starts anything
+    ...
+    _cgroup.kill(path)                       # everything in it (and below) gets SIGKILL
+    _cgroup.wait_empty(path, 2.0)
+    _cgroup.remove(path)
 """
 
 from __future__ import annotations
 
-import atexit
 import errno
+import itertools
 import os
 import select
-import threading
+import signal
 import time
 
-__all__ = ["mount", "available", "base", "create", "attach", "procs", "kill", "remove", "wait_empty", "remove_tree"]
+__all__ = [
+    "available",
+    "base",
+    "create",
+    "attach",
+    "kill",
+    "procs",
+    "populated",
+    "wait_empty",
+    "remove",
+    "sweep_stale",
+]
 
-_DISABLE_ENV = "ASYNCPROC_NO_CGROUP"
-_lock = threading.Lock()
+_PREFIX = "asyncproc-"
+DISABLE_ENV = "ASYNCPROC_NO_CGROUP"  # set to 1: never use cgroups, as where we cannot
+_counter = itertools.count()
+_probed: bool | None = None
 _base: str | None = None
-_checked = False
+_probe_pid = 0  # a forked child probes again: its own cgroup may differ
 
 
-def mount() -> str | None:
-    """Where the cgroup v2 hierarchy is mounted, from /proc/self/mountinfo."""
+def _v2_mount() -> tuple[str, str] | None:
+    """(mount point, root of the mount inside the hierarchy) of the cgroup2 file system."""
     try:
         with open("/proc/self/mountinfo") as f:
             for line in f:
-                # ... mount-point ... - fstype source options
                 left, _, right = line.partition(" - ")
                 if right.split(" ", 1)[0] == "cgroup2":
-                    return left.split(" ")[4].replace("\\040", " ")
+                    fields = left.split()
+                    return _unescape(fields[4]), _unescape(fields[3])
     except OSError:
-        pass
+        return None
     return None
 
 
-def _own_path() -> str | None:
-    """Our own cgroup in the v2 hierarchy (the ``0::`` line of /proc/self/cgroup)."""
+def _unescape(path: str) -> str:
+    # mountinfo writes space, tab, newline and backslash as octal escapes
+    for code, char in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
+        path = path.replace(code, char)
+    return path
+
+
+def _own_cgroup() -> str | None:
+    """Our cgroup v2 path ("0::/x/y" in /proc/self/cgroup), relative to the hierarchy."""
     try:
         with open("/proc/self/cgroup") as f:
             for line in f:
                 if line.startswith("0::"):
                     return line[3:].rstrip("\n")
     except OSError:
-        pass
+        return None
     return None
 
 
-def _make_base() -> str | None:
-    if os.environ.get(_DISABLE_ENV, "") not in ("", "0"):
+def _find_base() -> str | None:
+    mount = _v2_mount()
+    own = _own_cgroup()
+    if mount is None or own is None or own.endswith(" (deleted)"):
         return None
-    root, own = mount(), _own_path()
-    if root is None or own is None:
-        return None
-    parent = os.path.join(root, own.lstrip("/"))
-    with open("/proc/self/stat", "rb") as f:
-        start = f.read().rsplit(b")", 1)[1].split()[19].decode()
-    path = os.path.join(parent, f"asyncproc-{os.getpid()}-{start}")
-    try:
-        os.mkdir(path)
-    except FileExistsError:
-        pass
-    except OSError:
-        return None  # not root and no delegated subtree
-    # (The root cgroup never has the file: look in ours.)
-    if not os.path.exists(os.path.join(path, "cgroup.kill")):
-        os.rmdir(path)
-        return None  # kernel < 5.14: no atomic kill, the scans are as good
-    atexit.register(_remove_base)
-    return path
+    point, root = mount
+    if root != "/":  # the mount shows a subtree only: our path must lie inside it
+        if own != root and not own.startswith(root.rstrip("/") + "/"):
+            return None
+        own = own[len(root.rstrip("/")) :] or "/"
+    path = os.path.normpath(point + "/" + own.lstrip("/"))
+    return path if os.path.isdir(path) else None
 
 
 def base() -> str | None:
-    """This process's base cgroup, created on first use; None when cgroups are unavailable."""
-    global _base, _checked
-    with _lock:
-        if not _checked:
-            _checked = True
-            _base = _make_base()
-        return _base
+    """Where our cgroups go (our own cgroup v2 directory), or None."""
+    return _base if available() else None
 
 
 def available() -> bool:
-    return base() is not None
+    """Whether this process can create a cgroup, move a process into it and kill it.
+
+    Probed once per process (a mkdir, a move of nothing, an rmdir): a directory we can
+    create but not write ``cgroup.procs`` of (an undelegated tree) is no use.
+    """
+    global _probed, _base, _probe_pid
+    if _probed is not None and _probe_pid == os.getpid():
+        return _probed
+    _probe_pid = os.getpid()
+    _probed = False
+    if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
+        return False  # the user (or a test of the fallback) asked for the scans
+    _base = _find_base()
+    if _base is None or not os.access(os.path.join(_base, "cgroup.procs"), os.W_OK):
+        return False
+    probe = os.path.join(_base, f"{_PREFIX}{os.getpid()}-probe{next(_counter)}")
+    try:
+        os.mkdir(probe)
+    except OSError:
+        return False
+    try:
+        _probed = all(os.access(os.path.join(probe, f), os.W_OK) for f in ("cgroup.procs", "cgroup.kill"))
+    finally:
+        _rmdir_quietly(probe)
+    if _probed:
+        sweep_stale()
+    return _probed
 
 
-def create(name: str) -> str | None:
-    """A new leaf cgroup ``name`` under the base; None when cgroups are unavailable."""
-    root = base()
-    if root is None:
+def create(name: str, parent: str | None = None) -> str | None:
+    """A new, empty cgroup (its path), or None when cgroups are unavailable or it failed.
+
+    Under ``parent`` (a path this module returned) if given, else directly under our own
+    cgroup, named ``asyncproc-<our pid>-<name>`` so that a stale one can be traced to its
+    owner. ``name`` must be unique among its siblings.
+    """
+    if not available():
         return None
-    path = os.path.join(root, name)
+    assert _base is not None
+    path = os.path.join(parent, name) if parent is not None else os.path.join(_base, f"{_PREFIX}{os.getpid()}-{name}")
     try:
         os.mkdir(path)
-    except FileExistsError:
-        pass
+    except FileExistsError:  # a leftover of a previous process of ours with the same pid
+        kill(path)
+        wait_empty(path, 1.0)
+        if not remove(path):
+            return None
+        try:
+            os.mkdir(path)
+        except OSError:
+            return None
     except OSError:
         return None
     return path
 
 
-def attach(path: str, pid: int) -> bool:
-    """Move ``pid`` into the cgroup; False if it is gone (or the kernel refused)."""
-    try:
-        with open(os.path.join(path, "cgroup.procs"), "w") as f:
-            f.write(str(pid))
-    except OSError:
-        return False
-    return True
-
-
-def procs(path: str) -> list[int]:
-    """The living processes in the cgroup and its children (zombies are not listed)."""
-    found: list[int] = []
-    for folder, _, _ in os.walk(path):
-        try:
-            with open(os.path.join(folder, "cgroup.procs")) as f:
-                found += map(int, f.read().split())
-        except OSError:
-            pass
-    return found
+def attach(path: str, pid: int = 0) -> None:
+    """Move ``pid`` (0: the calling process) into ``path``. Its future children are born
+    there; children it already has stay where they are."""
+    with open(os.path.join(path, "cgroup.procs"), "w") as f:
+        f.write(str(pid))
 
 
 def kill(path: str) -> None:
-    """SIGKILL every process in the cgroup and below, atomically (forks in flight too)."""
+    """SIGKILL every process in ``path`` and its descendant cgroups, atomically (forks
+    racing with it included). Quiet when it no longer exists."""
     try:
         with open(os.path.join(path, "cgroup.kill"), "w") as f:
             f.write("1")
-    except OSError:
-        pass
+    except FileNotFoundError:
+        return
+    except OSError as exc:  # pragma: no cover - only kernels without cgroup.kill, which the probe rules out
+        if exc.errno not in (errno.ENOENT, errno.ENODEV):
+            raise
+        for pid in procs(path):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def procs(path: str) -> list[int]:
+    """Pids in ``path`` itself (not in its descendant cgroups); [] once it is gone."""
+    try:
+        with open(os.path.join(path, "cgroup.procs")) as f:
+            return [int(p) for p in f.read().split()]
+    except (FileNotFoundError, ProcessLookupError):
+        return []
 
 
 def populated(path: str) -> bool:
+    """Whether any live process is in ``path`` or below (zombies do not count)."""
     try:
         with open(os.path.join(path, "cgroup.events")) as f:
-            return "populated 1" in f.read()
-    except OSError:
+            for line in f:
+                if line.startswith("populated "):
+                    return line.split()[1] != "0"
+    except FileNotFoundError:
         return False
+    return False
 
 
 def wait_empty(path: str, timeout: float) -> bool:
-    """Block up to ``timeout`` until no process is left in the cgroup (event-driven: the
-    kernel wakes a poll on ``cgroup.events`` when it changes); True when empty."""
+    """Block up to ``timeout`` seconds until nothing lives in ``path``; whether it is empty.
+
+    Event-driven: the kernel flags ``cgroup.events`` (POLLPRI) when "populated" changes.
+    """
     deadline = time.monotonic() + timeout
     try:
         fd = os.open(os.path.join(path, "cgroup.events"), os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
+    except FileNotFoundError:
         return True
     try:
         poller = select.poll()
-        poller.register(fd, select.POLLPRI | select.POLLERR)
-        while True:
-            os.lseek(fd, 0, os.SEEK_SET)
-            if b"populated 0" in os.read(fd, 4096):
-                return True
+        poller.register(fd, select.POLLPRI)
+        while populated(path):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return False
-            poller.poll(remaining * 1000)
+            poller.poll(min(remaining, 0.1) * 1000)  # 0.1: a change between read and poll
+        return True
     finally:
         os.close(fd)
 
 
 def remove(path: str) -> bool:
-    """Remove an empty cgroup; False (it stays) while a process is still in it."""
+    """Remove ``path`` and its descendant cgroups (deepest first); False if some are still
+    populated (kill and wait first) and so were left."""
+    ok = True
+    try:
+        entries = list(os.scandir(path))
+    except FileNotFoundError:
+        return True
+    for entry in entries:
+        if entry.is_dir(follow_symlinks=False):
+            ok = remove(entry.path) and ok
     try:
         os.rmdir(path)
     except FileNotFoundError:
-        return True
+        pass
     except OSError as exc:
-        if exc.errno in (errno.EBUSY, errno.ENOTEMPTY):
-            return False
-        raise
-    return True
-
-
-def remove_tree(path: str) -> bool:
-    """Remove a cgroup and its children, deepest first (cgroupfs has only rmdir)."""
-    ok = True
-    for folder, _, _ in sorted(os.walk(path), key=lambda entry: -entry[0].count("/")):
-        ok = remove(folder) and ok
+        if exc.errno != errno.EBUSY:
+            raise
+        ok = False
     return ok
 
 
-def _remove_base() -> None:
-    """At exit: what the guardian has not removed yet (it kills it first when it runs)."""
-    if _base is not None and os.getpid() == _owner_pid:
-        kill(_base)
-        wait_empty(_base, 2.0)
-        remove_tree(_base)
+def sweep_stale() -> int:
+    """Kill and remove the cgroups of asyncproc processes that are gone (SIGKILLed, say,
+    before they could remove their own); how many were removed. Cheap: one listdir."""
+    if _base is None:
+        return 0
+    removed = 0
+    try:
+        names = os.listdir(_base)
+    except OSError:
+        return 0
+    for name in names:
+        if not name.startswith(_PREFIX):
+            continue
+        owner = name[len(_PREFIX) :].split("-", 1)[0]
+        if not owner.isdigit() or _alive(int(owner)):
+            continue
+        path = os.path.join(_base, name)
+        kill(path)
+        if wait_empty(path, 1.0) and remove(path):
+            removed += 1
+    return removed
 
 
-_owner_pid = os.getpid()
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
-def _forget_in_child() -> None:
-    """A forked child makes its own base (its own pid) if it starts trees itself."""
-    global _base, _checked, _lock, _owner_pid
-    _base, _checked, _lock, _owner_pid = None, False, threading.Lock(), os.getpid()
-
-
-os.register_at_fork(after_in_child=_forget_in_child)
+def _rmdir_quietly(path: str) -> None:
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass

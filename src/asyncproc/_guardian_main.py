@@ -197,7 +197,7 @@ def end_cgroups(paths: list[str]) -> None:
         cgroup.kill(path)
     for path in paths:
         cgroup.wait_empty(path, CGROUP_EMPTY_BOUND_S)
-        cgroup.remove_tree(path)
+        cgroup.remove(path)
 
 
 def remove_folders(paths: list[str]) -> None:

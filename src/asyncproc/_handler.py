@@ -25,11 +25,13 @@ OS process API; no backend-specific code exists anywhere else.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
 import signal
 import subprocess
+import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
@@ -387,32 +389,58 @@ def _open_log(target: Redirect) -> IO[bytes] | None:
     return open(target, "wb")
 
 
+_parent_lock = threading.Lock()
+_parent: tuple[int, str | None] | None = None  # (our pid, the cgroup holding our handlers')
+
+
+def _handlers_cgroup() -> str | None:
+    """This process's cgroup for its handlers' cgroups, made on first use and registered
+    with the guardian, which kills and removes it (all our handlers' trees) when we die."""
+    global _parent
+    with _parent_lock:
+        if _parent is None or _parent[0] != os.getpid():  # a forked child makes its own
+            path = _cgroup.create("handlers") if _cgroup.available() else None
+            _parent = (os.getpid(), path)
+            if path is not None:
+                _guardian.register_cgroup(path)
+                atexit.register(_end_cgroup, os.getpid(), path)
+        return _parent[1]
+
+
+def _end_cgroup(owner: int, path: str) -> None:
+    """At exit, as the guardian would: what our handlers left running dies with us."""
+    if os.getpid() == owner:
+        _cgroup.kill(path)
+        _cgroup.wait_empty(path, KILL_BOUND_S)
+        _cgroup.remove(path)
+
+
 def _contain(pid: int) -> str | None:
     """Move our new child ``pid`` into a cgroup of its own, with what it already started
     (it has exec'd: it may have forked before we got here); None where cgroups are not ours.
     """
-    base = _cgroup.base()
-    if base is None:
-        return None
-    path = _cgroup.create(f"h{pid}")
+    parent = _handlers_cgroup()
+    path = _cgroup.create(f"h{pid}", parent=parent) if parent is not None else None
     if path is None:
         return None
-    _guardian.register_cgroup(base)  # once per process: the guardian kills it all when we die
     pending = [pid]
     while pending:
         current = pending.pop()
-        _cgroup.attach(path, current)
+        with contextlib.suppress(OSError):  # it exited meanwhile
+            _cgroup.attach(path, current)
         pending += _proctree.children_of(current)
     return path
 
 
 def _cgroup_members(path: str, leader: int) -> list[psutil.Process]:
-    """The living processes in cgroup ``path`` but the leader (read, not scanned)."""
+    """The living processes in cgroup ``path`` (and below: a child of ours that runs
+    asyncproc nests its own) but the leader; read, never scanned."""
     found = []
-    for pid in _cgroup.procs(path):
-        if pid != leader:
-            with contextlib.suppress(psutil.Error):
-                found.append(psutil.Process(pid))
+    for folder, _, _ in os.walk(path):
+        for pid in _cgroup.procs(folder):
+            if pid != leader:
+                with contextlib.suppress(psutil.Error):
+                    found.append(psutil.Process(pid))
     return found
 
 
