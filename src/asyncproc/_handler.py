@@ -2,13 +2,18 @@
 
 How a child is started and awaited -- the same code on asyncio, uvloop and trio:
 
-* ``subprocess.Popen(..., start_new_session=True)`` is called synchronously on the event
-  loop's thread. It takes CPython's vfork path (no ``preexec_fn``), about 1 ms whatever the
-  parent weighs. We do *not* go through ``anyio.open_process``: on uvloop it spawns through
-  libuv, which always forks (40 ms per spawn at 1 GB resident), and on trio it runs Popen on
-  a worker thread (a thread hop per spawn). See benchmarks/bench_spawn.py for the numbers.
-  Being synchronous also lets a NUMA binding set on *this* thread be inherited by the child
-  from its first instruction.
+* ``subprocess.Popen(..., start_new_session=True)`` is called synchronously on asyncproc's
+  one long-lived spawning thread (``_spawner``), never on the event loop's thread. It takes
+  CPython's vfork path (no ``preexec_fn``), about 1 ms whatever the parent weighs. We do
+  *not* go through ``anyio.open_process``: on uvloop it spawns through libuv, which always
+  forks (40 ms per spawn at 1 GB resident), and on trio it runs Popen on a short-lived
+  worker thread. See benchmarks/bench_spawn.py for the numbers. A NUMA binding set on the
+  spawning thread around the one spawn is inherited by the child from its first instruction.
+* Where asyncproc may create cgroups (``_cgroup``), the child is moved into a cgroup of its
+  own right after the spawn: ending the tree is then ``cgroup.kill``, which reaches a
+  descendant that double-forked and called ``setsid()``, and finding the tree reads
+  ``cgroup.procs`` instead of scanning /proc. Elsewhere the tree is the process group plus a
+  /proc scan, made on a worker thread so the event loop never waits for it.
 * Exit is awaited on a pidfd with ``anyio.wait_readable`` (an event, never a sleep loop) and
   the child is reaped with ``waitpid(WNOHANG)``; we set ``popen.returncode`` ourselves so
   Popen never reaps it a second time. Kernels without pidfd (< 5.3) wait in a worker thread
@@ -20,20 +25,22 @@ OS process API; no backend-specific code exists anywhere else.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
 import signal
 import subprocess
+import threading
 import weakref
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
-from typing import IO, Any, Union
+from typing import IO, Any, TypeVar, Union
 
 import anyio
 import psutil
 
-from . import _guardian, _proctree
+from . import _cgroup, _guardian, _proctree, _spawner
 from ._guardian_main import read_stat
 
 __all__ = ["SubprocessHandler", "get_subprocess_handler", "DEFAULT_GRACE_S", "KILL_BOUND_S"]
@@ -46,6 +53,7 @@ KILL_BOUND_S = 2.0  # after SIGKILL; only a process in uninterruptible sleep tak
 StrPath = Union[str, "os.PathLike[str]"]
 # A file path (truncated), None/"" to inherit, or -- for callers that pipe -- an open fd.
 Redirect = Union[StrPath, int, None]
+_T = TypeVar("_T")
 
 
 class SubprocessHandler:
@@ -87,6 +95,7 @@ class SubprocessHandler:
         self._pidfd: int | None = None
         self._pidfd_closer: weakref.finalize[Any, SubprocessHandler] | None = None
         self._wait_lock: anyio.Lock | None = None
+        self._cgroup: str | None = None  # this child's own cgroup, while it has one
 
     # -- what a user reads --------------------------------------------------------------
 
@@ -110,6 +119,10 @@ class SubprocessHandler:
         if self.proc is not None:
             raise RuntimeError(f"{self!r} was already spawned; a handler runs one process")
         self._wait_lock = anyio.Lock()
+        await _spawner.run(self._spawn_here)
+
+    def _spawn_here(self) -> None:
+        """The spawn itself, on the spawning thread (see the module's docstring)."""
         self._stdout = _open_log(self._stdout_target)
         try:
             self._stderr = _open_log(self._stderr_target)
@@ -119,6 +132,7 @@ class SubprocessHandler:
         except BaseException:
             self._close_logs()
             raise
+        self._cgroup = _contain(self.proc.pid)
         _guardian.register(self.proc.pid)
         self._pidfd = _proctree.pidfd_open(self.proc.pid)
         if self._pidfd is not None:
@@ -150,23 +164,28 @@ class SubprocessHandler:
         self._started()
         if grace < 0:
             raise ValueError(f"grace must be >= 0 seconds, got {grace!r}")
-        tree = self._snapshot()
+        tree = await self._off_loop(self._snapshot)
         self._signal(sig, tree)
         try:
             left = await self._wait_gone(tree, grace)
         except BaseException:
             # Cancelled during the grace: stopping waiting must not leave the child running.
-            await self._kill_now(self._left(tree))
+            with anyio.CancelScope(shield=True):
+                await self._kill_now(await self._off_loop(self._left, tree))
             raise
         # The leader may be gone while members of its group live on (a SIGTERM-ignoring
         # background child): anything still there after the grace gets SIGKILL.
         if left or self.returncode is None:
             await self._kill_now(left)
+        self._drop_cgroup()
         return self.returncode
 
     async def _kill_now(self, tree: list[psutil.Process]) -> None:
         """SIGKILL the group and ``tree``, then reap; shielded, as it is bounded."""
         self._signal(signal.SIGKILL, tree)
+        if self._cgroup is not None:
+            # cgroup.kill also hit what was forked since the snapshot: wait for those too.
+            tree = _unique([*tree, *self._snapshot()])
         with anyio.CancelScope(shield=True):
             left = await self._wait_gone(tree, KILL_BOUND_S)
         if left or self.returncode is None:
@@ -190,6 +209,7 @@ class SubprocessHandler:
             # A task blocked in wait() owns the pidfd and will reap; never close it under it.
             if not self._wait_lock.locked():
                 self._try_reap()
+            self._drop_cgroup()
         self._close_logs()
 
     async def __aenter__(self) -> SubprocessHandler:
@@ -255,6 +275,21 @@ class SubprocessHandler:
             self._pidfd_closer()
         self._pidfd = self._pidfd_closer = None
         _guardian.unregister(self._started().pid)
+        self._drop_cgroup()
+
+    def _drop_cgroup(self) -> None:
+        """Remove our cgroup once nothing runs in it; while something does, it stays (and
+        the guardian, or our exit, kills it)."""
+        if self._cgroup is not None and _cgroup.remove(self._cgroup):
+            self._cgroup = None
+
+    async def _off_loop(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """``fn(*args)`` where it cannot block the event loop: inline when cheap (a cgroup
+        to read), else on a worker thread (a /proc scan takes tens of milliseconds with
+        hundreds of processes)."""
+        if self._cgroup is not None:
+            return fn(*args)
+        return await anyio.to_thread.run_sync(fn, *args)
 
     def _own_group(self) -> int | None:
         """Our process group id if it is safe to signal it, else None.
@@ -272,6 +307,8 @@ class SubprocessHandler:
         """Processes to end besides the group: the descendants, plus, once the leader has
         exited (zombie or reaped), the members its group and session left behind."""
         pid = self._started().pid
+        if self._cgroup is not None:
+            return _cgroup_members(self._cgroup, pid)
         if self.returncode is None:
             stat = read_stat(pid)
             found = _proctree.descendants(pid)
@@ -290,6 +327,8 @@ class SubprocessHandler:
 
     def _signal(self, sig: int, tree: list[psutil.Process]) -> None:
         _proctree.signal_tree(self._own_group(), tree, sig)
+        if sig == signal.SIGKILL and self._cgroup is not None:
+            _cgroup.kill(self._cgroup)
 
     async def _wait_gone(self, tree: list[psutil.Process], timeout: float) -> list[psutil.Process]:
         """Wait up to ``timeout`` for the child (reaped) and ``tree`` to end; what is left
@@ -307,7 +346,7 @@ class SubprocessHandler:
         finally:
             for fd in fds:
                 os.close(fd)
-        return self._left(tree)
+        return await self._off_loop(self._left, tree)
 
     def _close_logs(self) -> None:
         for f in (self._stdout, self._stderr):
@@ -361,6 +400,65 @@ def _open_log(target: Redirect) -> IO[bytes] | None:
     if target is None or isinstance(target, int) or os.fspath(target) == "":
         return None
     return open(target, "wb")
+
+
+_parent_lock = threading.Lock()
+_parent: tuple[int, str | None] | None = None  # (our pid, the cgroup holding our handlers')
+
+
+def _handlers_cgroup() -> str | None:
+    """This process's cgroup for its handlers' cgroups, made on first use and registered
+    with the guardian, which kills and removes it (all our handlers' trees) when we die."""
+    global _parent
+    with _parent_lock:
+        if _parent is None or _parent[0] != os.getpid():  # a forked child makes its own
+            path = _cgroup.create("handlers") if _cgroup.available() else None
+            _parent = (os.getpid(), path)
+            if path is not None:
+                _guardian.register_cgroup(path)
+                atexit.register(_end_cgroup, os.getpid(), path)
+        return _parent[1]
+
+
+def _end_cgroup(owner: int, path: str) -> None:
+    """At exit, as the guardian would: what our handlers left running dies with us."""
+    if os.getpid() == owner:
+        _cgroup.kill(path)
+        _cgroup.wait_empty(path, KILL_BOUND_S)
+        _cgroup.remove(path)
+
+
+def _contain(pid: int) -> str | None:
+    """Move our new child ``pid`` into a cgroup of its own, with what it already started
+    (it has exec'd: it may have forked before we got here); None where cgroups are not ours.
+    """
+    parent = _handlers_cgroup()
+    path = _cgroup.create(f"h{pid}", parent=parent) if parent is not None else None
+    if path is None:
+        return None
+    pending = [pid]
+    while pending:
+        current = pending.pop()
+        with contextlib.suppress(OSError):  # it exited meanwhile
+            _cgroup.attach(path, current)
+        pending += _proctree.children_of(current)
+    return path
+
+
+def _cgroup_members(path: str, leader: int) -> list[psutil.Process]:
+    """The living processes in cgroup ``path`` (and below: a child of ours that runs
+    asyncproc nests its own) but the leader; read, never scanned."""
+    found = []
+    for folder, _, _ in os.walk(path):
+        for pid in _cgroup.procs(folder):
+            if pid != leader:
+                with contextlib.suppress(psutil.Error):
+                    found.append(psutil.Process(pid))
+    return found
+
+
+def _unique(procs: list[psutil.Process]) -> list[psutil.Process]:
+    return list({proc.pid: proc for proc in procs}.values())
 
 
 def _popen(args: tuple[str, ...], env: dict[str, str], stdout: Any, stderr: Any) -> subprocess.Popen[bytes]:

@@ -486,6 +486,8 @@ class _Dirs:
         self.temporary = log_dir is None
         if log_dir is None:
             self.root = Path(tempfile.mkdtemp(prefix="asyncproc-run-"))
+            # Our SIGKILL skips ``cleanup``: the guardian removes it then, after the ranks.
+            _guardian.register_folder(str(self.root))
             return
         for n in itertools.count():
             self.root = Path(log_dir) / (run_id if n == 0 else f"{run_id}.{n}")
@@ -504,6 +506,7 @@ class _Dirs:
     def cleanup(self) -> None:
         if self.temporary:
             shutil.rmtree(self.root, ignore_errors=True)
+            _guardian.unregister_folder(str(self.root))
 
 
 class _PortHold:
@@ -761,7 +764,9 @@ class _Launch:
         if not self.config.reap_orphans:
             return
         for _ in range(_ORPHAN_ROUNDS):
-            tree = [proc for pid in self._orphans() for proc in _proctree.process_and_descendants(pid)]
+            orphans = self._orphans()
+            # One /proc scan for all of them, on a worker thread: never one per orphan.
+            tree = await anyio.to_thread.run_sync(_proctree.trees_of, orphans) if orphans else []
             if not tree:
                 return
             for sig, bound in ((self.stop_signal, self.config.grace), (signal.SIGKILL, KILL_BOUND_S)):
