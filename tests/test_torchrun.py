@@ -362,6 +362,7 @@ def test_record_leaves_the_python_stack_of_a_segfaulting_rank() -> None:
         (["--max-restarts", "-1"], "--max-restarts '-1': must be >= 0"),
         (["--nnodes", "2", "--max-restarts", "1"], "--max-restarts '1': restarting several nodes together needs a rendezvous"),
         (["--nnodes", "2", "--rdzv-backend", "c10d"], "--rdzv-backend 'c10d': asyncproc run has no rendezvous"),
+        (["--nnodes", "2", "--standalone"], "--nnodes '2': --standalone runs one node"),
         (["--signals-to-handle", "SIGKILL"], "--signals-to-handle 'SIGKILL': SIGKILL cannot be caught"),
         (["--signals-to-handle", "SIGFOO"], "--signals-to-handle 'SIGFOO': 'SIGFOO' is not a signal name"),
         (["-n", "2", "--local-ranks-filter", "0,5"], "--local-ranks-filter '0,5': local ranks are 0..1"),

@@ -336,7 +336,9 @@ def _config(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[Launc
 
     standalone = source.flag("standalone")
     option, value = source.get("nnodes", source.slurm("SLURM_JOB_NUM_NODES"))
-    nnodes = 1 if standalone else _nnodes(option, _or(value, "1"))
+    nnodes = _nnodes(option, _or(value, "1"))
+    if standalone and nnodes > 1:
+        raise UsageError(option, value, "--standalone runs one node")
     option, value = source.get("node_rank", source.slurm("SLURM_NODEID"))
     node_rank = 0 if standalone else _int(option, _or(value, "0"), 0)
     if node_rank >= nnodes:
