@@ -299,8 +299,9 @@ time.sleep(60)
 
 @pytest.mark.parametrize(
     ("sig", "args"),
-    [(signal.SIGHUP, []), (signal.SIGQUIT, []), (signal.SIGUSR1, ["--signals-to-handle", "SIGUSR1,SIGTERM"])],
-    ids=["SIGHUP", "SIGQUIT", "SIGUSR1-configured"],
+    [(signal.SIGHUP, []), (signal.SIGQUIT, []), (signal.SIGUSR1, ["--signals-to-handle", "SIGUSR1,SIGTERM"]),
+     (signal.SIGTERM, ["--max-restarts", "3"])],
+    ids=["SIGHUP", "SIGQUIT", "SIGUSR1-configured", "SIGTERM-no-restart"],
 )
 def test_each_handled_signal_is_forwarded_with_summary_and_code(sig: signal.Signals, args: list[str], tmp_path: Path) -> None:
     temp = tmp_path / "tmp"
@@ -316,7 +317,7 @@ def test_each_handled_signal_is_forwarded_with_summary_and_code(sig: signal.Sign
     out, err = launcher.communicate(timeout=30)
     assert launcher.returncode == 128 + sig, err
     assert sorted(out.splitlines()) == [f"[rank0]: got {sig.name}", f"[rank1]: got {sig.name}"]
-    assert f"interrupted by {sig.name}" in err and "Traceback" not in err
+    assert f"interrupted by {sig.name}" in err and "Traceback" not in err and "restarting" not in err
     assert list(temp.iterdir()) == []  # the temporary folder is gone
 
 
@@ -428,6 +429,22 @@ def test_torchrun_spellings_and_defaults() -> None:
     elastic_timeout, _ = config_of("true", env={"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "9"})
     assert elastic_timeout.grace == 9.0 and elastic_timeout.signals == (
         signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"nproc": 1, "nnodes": 2}, "master_port must be given when nnodes > 1"),
+     ({"nproc": 1, "nnodes": 2, "node_rank": 2, "master_port": 1}, r"node_rank must be < nnodes \(2\), got 2"),
+     ({"nproc": 2, "tee": 1}, "tee=1 needs log_dir"),
+     ({"nproc": 2, "log_dir": "/tmp", "redirects": {2: 1}}, "redirects must map local ranks in 0..1"),
+     ({"nproc": 2, "local_ranks_filter": frozenset({3})}, "local_ranks_filter must name local ranks in 0..1"),
+     ({"nproc": 1, "max_restarts": -1}, "max_restarts must be an int >= 0"),
+     ({"nproc": 1, "run_id": "a/b"}, "run_id must be a non-empty name without '/'"),
+     ({"nproc": 1, "signals": (signal.SIGKILL,)}, "signals cannot include SIGKILL")],
+)
+def test_bad_launch_configs_are_named(kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        LaunchConfig(**kwargs)
 
 
 # -- porting from torch ------------------------------------------------------------------------------
