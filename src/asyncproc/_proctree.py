@@ -49,6 +49,7 @@ __all__ = [
     "children_of",
     "reap_exited_children",
     "reap_adopted",
+    "reap_each",
     "wait_exit",
     "wait_gone",
 ]
@@ -319,27 +320,36 @@ def reap_exited_children() -> None:
 
 def children_of(pid: int) -> list[int]:
     """``pid``'s direct children, from /proc (no scan of every process); [] when gone."""
-    found: list[int] = []
     try:
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                found += map(int, f.read().split())
+        return _task_children(str(pid))
     except OSError:
-        pass
+        return []
+
+
+def _task_children(pid: str) -> list[int]:
+    found: list[int] = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/children") as f:
+            found += map(int, f.read().split())
     return found
+
+
+def reap_each(pids: Iterable[int]) -> None:
+    """Reap those of ``pids`` that are our exited children; skip the rest."""
+    for pid in pids:
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
 
 
 def own_children() -> list[int] | None:
     """This process's direct children, from /proc (cheap: no scan of every process);
     None where the kernel does not list them (CONFIG_PROC_CHILDREN)."""
-    pids: list[int] = []
     try:
-        for tid in os.listdir("/proc/self/task"):
-            with open(f"/proc/self/task/{tid}/children") as f:
-                pids += map(int, f.read().split())
+        return _task_children("self")
     except FileNotFoundError:
         return None
-    return pids
 
 
 async def reap_adopted(leader: int, snapshot: Iterable[psutil.Process]) -> None:
