@@ -39,6 +39,7 @@ from typing import IO, Any, TypeVar, Union
 
 import anyio
 import psutil
+from anyio.lowlevel import RunVar
 
 from . import _cgroup, _guardian, _proctree, _spawner
 from ._guardian_main import read_stat
@@ -54,6 +55,7 @@ StrPath = Union[str, "os.PathLike[str]"]
 # A file path (truncated), None/"" to inherit, or -- for callers that pipe -- an open fd.
 Redirect = Union[StrPath, int, None]
 _T = TypeVar("_T")
+_Table = dict[int, Any]  # pid -> _guardian_main.Stat
 
 
 class SubprocessHandler:
@@ -96,6 +98,7 @@ class SubprocessHandler:
         self._pidfd_closer: weakref.finalize[Any, SubprocessHandler] | None = None
         self._wait_lock: anyio.Lock | None = None
         self._cgroup: str | None = None  # this child's own cgroup, while it has one
+        self._starttime = 0  # of the child, in clock ticks after boot: with the pid, unique
 
     # -- what a user reads --------------------------------------------------------------
 
@@ -133,6 +136,8 @@ class SubprocessHandler:
             self._close_logs()
             raise
         self._cgroup = _contain(self.proc.pid)
+        stat = read_stat(self.proc.pid)
+        self._starttime = stat.starttime if stat is not None else 0
         _guardian.register(self.proc.pid)
         self._pidfd = _proctree.pidfd_open(self.proc.pid)
         if self._pidfd is not None:
@@ -164,14 +169,13 @@ class SubprocessHandler:
         self._started()
         if grace < 0:
             raise ValueError(f"grace must be >= 0 seconds, got {grace!r}")
-        tree = await self._off_loop(self._snapshot)
-        self._signal(sig, tree)
+        tree = await _off_loop(self._snapshot_and_signal, sig, await self._table())
         try:
             left = await self._wait_gone(tree, grace)
         except BaseException:
             # Cancelled during the grace: stopping waiting must not leave the child running.
             with anyio.CancelScope(shield=True):
-                await self._kill_now(await self._off_loop(self._left, tree))
+                await self._kill_now(await _off_loop(self._left, tree, await self._table()))
             raise
         # The leader may be gone while members of its group live on (a SIGTERM-ignoring
         # background child): anything still there after the grace gets SIGKILL.
@@ -182,10 +186,7 @@ class SubprocessHandler:
 
     async def _kill_now(self, tree: list[psutil.Process]) -> None:
         """SIGKILL the group and ``tree``, then reap; shielded, as it is bounded."""
-        self._signal(signal.SIGKILL, tree)
-        if self._cgroup is not None:
-            # cgroup.kill also hit what was forked since the snapshot: wait for those too.
-            tree = _unique([*tree, *self._snapshot()])
+        tree = await _off_loop(self._sigkill, tree)
         with anyio.CancelScope(shield=True):
             left = await self._wait_gone(tree, KILL_BOUND_S)
         if left or self.returncode is None:
@@ -283,13 +284,21 @@ class SubprocessHandler:
         if self._cgroup is not None and _cgroup.remove(self._cgroup):
             self._cgroup = None
 
-    async def _off_loop(self, fn: Callable[..., _T], *args: Any) -> _T:
-        """``fn(*args)`` where it cannot block the event loop: inline when cheap (a cgroup
-        to read), else on a worker thread (a /proc scan takes tens of milliseconds with
-        hundreds of processes)."""
-        if self._cgroup is not None:
-            return fn(*args)
-        return await anyio.to_thread.run_sync(fn, *args)
+    async def _table(self) -> _Table | None:
+        """The /proc table the fallback needs (None with a cgroup), shared with every
+        handler of this event loop that asks at the same time."""
+        return None if self._cgroup is not None else await _per_loop(_SCANNER, _Scanner).table()
+
+    def _snapshot_and_signal(self, sig: int, table: _Table | None) -> list[psutil.Process]:
+        tree = self._snapshot(table)
+        self._signal(sig, tree)
+        return tree
+
+    def _sigkill(self, tree: list[psutil.Process]) -> list[psutil.Process]:
+        """SIGKILL, and what to wait for: with a cgroup, ``cgroup.kill`` also hit what was
+        forked since ``tree`` was taken, so those are read and awaited too."""
+        self._signal(signal.SIGKILL, tree)
+        return _unique([*tree, *self._snapshot()]) if self._cgroup is not None else tree
 
     def _own_group(self) -> int | None:
         """Our process group id if it is safe to signal it, else None.
@@ -303,25 +312,22 @@ class SubprocessHandler:
             return pid
         return None
 
-    def _snapshot(self) -> list[psutil.Process]:
+    def _snapshot(self, table: _Table | None = None) -> list[psutil.Process]:
         """Processes to end besides the group: the descendants, plus, once the leader has
         exited (zombie or reaped), the members its group and session left behind."""
         pid = self._started().pid
         if self._cgroup is not None:
             return _cgroup_members(self._cgroup, pid)
-        if self.returncode is None:
-            stat = read_stat(pid)
-            found = _proctree.descendants(pid)
-            # A zombie leader has no children left: its group's members were re-parented.
-            return found + _group_leftovers(pid) if stat is not None and stat.zombie else found
-        if self._own_group() is None or not _group_exists(pid):
+        if self.returncode is not None and (self._own_group() is None or not _group_exists(pid)):
             return []
-        return _group_leftovers(pid)
+        # A zombie or reaped leader has no children left: its group's and session's
+        # members were re-parented, and are found by their group and session ids.
+        return _proctree.family_of(pid, self._starttime, table or _proctree.shared_scan())
 
-    def _left(self, tree: list[psutil.Process]) -> list[psutil.Process]:
+    def _left(self, tree: list[psutil.Process], table: _Table | None = None) -> list[psutil.Process]:
         """What is still alive: of ``tree``, and of a fresh snapshot (unique by pid)."""
         living = {p.pid: p for p in tree if _is_alive(p)}
-        for proc in self._snapshot():
+        for proc in self._snapshot(table):
             living.setdefault(proc.pid, proc)
         return list(living.values())
 
@@ -333,7 +339,7 @@ class SubprocessHandler:
     async def _wait_gone(self, tree: list[psutil.Process], timeout: float) -> list[psutil.Process]:
         """Wait up to ``timeout`` for the child (reaped) and ``tree`` to end; what is left
         (recomputed: once the leader is reaped, its group's leftovers are found by scan)."""
-        fds = _pidfds(tree)
+        fds = await _off_loop(_pidfds, tree)
         try:
             with anyio.move_on_after(timeout):
                 async with anyio.create_task_group() as tg:
@@ -346,7 +352,7 @@ class SubprocessHandler:
         finally:
             for fd in fds:
                 os.close(fd)
-        return await self._off_loop(self._left, tree)
+        return await _off_loop(self._left, tree, await self._table())
 
     def _close_logs(self) -> None:
         for f in (self._stdout, self._stderr):
@@ -457,6 +463,74 @@ def _cgroup_members(path: str, leader: int) -> list[psutil.Process]:
     return found
 
 
+async def _off_loop(fn: Callable[..., _T], *args: Any) -> _T:
+    """``fn(*args)`` on a worker thread: what a kill does per process (a read of /proc or of
+    a cgroup, a pidfd, a signal) is cheap, but 300 kills started at once run theirs in one
+    turn of the loop, which held it 150 ms; a /proc scan alone takes tens of milliseconds
+    with hundreds of processes. Shielded: it is bounded, and its result (pidfds) must not be
+    lost to a cancellation."""
+    with anyio.CancelScope(shield=True):
+        return await anyio.to_thread.run_sync(fn, *args, limiter=_limiter())
+
+
+class _Round:
+    def __init__(self) -> None:
+        self.done = anyio.Event()
+        self.table: _Table | None = None
+
+
+class _Scanner:
+    """One /proc scan for every handler of an event loop that needs one at the same time:
+    300 handlers stopping at once cost two scans (each tens of milliseconds), not 600.
+
+    A caller joins the round that has not started yet, or opens it and leads it: waits for
+    the round in progress (taken maybe before the caller's processes changed), then scans.
+    """
+
+    def __init__(self) -> None:
+        self._next: _Round | None = None
+        self._running: _Round | None = None
+
+    async def table(self) -> _Table:
+        if self._next is not None:
+            joined = self._next
+            await joined.done.wait()
+            return joined.table if joined.table is not None else await _off_loop(_proctree.shared_scan)
+        led = self._next = _Round()
+        with anyio.CancelScope(shield=True):  # followers wait on us: bounded, never abandoned
+            try:
+                if self._running is not None:
+                    await self._running.done.wait()
+                self._next, self._running = None, led
+                led.table = await _off_loop(_proctree.shared_scan)
+            finally:
+                if self._next is led:
+                    self._next = None
+                if self._running is led:
+                    self._running = None
+                led.done.set()
+        return led.table
+
+
+_SCANNER: RunVar[_Scanner] = RunVar("asyncproc_scanner")
+_LIMITER: RunVar[anyio.CapacityLimiter] = RunVar("asyncproc_handler_threads")
+_THREADS = 4  # more only adds contention for the GIL, which the loop thread needs too
+
+
+def _limiter() -> anyio.CapacityLimiter:
+    return _per_loop(_LIMITER, lambda: anyio.CapacityLimiter(_THREADS))
+
+
+def _per_loop(var: RunVar[_T], make: Callable[[], _T]) -> _T:
+    """``var``'s value in this event loop, made on first use."""
+    try:
+        return var.get()
+    except LookupError:
+        value = make()
+        var.set(value)
+        return value
+
+
 def _unique(procs: list[psutil.Process]) -> list[psutil.Process]:
     return list({proc.pid: proc for proc in procs}.values())
 
@@ -524,17 +598,6 @@ def _group_exists(pgid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def _group_leftovers(pgid: int) -> list[psutil.Process]:
-    """Living processes in the process group or session ``pgid`` (a /proc scan; rare)."""
-    found = []
-    for pid in psutil.pids():
-        stat = read_stat(pid)
-        if stat is not None and not stat.zombie and pgid in (stat.pgrp, stat.session):
-            with contextlib.suppress(psutil.Error):
-                found.append(psutil.Process(pid))
-    return found
 
 
 async def _until_readable(fd: int) -> None:

@@ -121,17 +121,31 @@ def spawn_python(code: str, argv: list[str], fds: dict[int, int]) -> int:
 
 
 
-def prepare_process(fault_fd: int, parent_pid: int) -> None:
-    """Isolate this fresh child: own session, subreaper, dies with its parent, fault log."""
+def prepare_process(fault_fd: int, parent_pid: int, cgroup: str | None = None, die_with_parent: bool = True) -> None:
+    """Isolate this fresh child: own session, own cgroup, subreaper, dies with its parent
+    (unless someone else, the guardian, ends it with its tree), fault log."""
     try:
         os.setsid()
     except PermissionError:  # posix_spawn(setsid=True) already made us a leader
         pass
-    _proctree.set_parent_death_signal(signal.SIGKILL)
+    if cgroup:
+        _attach_cgroup(cgroup)
+    if die_with_parent:
+        _proctree.set_parent_death_signal(signal.SIGKILL)
     if os.getppid() != parent_pid:  # the parent died before the line above took effect
         os._exit(1)
     _proctree.make_subreaper()
     faulthandler.enable(file=fault_fd, all_threads=True)
+
+
+def _attach_cgroup(path: str) -> None:
+    # Before anything of the call runs: every process it starts is born in the cgroup and
+    # ends with one cgroup.kill. Failing that (a racing removal), the scans still apply.
+    try:
+        with open(os.path.join(path, "cgroup.procs"), "w") as f:
+            f.write("0")
+    except OSError:
+        pass
 
 
 def _reset_inherited_signals() -> None:
@@ -305,11 +319,24 @@ def run_one(data: socket.socket, job: Job | None = None, spec: CallSpec | None =
     _finish(data, tag, body)
 
 
-def forked_main(data: socket.socket, fault_fd: int, parent_pid: int, job: Job, spec: CallSpec) -> NoReturn:
-    """Entry of a "fork" child, still holding the caller's whole state."""
+GUARDED = b"g"  # the body of a "fork" worker's go: the caller's guardian will end our tree
+
+
+def forked_main(data: socket.socket, fault_fd: int, parent_pid: int, job: Job, spec: CallSpec, cgroup: str | None) -> NoReturn:
+    """Entry of a "fork" child, still holding the caller's whole state. It waits for the
+    caller's go (end-of-stream: the caller died first). GUARDED: the caller's guardian
+    ends our whole tree if the caller dies, so no parent-death signal, which would kill us
+    first and orphan our tree beyond the guardian's reach."""
     try:
         _reset_inherited_signals()
-        prepare_process(fault_fd, parent_pid)
+        prepare_process(fault_fd, parent_pid, cgroup, die_with_parent=False)
+        go = _protocol.recv(data)
+        if go is None:
+            os._exit(1)
+        if bytes(go.body) != GUARDED:
+            _proctree.set_parent_death_signal(signal.SIGKILL)
+            if os.getppid() != parent_pid:
+                os._exit(1)
         run_one(data, job, spec)
     finally:
         os._exit(70)  # never return into the caller's event loop
@@ -320,13 +347,13 @@ def spawn_main() -> NoReturn:
     fd 3 is the data socket, fd 4 the fault log."""
     for fd in (3, 4):  # posix_spawn's dup2 made them inheritable: not for what the call execs
         os.set_inheritable(fd, False)
-    prepare_process(4, int(sys.argv[1]))
+    prepare_process(4, int(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else None)
     run_one(socket.socket(fileno=3))
 
 
-def spare_main(ctl: socket.socket, fault_fd: int, server_pid: int) -> NoReturn:
+def spare_main(ctl: socket.socket, fault_fd: int, server_pid: int, cgroup: str | None = None) -> NoReturn:
     """Entry of a spare forked by the server: wait to be assigned a call, then serve it."""
-    prepare_process(fault_fd, server_pid)
+    prepare_process(fault_fd, server_pid, cgroup)
     _proctree.set_comm("asyncproc-idle")
     try:
         msg = _protocol.recv(ctl)
