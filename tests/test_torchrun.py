@@ -178,6 +178,9 @@ def test_slurm_and_pet_variables_give_global_ranks(
         assert f"{seen[rank]['MASTER_ADDR']}:{seen[rank]['MASTER_PORT']}" == master
     if env is SLURM:
         assert seen[4]["TORCHELASTIC_RUN_ID"] == "4242"
+        # A stray SLURM_* or PET_* variable changes the layout: the launcher says where it came from.
+        assert ("asyncproc run: node 2 of 3, ranks 4-5 of 6, rank 0 at gpu-a07:29500; taken from the environment: "
+                "--nnodes (from Slurm), --node-rank (from Slurm), --master-addr (from Slurm)") in done.stderr
 
 
 # -- torchrun's environment and command line ----------------------------------------------------

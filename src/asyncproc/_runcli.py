@@ -20,7 +20,7 @@ import resource
 import signal
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -133,6 +133,7 @@ class _Source:
 
     args: argparse.Namespace
     environ: Mapping[str, str]
+    borrowed: list[str] = field(default_factory=list)  # options taken from PET_* or Slurm
 
     def get(self, dest: str, slurm: Callable[[], str | None] | None = None) -> tuple[str, str | None]:
         """(option name for messages, value or None)."""
@@ -142,9 +143,11 @@ class _Source:
             return option, str(value) if not isinstance(value, bool) else ("1" if value else "0")
         pet = f"PET_{_PET_NAMES.get(dest, dest).upper()}"
         if self.environ.get(pet, "") != "":
-            return f"{option} (from ${pet})", self.environ[pet]
+            self.borrowed.append(f"{option} (from ${pet})")
+            return self.borrowed[-1], self.environ[pet]
         if slurm is not None and (found := slurm()) is not None:
-            return f"{option} (from Slurm)", found
+            self.borrowed.append(f"{option} (from Slurm)")
+            return self.borrowed[-1], found
         return option, None
 
     def flag(self, dest: str) -> bool:
@@ -408,7 +411,17 @@ def _config(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[Launc
         )
     except ValueError as exc:  # what the option checks above did not catch, named by field
         raise UsageError("asyncproc run", None, str(exc)) from None
+    if source.borrowed:  # say so: a stray SLURM_* or PET_* variable changes the whole layout
+        notices.append(_layout_notice(config, source.borrowed))
     return config, _command(args, source), notices
+
+
+def _layout_notice(config: LaunchConfig, borrowed: list[str]) -> str:
+    first = config.node_rank * config.nproc
+    port = config.master_port if config.master_port is not None else "a free port"
+    return (f"asyncproc run: node {config.node_rank} of {config.nnodes}, ranks {first}-{first + config.nproc - 1} "
+            f"of {config.world_size}, rank 0 at {config.master_addr}:{port}; taken from the environment: "
+            + ", ".join(borrowed))
 
 
 def _master(source: _Source, nnodes: int, rendezvous: bool) -> tuple[str, int | None]:
