@@ -370,7 +370,7 @@ def test_record_leaves_the_python_stack_of_a_segfaulting_rank() -> None:
         (["--signals-to-handle", "SIGKILL"], "--signals-to-handle 'SIGKILL': SIGKILL cannot be caught"),
         (["--signals-to-handle", "SIGFOO"], "--signals-to-handle 'SIGFOO': 'SIGFOO' is not a signal name"),
         (["-n", "2", "--local-ranks-filter", "0,5"], "--local-ranks-filter '0,5': local ranks are 0..1"),
-        (["--log-line-prefix-template", "${host}"], "may use only ${rank}, ${local_rank} and ${role_name}"),
+        (["--log-line-prefix-template", "${host}"], "--log-line-prefix-template '${host}': may use only ${rank}, ${local_rank} and ${role_name}"),
         (["-m", "--no-python"], "--module: cannot be used with --no-python"),
         (["--grace", "-1"], "--grace '-1': must be >= 0"),
         (["--logs-specs", "mine"], "--logs-specs 'mine': asyncproc has no LogsSpecs plugins"),

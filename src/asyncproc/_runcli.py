@@ -18,6 +18,7 @@ import importlib.util
 import os
 import resource
 import signal
+import string
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -48,8 +49,11 @@ OMP_NOTICE = (
 class UsageError(Exception):
     """A bad option value: ``--option VALUE: reason``."""
 
-    def __init__(self, option: str, value: object, reason: str):
-        super().__init__(f"{option} {value!r}: {reason}" if value is not None else f"{option}: {reason}")
+    def __init__(self, option: str | None, value: object, reason: str):
+        if option is None:
+            super().__init__(reason)
+        else:
+            super().__init__(f"{option} {value!r}: {reason}" if value is not None else f"{option}: {reason}")
 
 
 # -- the parser ---------------------------------------------------------------------------
@@ -383,7 +387,14 @@ def _config(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[Launc
     ranks_filter = _ranks_filter(option, value, nproc)
 
     option, value = source.get("log_line_prefix_template")
-    template = value if value is not None else environ.get("TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE", DEFAULT_PREFIX)
+    if value is None and "TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE" in environ:
+        option, value = "$TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE", environ["TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE"]
+    template = DEFAULT_PREFIX if value is None else value
+    if "$" in template:
+        try:
+            string.Template(template).substitute(rank=0, local_rank=0, role_name="x")
+        except (KeyError, ValueError):
+            raise UsageError(option, value, "may use only ${rank}, ${local_rank} and ${role_name} ($$ for a $)") from None
     option, value = source.get("grace")
     grace = _grace(option, value if value is not None else environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT"))
     option, value = source.get("signals_to_handle")
@@ -410,7 +421,7 @@ def _config(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[Launc
             handle_signals=True, reap_orphans=True,
         )
     except ValueError as exc:  # what the option checks above did not catch, named by field
-        raise UsageError("asyncproc run", None, str(exc)) from None
+        raise UsageError(None, None, str(exc)) from None
     if source.borrowed:  # say so: a stray SLURM_* or PET_* variable changes the whole layout
         notices.append(_layout_notice(config, source.borrowed))
     return config, _command(args, source), notices
