@@ -193,3 +193,67 @@ def test_a_sigkilled_guardian_is_replaced_so_children_still_die_with_the_parent(
         alive = [pid for pid in alive if pid in (child, *second)]
         wait_dead_and_reap(pidfds(helper_pids(tmp_path)), timeout=2.0)
     assert not alive
+
+
+SCAN_CHILD = "setsid sleep 60 & echo ready; exec sleep 60"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("cgroups", [True, False], ids=["cgroups", "scans"])
+async def test_stopping_many_handlers_scans_proc_once_per_round_never_on_the_loop(
+    anyio_backend: object, monkeypatch: pytest.MonkeyPatch, cgroups: bool
+) -> None:
+    # 30 handlers stopped at once, each with a setsid grandchild: without cgroups, one
+    # shared /proc scan serves all of them per round (not one or more each), and no scan
+    # and no spawn ever runs on the event loop's thread (each would hold every task).
+    import threading
+
+    from asyncproc import _handler
+
+    if not cgroups:
+        monkeypatch.setattr(_handler, "_handlers_cgroup", lambda: None)
+    loop_thread = threading.get_ident()
+    scans: list[int] = []
+    listdir = os.listdir
+    popen = subprocess.Popen.__init__
+
+    def counting_listdir(path: object = ".") -> list[str]:
+        if path == "/proc":
+            scans.append(threading.get_ident())
+        return listdir(path)  # type: ignore[arg-type]
+
+    def spying_popen(self: subprocess.Popen[bytes], *args: object, **kwargs: object) -> None:
+        if list(args[0])[:1] == ["/bin/sh"]:  # type: ignore[call-overload]  # not the guardian
+            scans.append(-threading.get_ident())  # negative: a spawn
+        popen(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    handlers, pipes = [], []
+    for i in range(30):
+        r, w = os.pipe()
+        pipes.append(r)
+        handlers.append(get_subprocess_handler("/bin/sh", ["-c", SCAN_CHILD], {}, w, None, i))
+    monkeypatch.setattr(os, "listdir", counting_listdir)
+    monkeypatch.setattr(subprocess.Popen, "__init__", spying_popen)
+    try:
+        async with anyio.create_task_group() as tg:
+            for handler in handlers:
+                tg.start_soon(handler.spawn)
+        for handler in handlers:
+            os.close(handler._stdout_target)  # type: ignore[arg-type]
+        for r in pipes:
+            await anyio.wait_readable(r)
+        spawned = len(scans)
+        async with anyio.create_task_group() as tg:
+            for handler in handlers:
+                tg.start_soon(handler.kill, signal.SIGTERM, 5.0)
+    finally:
+        monkeypatch.undo()
+        for handler in handlers:
+            handler.close()
+        for r in pipes:
+            os.close(r)
+    assert all(h.returncode == -signal.SIGTERM for h in handlers)
+    assert spawned == 30 and loop_thread not in (-t for t in scans[:spawned]), "spawned on the loop thread"
+    assert loop_thread not in scans[spawned:], "a /proc scan ran on the event loop's thread"
+    # Per handler: a snapshot and a check after the grace; shared, they are a few rounds.
+    assert len(scans) - spawned <= (0 if cgroups else 6), f"{len(scans) - spawned} scans of /proc for 30 kills"

@@ -287,7 +287,14 @@ class SubprocessHandler:
     async def _table(self) -> _Table | None:
         """The /proc table the fallback needs (None with a cgroup), shared with every
         handler of this event loop that asks at the same time."""
-        return None if self._cgroup is not None else await _per_loop(_SCANNER, _Scanner).table()
+        if self._cgroup is not None or self._nothing_to_find():
+            return None
+        return await _per_loop(_SCANNER, _Scanner).table()
+
+    def _nothing_to_find(self) -> bool:
+        """Reaped, and its group is empty or no longer ours: no scan can find anything."""
+        pid = self._started().pid
+        return self.returncode is not None and (self._own_group() is None or not _group_exists(pid))
 
     def _snapshot_and_signal(self, sig: int, table: _Table | None) -> list[psutil.Process]:
         tree = self._snapshot(table)
@@ -318,7 +325,7 @@ class SubprocessHandler:
         pid = self._started().pid
         if self._cgroup is not None:
             return _cgroup_members(self._cgroup, pid)
-        if self.returncode is not None and (self._own_group() is None or not _group_exists(pid)):
+        if self._nothing_to_find():
             return []
         # A zombie or reaped leader has no children left: its group's and session's
         # members were re-parented, and are found by their group and session ids.
@@ -470,7 +477,8 @@ async def _off_loop(fn: Callable[..., _T], *args: Any) -> _T:
     with hundreds of processes. Shielded: it is bounded, and its result (pidfds) must not be
     lost to a cancellation."""
     with anyio.CancelScope(shield=True):
-        return await anyio.to_thread.run_sync(fn, *args, limiter=_limiter())
+        result = await anyio.to_thread.run_sync(fn, *args, limiter=_limiter())
+    return result
 
 
 class _Round:
@@ -497,19 +505,21 @@ class _Scanner:
             await joined.done.wait()
             return joined.table if joined.table is not None else await _off_loop(_proctree.shared_scan)
         led = self._next = _Round()
+        table: _Table = {}
         with anyio.CancelScope(shield=True):  # followers wait on us: bounded, never abandoned
             try:
                 if self._running is not None:
                     await self._running.done.wait()
                 self._next, self._running = None, led
-                led.table = await _off_loop(_proctree.shared_scan)
+                table = await _off_loop(_proctree.shared_scan)
+                led.table = table
             finally:
                 if self._next is led:
                     self._next = None
                 if self._running is led:
                     self._running = None
                 led.done.set()
-        return led.table
+        return table
 
 
 _SCANNER: RunVar[_Scanner] = RunVar("asyncproc_scanner")
