@@ -130,16 +130,18 @@ else:
 """
 
 
-def test_two_nodes_on_this_machine_reach_rank_0_through_master_addr_and_port() -> None:
+def test_two_nodes_on_this_machine_reach_rank_0_through_master_addr_and_port(tmp_path: Path) -> None:
+    script = tmp_path / "YOUR_TRAINING_SCRIPT.py"
+    script.write_text(textwrap.dedent(TWO_NODES))
     # The test holds the port as the launcher does, so nothing else takes it meanwhile.
     with socket.socket() as hold:
         hold.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         hold.bind(("127.0.0.1", 0))
         port = str(hold.getsockname()[1])
         nodes = [
-            subprocess.Popen(
-                [*LAUNCHER, "-n", "2", "--nnodes", "2", "--node-rank", str(node), "--master-addr", "127.0.0.1",
-                 "--master-port", port, "--", *rank_code(TWO_NODES)],
+            subprocess.Popen(  # torch's documented multi-node static command line, node by node
+                [*LAUNCHER, "--nproc-per-node=2", "--nnodes=2", f"--node-rank={node}", "--master-addr=127.0.0.1",
+                 f"--master-port={port}", str(script), "--arg1"],
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=BASE_ENV,
             )
             for node in (1, 0)
@@ -187,7 +189,7 @@ def test_slurm_and_pet_variables_give_global_ranks(
 
 
 def test_every_rank_gets_torchruns_environment(tmp_path: Path) -> None:
-    done = launch("--nproc-per-node=2", "--role", "trainer", "--max-restarts", "3", "--virtual-local-rank",
+    done = launch("--standalone", "--nnodes=1", "--nproc-per-node=2", "--role", "trainer", "--max-restarts", "3", "--virtual-local-rank",
                   "--", *rank_code(SHOW_ENV), env={"CUDA_VISIBLE_DEVICES": "5,7"})
     assert done.returncode == 0, done.stderr
     assert done.stderr.splitlines() == [f"asyncproc run: {_runcli.OMP_NOTICE}"]  # torchrun's notice, one line
