@@ -333,43 +333,93 @@ def _command(args: argparse.Namespace, source: _Source) -> list[str]:
     return command
 
 
+@dataclass(frozen=True)
+class _Layout:
+    nproc: int
+    nnodes: int
+    node_rank: int
+    master_addr: str
+    master_port: int | None
+    max_restarts: int
+
+
+@dataclass(frozen=True)
+class _Output:
+    log_dir: Path | None
+    redirects: StdSpec | None
+    tee: StdSpec
+    ranks_filter: frozenset[int] | None
+    template: str
+
+
 def _config(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[LaunchConfig, list[str], list[str]]:
     """The launch's config, its command, and notices to print; UsageError on a bad value."""
     source = _Source(args, environ)
-    notices: list[str] = []
+    layout = _layout(source)
+    out = _output(source, layout.nproc)
+    option, value = source.get("grace")
+    grace = _grace(option, value if value is not None else environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT"))
+    option, value = source.get("signals_to_handle")
+    signals = _signals(option, value)
+    option, value = source.get("rdzv_id", source.slurm("SLURM_JOB_ID"))
+    run_id = None if value in (None, "", "none") else value
+    if run_id is not None and ("/" in run_id or run_id in (".", "..")):
+        raise UsageError(option, value, "must be a name without '/'")
+    _refuse_unsupported(source)
+    notices = _ignored(source)
+    env: dict[str, str | None] = {}
+    if "OMP_NUM_THREADS" not in environ and layout.nproc > 1:
+        env["OMP_NUM_THREADS"] = "1"
+        notices.append(f"asyncproc run: {OMP_NOTICE}")
+    _, role = source.get("role")
+    _, numa = source.get("numa")
+    try:
+        config = LaunchConfig(
+            nproc=layout.nproc, nnodes=layout.nnodes, node_rank=layout.node_rank, master_addr=layout.master_addr,
+            master_port=layout.master_port, max_restarts=layout.max_restarts, run_id=run_id,
+            role=role or "default", log_dir=out.log_dir, redirects=out.redirects, tee=out.tee,
+            local_ranks_filter=out.ranks_filter, log_line_prefix_template=out.template, grace=grace,
+            signals=signals, env=env, numa_options=_numa_options(numa),
+            virtual_local_rank=source.flag("virtual_local_rank"), handle_signals=True, reap_orphans=True,
+        )
+    except ValueError as exc:  # what the option checks did not catch, named by field
+        raise UsageError(None, None, str(exc)) from None
+    if source.borrowed:  # say so: a stray SLURM_* or PET_* variable changes the whole layout
+        notices.append(_layout_notice(config, source.borrowed))
+    return config, _command(args, source), notices
+
+
+def _layout(source: _Source) -> _Layout:
+    """Ranks per node, nodes, this node's rank, rank 0's address, restarts."""
     option, value = source.get("nproc")
     nproc = _nproc(option, _or(value, "1"))
     _check_fd_limit(option, nproc)
-
     standalone = source.flag("standalone")
     option, value = source.get("nnodes", source.slurm("SLURM_JOB_NUM_NODES"))
     nnodes = _nnodes(option, _or(value, "1"))
     if standalone and nnodes > 1:
         raise UsageError(option, value, "--standalone runs one node")
     option, value = source.get("node_rank", source.slurm("SLURM_NODEID"))
-    node_rank = 0 if standalone else _int(option, _or(value, "0"), 0)
+    node_rank = _int(option, _or(value, "0"), 0)
     if node_rank >= nnodes:
         raise UsageError(option, value, f"must be below --nnodes ({nnodes})")
-
     option, backend = source.get("rdzv_backend")
     if backend is not None and backend not in RDZV_BACKENDS:
         raise UsageError(option, backend, f"must be one of {', '.join(RDZV_BACKENDS)}")
     if backend not in (None, "static") and nnodes > 1:
         raise UsageError(option, backend, "asyncproc run has no rendezvous: several nodes use the static one "
                                           "(--master-addr, --master-port, --node-rank); for elastic jobs use torchrun")
-
     master_addr, master_port = _master(source, nnodes, standalone or backend not in (None, "static"))
     option, value = source.get("max_restarts")
     max_restarts = _int(option, _or(value, "0"), 0)
     if max_restarts and nnodes > 1:
         raise UsageError(option, value, "restarting several nodes together needs a rendezvous: use torchrun's "
                                         "c10d rendezvous, or the scheduler's requeue (see the README)")
+    return _Layout(nproc, nnodes, node_rank, master_addr, master_port, max_restarts)
 
-    option, value = source.get("rdzv_id", source.slurm("SLURM_JOB_ID"))
-    run_id = None if value in (None, "", "none") else value
-    if run_id is not None and ("/" in run_id or run_id in (".", "..")):
-        raise UsageError(option, value, "must be a name without '/'")
 
+def _output(source: _Source, nproc: int) -> _Output:
+    """Log folder, which streams go where, the console filter and prefix."""
     option, value = source.get("log_dir")
     log_dir = _log_dir(option, value)
     stds: dict[str, StdSpec] = {}
@@ -380,51 +430,33 @@ def _config(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[Launc
         given = given or value is not None
         if log_dir is None and stds[dest]:
             raise UsageError(option, value, "needs --log-dir: the streams go to files there")
-    # With neither, --log-dir alone sends every stream to its file (asyncproc's rule); with
-    # either, torchrun's: what neither names goes to the console only.
-    redirects = stds["redirects"] if given else None
     option, value = source.get("local_ranks_filter")
     ranks_filter = _ranks_filter(option, value, nproc)
+    # With neither -r nor -t, --log-dir alone sends every stream to its file (asyncproc's
+    # rule); with either, torchrun's: what neither names goes to the console only.
+    return _Output(log_dir, stds["redirects"] if given else None, stds["tee"], ranks_filter, _template(source))
 
+
+def _template(source: _Source) -> str:
     option, value = source.get("log_line_prefix_template")
-    if value is None and "TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE" in environ:
-        option, value = "$TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE", environ["TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE"]
-    template = DEFAULT_PREFIX if value is None else value
-    if "$" in template:
-        try:
-            string.Template(template).substitute(rank=0, local_rank=0, role_name="x")
-        except (KeyError, ValueError):
-            raise UsageError(option, value, "may use only ${rank}, ${local_rank} and ${role_name} ($$ for a $)") from None
-    option, value = source.get("grace")
-    grace = _grace(option, value if value is not None else environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT"))
-    option, value = source.get("signals_to_handle")
-    signals = _signals(option, value)
-    _refuse_unsupported(source)
+    if value is None and "TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE" in source.environ:
+        option, value = "$TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE", source.environ["TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE"]
+    if value is None:
+        return DEFAULT_PREFIX
+    try:
+        string.Template(value).substitute(rank=0, local_rank=0, role_name="x")
+    except (KeyError, ValueError):
+        raise UsageError(option, value, "may use only ${rank}, ${local_rank} and ${role_name} ($$ for a $)") from None
+    return value
+
+
+def _ignored(source: _Source) -> list[str]:
+    """Rendezvous settings a torchrun command line may carry: accepted, said to be unused."""
     _, rdzv_conf = source.get("rdzv_conf")
     _, local_addr = source.get("local_addr")
     if rdzv_conf or local_addr:
-        notices.append("asyncproc run: --rdzv-conf and --local-addr are ignored: they configure a rendezvous")
-
-    env: dict[str, str | None] = {}
-    if "OMP_NUM_THREADS" not in environ and nproc > 1:
-        env["OMP_NUM_THREADS"] = "1"
-        notices.append(f"asyncproc run: {OMP_NOTICE}")
-    _, role = source.get("role")
-    _, numa = source.get("numa")
-    try:
-        config = LaunchConfig(
-            nproc=nproc, nnodes=nnodes, node_rank=node_rank, master_addr=master_addr, master_port=master_port,
-            max_restarts=max_restarts, run_id=run_id, role=role or "default", log_dir=log_dir,
-            redirects=redirects, tee=stds["tee"], local_ranks_filter=ranks_filter,
-            log_line_prefix_template=template, grace=grace, signals=signals, env=env,
-            numa_options=_numa_options(numa), virtual_local_rank=source.flag("virtual_local_rank"),
-            handle_signals=True, reap_orphans=True,
-        )
-    except ValueError as exc:  # what the option checks above did not catch, named by field
-        raise UsageError(None, None, str(exc)) from None
-    if source.borrowed:  # say so: a stray SLURM_* or PET_* variable changes the whole layout
-        notices.append(_layout_notice(config, source.borrowed))
-    return config, _command(args, source), notices
+        return ["asyncproc run: --rdzv-conf and --local-addr are ignored: they configure a rendezvous"]
+    return []
 
 
 def _layout_notice(config: LaunchConfig, borrowed: list[str]) -> str:
