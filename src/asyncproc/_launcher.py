@@ -788,9 +788,14 @@ class _Run:
     and the signals received meanwhile (the receiver stays open between attempts, so no
     signal finds the launcher without its handler and its summary).
 
-    The attempts are a plain loop rather than a ``Supervisor`` with one ``one_for_all``
-    group: every attempt needs a fresh environment (``TORCHELASTIC_RESTART_COUNT``), fresh
-    log paths and its output pumps, which a child spec fixed at construction cannot give.
+    The attempts are a plain loop rather than a ``Supervisor`` with a ``one_for_all`` group
+    of ``Command`` children: every attempt needs a fresh environment
+    (``TORCHELASTIC_RESTART_COUNT``), fresh log paths and pipes read by our pumps, which a
+    ``Command`` (argv, env and files fixed when built) cannot give. ``_attempts`` is the
+    only place that decides on restarts, so moving onto a supervisor is local: one ``Task``
+    child running ``_Launch.run`` (raising on a rank failure), ``restart="transient"``,
+    ``max_restarts=K``, ``max_seconds=inf``, ``Backoff(initial=0, jitter=0)``: torchrun's
+    rule, the same behaviour.
     """
 
     def __init__(self, command: Sequence[StrPath], config: LaunchConfig):
