@@ -34,7 +34,7 @@ keys = ["LOCAL_RANK", "RANK", "GROUP_RANK", "ROLE_RANK", "ROLE_NAME", "LOCAL_WOR
         "GROUP_WORLD_SIZE", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RESTART_COUNT",
         "ASYNCPROC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS", "TORCHELASTIC_RUN_ID",
         "TORCHELASTIC_USE_AGENT_STORE", "TORCH_NCCL_ASYNC_ERROR_HANDLING", "OMP_NUM_THREADS",
-        "TORCHELASTIC_ERROR_FILE", "CUDA_VISIBLE_DEVICES"]
+        "TORCHELASTIC_ERROR_FILE", "CUDA_VISIBLE_DEVICES", "TORCHELASTIC_SIGNALS_TO_HANDLE"]
 print(json.dumps({k: os.environ.get(k) for k in keys}), flush=True)
 """
 
@@ -204,6 +204,7 @@ def test_every_rank_gets_torchruns_environment(tmp_path: Path) -> None:
             "ASYNCPROC_RESTART_COUNT": "0", "TORCHELASTIC_MAX_RESTARTS": "3", "TORCHELASTIC_RUN_ID": None,
             "TORCHELASTIC_USE_AGENT_STORE": "False", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "OMP_NUM_THREADS": "1",
             "TORCHELASTIC_ERROR_FILE": None, "CUDA_VISIBLE_DEVICES": "57"[rank],
+            "TORCHELASTIC_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT",
         }
         assert seen[rank]["TORCHELASTIC_ERROR_FILE"].endswith(f"/attempt_0/{rank}/error.json")
     # Set by the user: kept, and no notice. One rank: not set at all.

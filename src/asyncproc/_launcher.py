@@ -328,6 +328,7 @@ class _Rank:
             "TORCHELASTIC_RUN_ID": self.attempt.run_id,
             # Nobody hosts a store for the ranks: rank 0 must start the TCPStore itself.
             "TORCHELASTIC_USE_AGENT_STORE": "False",
+            "TORCHELASTIC_SIGNALS_TO_HANDLE": ",".join(sig.name for sig in c.signals),
         }
         if c.virtual_local_rank:
             env["LOCAL_RANK"] = "0"
