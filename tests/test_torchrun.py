@@ -446,7 +446,8 @@ def test_torchrun_spellings_and_defaults() -> None:
      ({"nproc": 2, "local_ranks_filter": frozenset({3})}, "local_ranks_filter must name local ranks in 0..1"),
      ({"nproc": 1, "max_restarts": -1}, "max_restarts must be an int >= 0"),
      ({"nproc": 1, "run_id": "a/b"}, "run_id must be a non-empty name without '/'"),
-     ({"nproc": 1, "signals": (signal.SIGKILL,)}, "signals cannot include SIGKILL")],
+     ({"nproc": 1, "signals": (signal.SIGKILL,)}, "signals cannot include SIGKILL"),
+     ({"nproc": 1, "signals": ("TERM",)}, "signals must be signal numbers or signal.Signals")],
 )
 def test_bad_launch_configs_are_named(kwargs: dict[str, Any], match: str) -> None:
     with pytest.raises(ValueError, match=match):

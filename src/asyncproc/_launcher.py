@@ -144,6 +144,10 @@ class LaunchConfig:
             if bad or not self.local_ranks_filter:
                 raise ValueError(f"local_ranks_filter must name local ranks in 0..{self.nproc - 1}, got {sorted(self.local_ranks_filter)!r}")
         _check_prefix(self.log_line_prefix_template)
+        try:
+            object.__setattr__(self, "signals", tuple(signal.Signals(sig) for sig in self.signals))
+        except (TypeError, ValueError):
+            raise ValueError(f"signals must be signal numbers or signal.Signals, got {self.signals!r}") from None
         if signal.SIGKILL in self.signals or signal.SIGSTOP in self.signals:
             raise ValueError(f"signals cannot include SIGKILL or SIGSTOP (they cannot be caught), got {self.signals!r}")
 
