@@ -39,7 +39,7 @@ from pathlib import Path
 
 from . import _guardian_main, _proctree
 
-__all__ = ["register", "unregister", "register_cgroup", "register_folder", "unregister_folder",
+__all__ = ["register", "unregister", "register_cgroup", "register_folder", "unregister_folder", "register_marker",
            "guardian_pid", "shutdown"]
 
 log = logging.getLogger("asyncproc")
@@ -82,6 +82,12 @@ def register_cgroup(path: str) -> None:
 def register_folder(path: str) -> None:
     """Have folder ``path`` removed when we die (after every registered process is dead)."""
     _add(b"D" + os.fsencode(path).hex().encode())
+
+
+def register_marker(entry: str) -> None:
+    """Have every process whose environment holds ``entry`` (``NAME=VALUE``) killed when we
+    die: how the descendants of our children are found where there are no cgroups."""
+    _add(b"E" + entry.encode().hex().encode())
 
 
 def unregister_folder(path: str) -> None:

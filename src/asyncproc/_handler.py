@@ -129,8 +129,9 @@ class SubprocessHandler:
         self._stdout = _open_log(self._stdout_target)
         try:
             self._stderr = _open_log(self._stderr_target)
+            env = self.env if _handlers_cgroup() is not None else {**self.env, **_marker()}
             with self._numa_binding():
-                self.proc = _popen(self.args, self.env, self._redirect(self._stdout, self._stdout_target),
+                self.proc = _popen(self.args, env, self._redirect(self._stdout, self._stdout_target),
                                    self._redirect(self._stderr, self._stderr_target))
         except BaseException:
             self._close_logs()
@@ -418,6 +419,25 @@ def _handlers_cgroup() -> str | None:
                 _guardian.register_cgroup(path)
                 atexit.register(_end_cgroup, os.getpid(), path)
         return _parent[1]
+
+
+MARKER_VAR = "ASYNCPROC_GUARDED"
+_markers: dict[int, dict[str, str]] = {}  # our pid -> the entry (a forked child has its own)
+
+
+def _marker() -> dict[str, str]:
+    """Where there are no cgroups: an environment entry naming this process (pid and start
+    time), given to every child and inherited by what it starts. The guardian kills every
+    process that carries it when we die: a double-forked ``setsid()`` helper too, unless it
+    cleared its environment."""
+    pid = os.getpid()
+    with _parent_lock:
+        if pid not in _markers:
+            stat = read_stat(pid)
+            _markers.clear()
+            _markers[pid] = {MARKER_VAR: f"{pid}-{stat.starttime if stat is not None else 0}"}
+            _guardian.register_marker(f"{MARKER_VAR}={_markers[pid][MARKER_VAR]}")
+        return _markers[pid]
 
 
 def _end_cgroup(owner: int, path: str) -> None:
