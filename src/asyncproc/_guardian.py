@@ -186,7 +186,9 @@ def _watch(proc: subprocess.Popen[bytes]) -> None:
 
     def watch() -> None:
         try:
-            select.select([pidfd], [], [])
+            poller = select.poll()  # not select(): the fd number may be above 1024
+            poller.register(pidfd, select.POLLIN)
+            poller.poll()
         finally:
             os.close(pidfd)
         with _lock:

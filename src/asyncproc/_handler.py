@@ -456,7 +456,12 @@ def _contain(pid: int) -> str | None:
     path = _cgroup.create(f"h{pid}", parent=parent) if parent is not None else None
     if path is None:
         return None
-    pending = [pid]
+    try:
+        _cgroup.attach(path, pid)
+    except OSError:  # refused (or gone already): the scans will do, as without cgroups
+        _cgroup.remove(path)
+        return None
+    pending = _proctree.children_of(pid)
     while pending:
         current = pending.pop()
         with contextlib.suppress(OSError):  # it exited meanwhile
