@@ -475,7 +475,11 @@ def _cgroup_members(path: str, leader: int) -> list[psutil.Process]:
     asyncproc nests its own) but the leader; read, never scanned."""
     found = []
     for folder, _, _ in os.walk(path):
-        for pid in _cgroup.procs(folder):
+        try:
+            pids = _cgroup.procs(folder)
+        except OSError:  # ENODEV: removed while we read it
+            continue
+        for pid in pids:
             if pid != leader:
                 with contextlib.suppress(psutil.Error):
                     found.append(psutil.Process(pid))
