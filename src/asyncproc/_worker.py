@@ -63,16 +63,50 @@ def dumps(obj: Any) -> bytes:
     try:
         return pickle.dumps(obj, protocol=5)
     except Exception:
-        import cloudpickle  # by value: lambdas, closures, classes of a __main__ we don't share
-
-        return cloudpickle.dumps(obj, protocol=5)
+        return by_value_dumps(obj)  # lambdas, closures, classes of a __main__ we don't share
 
 
 def encode_call(spec: CallSpec, job: Job) -> bytes:
-    import cloudpickle
-
     head = pickle.dumps(spec, protocol=5)
-    return _SPEC_LEN.pack(len(head)) + head + cloudpickle.dumps(job, protocol=5)
+    return _SPEC_LEN.pack(len(head)) + head + by_value_dumps(job)
+
+
+_pickler_class: Any = None
+
+
+def by_value_dumps(obj: Any) -> bytes:
+    """cloudpickle, except that code keeps its file name: cloudpickle 3.1 replaces it with
+    "<dynamic-code>", and the child's traceback and crash stack would lose the caller's
+    file and source lines (linecache finds them by that name)."""
+    global _pickler_class
+    import io
+
+    if _pickler_class is None:
+        _pickler_class = _make_pickler_class()
+    buf = io.BytesIO()
+    _pickler_class(buf, protocol=5).dump(obj)
+    return buf.getvalue()
+
+
+def _make_pickler_class() -> Any:
+    import collections
+    import types
+
+    import cloudpickle
+    from cloudpickle import cloudpickle as cp
+
+    reduce_code = getattr(cp, "_code_reduce", None)
+    if reduce_code is None:  # pragma: no cover - another cloudpickle: keep its behaviour
+        return cloudpickle.Pickler
+
+    def reduce_keeping_filename(code: types.CodeType) -> Any:
+        rebuild, args = reduce_code(code)
+        return rebuild, tuple(code.co_filename if a == "<dynamic-code>" else a for a in args)
+
+    class Pickler(cloudpickle.Pickler):  # type: ignore[misc]
+        dispatch_table = collections.ChainMap({types.CodeType: reduce_keeping_filename}, cloudpickle.Pickler.dispatch_table)
+
+    return Pickler
 
 
 def _decode_call(body: bytes | memoryview) -> tuple[CallSpec, bytes | memoryview]:
@@ -218,13 +252,43 @@ def _encode_value(value: Any) -> tuple[bytes, bytes]:
         return _protocol.UNPICKLABLE, pickle.dumps((_type_name(type(value)), reason))
 
 
+# Pickling a traceback nests a few levels per frame: a deep one (a RecursionError, a
+# recursive parser) would exceed the recursion limit and lose the exception's type. Its
+# innermost frames are the ones that matter; the text keeps the whole story.
+_MAX_PICKLED_FRAMES = 100
+
+
+def _trim_tracebacks(exc: BaseException) -> None:
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        tb, depth = e.__traceback__, 0
+        while tb is not None:
+            depth, tb = depth + 1, tb.tb_next
+        tb = e.__traceback__
+        for _ in range(depth - _MAX_PICKLED_FRAMES):
+            assert tb is not None
+            tb = tb.tb_next
+        e.__traceback__ = tb
+        todo += [e.__cause__, e.__context__]
+
+
 def _encode_exception(exc: BaseException) -> tuple[bytes, bytes]:
     text = _format(exc)
+    data: bytes | None = None
     try:
         from tblib import pickling_support
 
         pickling_support.install(exc)  # traceback objects (and the chain) become picklable
-        data: bytes | None = dumps(exc)
+        try:
+            data = dumps(exc)
+        except Exception:  # RecursionError, or cloudpickle's PicklingError saying so
+            _trim_tracebacks(exc)
+            data = dumps(exc)
     except Exception:
         data = None
     try:
