@@ -120,6 +120,8 @@ def available() -> bool:
         return _probed
     _probe_pid = os.getpid()
     _probed = False
+    if os.environ.get("ASYNCPROC_NO_CGROUP"):  # to use (or test) the fallback by choice
+        return False
     _base = _find_base()
     if _base is None or not os.access(os.path.join(_base, "cgroup.procs"), os.W_OK):
         return False
