@@ -238,6 +238,13 @@ class _ServerWorker(_Worker):
     def release(self) -> None:
         # Closing ctl tells the server the caller is done: it ends whatever is left.
         self.close()
+        # Refill the reserve only now, and only after a value: a request sent while the call
+        # runs would wake the server (and its fork) on the CPU the worker needs, and after
+        # any other outcome the server may be the trouble (the next call asks for itself).
+        try:
+            link.top_up()
+        except Exception as exc:  # refilling the reserve must never fail a call
+            log.debug("asyncproc: could not refill the worker reserve: %r", exc)
 
     def close(self) -> None:
         self.data.close()
@@ -378,10 +385,6 @@ async def _start_via_server(spec: _worker.CallSpec, job: _worker.Job, kind: byte
             data.close()  # the reserved worker died idle; the call never reached it
             ctl.close()
             continue
-        try:
-            link.top_up()
-        except Exception as exc:  # refilling the reserve must never fail a call already sent
-            log.debug("asyncproc: could not refill the worker reserve: %r", exc)
         return _ServerWorker(data, ctl, cgroup_root)
     raise _ServerLost
 
