@@ -51,7 +51,6 @@ __all__ = [
 ]
 
 _PREFIX = "asyncproc-"
-DISABLE_ENV = "ASYNCPROC_NO_CGROUP"  # set to 1: never use cgroups, as where we cannot
 _counter = itertools.count()
 _probed: bool | None = None
 _base: str | None = None
@@ -121,8 +120,8 @@ def available() -> bool:
         return _probed
     _probe_pid = os.getpid()
     _probed = False
-    if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
-        return False  # the user (or a test of the fallback) asked for the scans
+    if os.environ.get("ASYNCPROC_NO_CGROUP"):  # to use (or test) the fallback by choice
+        return False
     _base = _find_base()
     if _base is None or not os.access(os.path.join(_base, "cgroup.procs"), os.W_OK):
         return False
