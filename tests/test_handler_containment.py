@@ -216,7 +216,7 @@ async def test_stopping_many_handlers_scans_proc_once_per_round_never_on_the_loo
     from asyncproc import _handler
 
     if not cgroups:
-        monkeypatch.setattr(_handler, "_handlers_cgroup", lambda: None)
+        monkeypatch.setattr(_handler._HANDLERS, "new_leaf", lambda name: None)
     loop_thread = threading.get_ident()
     scans: list[int] = []
     listdir = os.listdir

@@ -9,7 +9,7 @@ with no race against forks.
 Usable only where the kernel lets us: cgroup v2 mounted (found in /proc/self/mountinfo,
 never assumed: ``/sys/fs/cgroup`` on a unified host, ``/sys/fs/cgroup/unified`` on a hybrid
 one), our own cgroup writable (root, or a subtree delegated to our user), ``cgroup.kill``
-present, and ``ASYNCPROC_NO_CGROUP`` unset (or 0). ``available()`` probes all of that once; callers fall back to process scans when
+present, and ``ASYNCPROC_NO_CGROUP`` unset or empty. ``available()`` probes all of that once; callers fall back to process scans when
 it is False. No controller is ever enabled: the cgroups only group, so creating one costs
 a mkdir (~60 us) and the "no internal processes" rule never applies.
 

@@ -10,6 +10,7 @@ write end)::
     +PID STARTTIME\\n     a child was spawned (STARTTIME: field 22 of /proc/PID/stat)
     -PID\\n               that child was reaped; forget it
     CHEXPATH\\n           a cgroup (path hex-encoded): kill everything in it, then remove it
+    cHEXPATH\\n           that cgroup was removed; forget it
     DHEXPATH\\n           a folder (a launcher's temporary one) to remove once all is dead
     dHEXPATH\\n           that folder was removed; forget it
     EHEXENTRY\\n          an environment entry (NAME=VALUE) our children's descendants carry:
@@ -196,6 +197,8 @@ def apply(reg: Registrations, line: bytes) -> None:
         reg.roots.pop(int(rest), None)
     elif kind == b"C":
         reg.cgroups[os.fsdecode(bytes.fromhex(rest.decode()))] = None
+    elif kind == b"c":
+        reg.cgroups.pop(os.fsdecode(bytes.fromhex(rest.decode())), None)
     elif kind == b"D":
         reg.folders[os.fsdecode(bytes.fromhex(rest.decode()))] = None
     elif kind == b"d":
