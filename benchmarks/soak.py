@@ -116,7 +116,8 @@ async def one_call(kind: str, x: int, tally: Tally) -> None:
     except TimeoutError:
         outcome = "timeout" if kind == "timeout" else f"timeout for a {kind} call"
     except Exception as exc:  # noqa: BLE001 - counted, not hidden
-        outcome = f"{type(exc).__name__}: {exc} for a {kind} call"
+        inner = f" {exc.exceptions!r}" if isinstance(exc, BaseExceptionGroup) else ""
+        outcome = f"{type(exc).__name__}: {exc}{inner} for a {kind} call"
     tally.calls += 1
     expected = {"value": "value", "grandchild": "value", "exception": "exception", "crash": "crash",
                 "timeout": "timeout", "cancel": "cancelled"}[kind]

@@ -9,7 +9,7 @@ with no race against forks.
 Usable only where the kernel lets us: cgroup v2 mounted (found in /proc/self/mountinfo,
 never assumed: ``/sys/fs/cgroup`` on a unified host, ``/sys/fs/cgroup/unified`` on a hybrid
 one), our own cgroup writable (root, or a subtree delegated to our user), ``cgroup.kill``
-present, and ``ASYNCPROC_NO_CGROUP`` unset (or 0). ``available()`` probes all of that once; callers fall back to process scans when
+present, and ``ASYNCPROC_NO_CGROUP`` unset or empty. ``available()`` probes all of that once; callers fall back to process scans when
 it is False. No controller is ever enabled: the cgroups only group, so creating one costs
 a mkdir (~60 us) and the "no internal processes" rule never applies.
 
@@ -51,7 +51,6 @@ __all__ = [
 ]
 
 _PREFIX = "asyncproc-"
-DISABLE_ENV = "ASYNCPROC_NO_CGROUP"  # set to 1: never use cgroups, as where we cannot
 _counter = itertools.count()
 _probed: bool | None = None
 _base: str | None = None
@@ -121,8 +120,8 @@ def available() -> bool:
         return _probed
     _probe_pid = os.getpid()
     _probed = False
-    if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
-        return False  # the user (or a test of the fallback) asked for the scans
+    if os.environ.get("ASYNCPROC_NO_CGROUP"):  # to use (or test) the fallback by choice
+        return False
     _base = _find_base()
     if _base is None or not os.access(os.path.join(_base, "cgroup.procs"), os.W_OK):
         return False

@@ -40,6 +40,7 @@ from pathlib import Path
 from . import _guardian_main, _proctree
 
 __all__ = ["register", "unregister", "register_cgroup", "register_folder", "unregister_folder",
+           "unregister_cgroup", "register_marker",
            "guardian_pid", "shutdown"]
 
 log = logging.getLogger("asyncproc")
@@ -79,17 +80,32 @@ def register_cgroup(path: str) -> None:
     _add(b"C" + os.fsencode(path).hex().encode())
 
 
+def unregister_cgroup(path: str) -> None:
+    """We removed cgroup ``path`` ourselves."""
+    _remove(b"C", b"c", path)
+
+
 def register_folder(path: str) -> None:
     """Have folder ``path`` removed when we die (after every registered process is dead)."""
     _add(b"D" + os.fsencode(path).hex().encode())
 
 
+def register_marker(entry: str) -> None:
+    """Have every process whose environment holds ``entry`` (``NAME=VALUE``) killed when we
+    die: how the descendants of our children are found where there are no cgroups."""
+    _add(b"E" + entry.encode().hex().encode())
+
+
 def unregister_folder(path: str) -> None:
     """We removed ``path`` ourselves."""
+    _remove(b"D", b"d", path)
+
+
+def _remove(added: bytes, removed: bytes, path: str) -> None:
     encoded = os.fsencode(path).hex().encode()
     with _lock:
-        if _extra.pop(b"D" + encoded, False) is not False:
-            _send(b"d" + encoded + b"\n")
+        if _extra.pop(added + encoded, False) is not False:
+            _send(removed + encoded + b"\n")
 
 
 def _add(line: bytes) -> None:
@@ -180,7 +196,9 @@ def _watch(proc: subprocess.Popen[bytes]) -> None:
 
     def watch() -> None:
         try:
-            select.select([pidfd], [], [])
+            poller = select.poll()  # not select(): the fd number may be above 1024
+            poller.register(pidfd, select.POLLIN)
+            poller.poll()
         finally:
             os.close(pidfd)
         with _lock:

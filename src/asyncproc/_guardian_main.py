@@ -10,8 +10,11 @@ write end)::
     +PID STARTTIME\\n     a child was spawned (STARTTIME: field 22 of /proc/PID/stat)
     -PID\\n               that child was reaped; forget it
     CHEXPATH\\n           a cgroup (path hex-encoded): kill everything in it, then remove it
+    cHEXPATH\\n           that cgroup was removed; forget it
     DHEXPATH\\n           a folder (a launcher's temporary one) to remove once all is dead
     dHEXPATH\\n           that folder was removed; forget it
+    EHEXENTRY\\n          an environment entry (NAME=VALUE) our children's descendants carry:
+                         kill every process that has it (where there are no cgroups)
 
 End of file means the parent is gone (died, or exited and closed the pipe): every still
 registered child, its descendants, its process group and its session are SIGKILLed, then the
@@ -125,12 +128,31 @@ def kill_exactly(pid: int, starttime: int, sig: int = signal.SIGKILL) -> None:
         os.close(fd)
 
 
-def sweep(roots: dict[int, int]) -> None:
-    """SIGKILL everything that belongs to ``roots``, again until nothing new turns up
-    (a process may fork between our scan and our signal)."""
+def marked(markers: set[bytes], table: dict[int, Stat]) -> dict[int, int]:
+    """Processes of ``table`` whose environment holds one of ``markers`` (``NAME=VALUE``
+    entries): what the parent's children started inherits them, wherever it went since
+    (a double fork and ``setsid()`` leave no trace in the tree, the group or the session)."""
+    found: dict[int, int] = {}
+    if not markers:
+        return found
+    for pid, stat in table.items():
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                entries = f.read().split(b"\0")
+        except OSError:  # gone, or another user's
+            continue
+        if not stat.zombie and not markers.isdisjoint(entries):
+            found[pid] = stat.starttime
+    return found
+
+
+def sweep(roots: dict[int, int], markers: set[bytes] = frozenset()) -> None:  # type: ignore[assignment]
+    """SIGKILL everything that belongs to ``roots`` or carries one of ``markers``, again
+    until nothing new turns up (a process may fork between our scan and our signal)."""
     killed: set[tuple[int, int]] = set()
     for _ in range(MAX_SWEEPS):
-        found = set(family(roots, scan()).items()) - killed
+        table = scan()
+        found = (set(family(roots, table).items()) | set(marked(markers, table).items())) - killed
         if not found:
             return
         for pid, start in found:
@@ -142,11 +164,12 @@ class Registrations(NamedTuple):
     roots: dict[int, int]  # pid -> start time
     cgroups: dict[str, None]  # ordered sets
     folders: dict[str, None]
+    markers: set[bytes]
 
 
 def read_registrations(fd: int) -> Registrations:
     """Follow the lifeline until EOF; what is still registered then."""
-    reg = Registrations({}, {}, {})
+    reg = Registrations({}, {}, {}, set())
     pending = b""
     while True:
         try:
@@ -174,10 +197,14 @@ def apply(reg: Registrations, line: bytes) -> None:
         reg.roots.pop(int(rest), None)
     elif kind == b"C":
         reg.cgroups[os.fsdecode(bytes.fromhex(rest.decode()))] = None
+    elif kind == b"c":
+        reg.cgroups.pop(os.fsdecode(bytes.fromhex(rest.decode())), None)
     elif kind == b"D":
         reg.folders[os.fsdecode(bytes.fromhex(rest.decode()))] = None
     elif kind == b"d":
         reg.folders.pop(os.fsdecode(bytes.fromhex(rest.decode())), None)
+    elif kind == b"E":
+        reg.markers.add(bytes.fromhex(rest.decode()))
 
 
 def end_cgroups(paths: list[str]) -> None:
@@ -218,7 +245,7 @@ def main() -> None:
     for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
     reg = read_registrations(sys.stdin.fileno())
-    sweep(reg.roots)
+    sweep(reg.roots, reg.markers)
     end_cgroups(list(reg.cgroups))
     remove_folders(list(reg.folders))  # last: the processes writing into them are dead
 

@@ -129,8 +129,9 @@ class SubprocessHandler:
         self._stdout = _open_log(self._stdout_target)
         try:
             self._stderr = _open_log(self._stderr_target)
+            env = self.env if _cgroup.available() else {**self.env, **_marker()}
             with self._numa_binding():
-                self.proc = _popen(self.args, self.env, self._redirect(self._stdout, self._stdout_target),
+                self.proc = _popen(self.args, env, self._redirect(self._stdout, self._stdout_target),
                                    self._redirect(self._stderr, self._stderr_target))
         except BaseException:
             self._close_logs()
@@ -281,7 +282,7 @@ class SubprocessHandler:
     def _drop_cgroup(self) -> None:
         """Remove our cgroup once nothing runs in it; while something does, it stays (and
         the guardian, or our exit, kills it)."""
-        if self._cgroup is not None and _cgroup.remove(self._cgroup):
+        if self._cgroup is not None and _HANDLERS.drop_leaf(self._cgroup):
             self._cgroup = None
 
     async def _table(self) -> _Table | None:
@@ -415,41 +416,89 @@ def _open_log(target: Redirect) -> IO[bytes] | None:
     return open(target, "wb")
 
 
-_parent_lock = threading.Lock()
-_parent: tuple[int, str | None] | None = None  # (our pid, the cgroup holding our handlers')
+class _HandlersCgroup:
+    """This process's cgroup holding its handlers' cgroups: made with the first, registered
+    with the guardian (which kills and removes it, all our handlers' trees, if we die), and
+    removed with the last, so none is left between uses or after us."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()  # the spawning thread adds, the loop's thread removes
+        self.owner = 0
+        self.path: str | None = None
+        self.leaves = 0
+
+    def new_leaf(self, name: str) -> str | None:
+        with self.lock:
+            if self.owner != os.getpid():  # a forked child: the cgroup is its parent's
+                self.owner, self.path, self.leaves = os.getpid(), None, 0
+            if self.path is None and _cgroup.available():
+                self.path = _cgroup.create("handlers")
+                if self.path is not None:
+                    _guardian.register_cgroup(self.path)
+            leaf = _cgroup.create(name, parent=self.path) if self.path is not None else None
+            self.leaves += leaf is not None
+            return leaf
+
+    def drop_leaf(self, leaf: str) -> bool:
+        """Remove an empty handler's cgroup (False while something runs in it), and ours
+        with the last."""
+        with self.lock:
+            if not _cgroup.remove(leaf):
+                return False
+            if self.owner == os.getpid():
+                self.leaves -= 1
+                if self.leaves == 0 and self.path is not None:
+                    with contextlib.suppress(OSError):  # EBUSY: a leaf is being made
+                        os.rmdir(self.path)  # never recursive: only if it holds nothing
+                        _guardian.unregister_cgroup(self.path)
+                        self.path = None
+            return True
+
+    def end_at_exit(self) -> None:
+        """As the guardian would: what our handlers left running dies with us."""
+        if self.owner == os.getpid() and self.path is not None:
+            _cgroup.kill(self.path)
+            _cgroup.wait_empty(self.path, KILL_BOUND_S)
+            _cgroup.remove(self.path)
 
 
-def _handlers_cgroup() -> str | None:
-    """This process's cgroup for its handlers' cgroups, made on first use and registered
-    with the guardian, which kills and removes it (all our handlers' trees) when we die."""
-    global _parent
-    with _parent_lock:
-        if _parent is None or _parent[0] != os.getpid():  # a forked child makes its own
-            path = _cgroup.create("handlers") if _cgroup.available() else None
-            _parent = (os.getpid(), path)
-            if path is not None:
-                _guardian.register_cgroup(path)
-                atexit.register(_end_cgroup, os.getpid(), path)
-        return _parent[1]
+_HANDLERS = _HandlersCgroup()
+atexit.register(_HANDLERS.end_at_exit)
+_marker_lock = threading.Lock()
 
 
-def _end_cgroup(owner: int, path: str) -> None:
-    """At exit, as the guardian would: what our handlers left running dies with us."""
-    if os.getpid() == owner:
-        _cgroup.kill(path)
-        _cgroup.wait_empty(path, KILL_BOUND_S)
-        _cgroup.remove(path)
+MARKER_VAR = "ASYNCPROC_GUARDED"
+_markers: dict[int, dict[str, str]] = {}  # our pid -> the entry (a forked child has its own)
+
+
+def _marker() -> dict[str, str]:
+    """Where there are no cgroups: an environment entry naming this process (pid and start
+    time), given to every child and inherited by what it starts. The guardian kills every
+    process that carries it when we die: a double-forked ``setsid()`` helper too, unless it
+    cleared its environment."""
+    pid = os.getpid()
+    with _marker_lock:
+        if pid not in _markers:
+            stat = read_stat(pid)
+            _markers.clear()
+            _markers[pid] = {MARKER_VAR: f"{pid}-{stat.starttime if stat is not None else 0}"}
+            _guardian.register_marker(f"{MARKER_VAR}={_markers[pid][MARKER_VAR]}")
+        return _markers[pid]
 
 
 def _contain(pid: int) -> str | None:
     """Move our new child ``pid`` into a cgroup of its own, with what it already started
     (it has exec'd: it may have forked before we got here); None where cgroups are not ours.
     """
-    parent = _handlers_cgroup()
-    path = _cgroup.create(f"h{pid}", parent=parent) if parent is not None else None
+    path = _HANDLERS.new_leaf(f"h{pid}")
     if path is None:
         return None
-    pending = [pid]
+    try:
+        _cgroup.attach(path, pid)
+    except OSError:  # refused (or gone already): the scans will do, as without cgroups
+        _HANDLERS.drop_leaf(path)
+        return None
+    pending = _proctree.children_of(pid)
     while pending:
         current = pending.pop()
         with contextlib.suppress(OSError):  # it exited meanwhile
@@ -463,7 +512,11 @@ def _cgroup_members(path: str, leader: int) -> list[psutil.Process]:
     asyncproc nests its own) but the leader; read, never scanned."""
     found = []
     for folder, _, _ in os.walk(path):
-        for pid in _cgroup.procs(folder):
+        try:
+            pids = _cgroup.procs(folder)
+        except OSError:  # ENODEV: removed while we read it
+            continue
+        for pid in pids:
             if pid != leader:
                 with contextlib.suppress(psutil.Error):
                     found.append(psutil.Process(pid))

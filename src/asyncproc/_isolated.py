@@ -173,11 +173,13 @@ class _ServerWorker(_Worker):
             _protocol.send(self.ctl, _protocol.TERM if sig == signal.SIGTERM else _protocol.KILL)
         except OSError:
             pass  # the server already closed: the worker is gone
-        if sig == signal.SIGKILL:
-            # Ourselves too: a stopped or busy server would take its time.
-            self._read_ctl_now()
-            if self.cgroup is not None and self.exited is None:
+        # Ourselves too, through its cgroup: a stopped or busy server would take its time.
+        self._read_ctl_now()
+        if self.cgroup is not None and self.exited is None:
+            if sig == signal.SIGKILL:
                 _cgroup.kill(self.cgroup)
+            else:
+                _cgroup.signal(self.cgroup, sig)
 
     async def wait_gone(self) -> None:
         """End-of-stream on data (the server saw the tree end) or, sooner when the server
@@ -223,8 +225,10 @@ class _ServerWorker(_Worker):
         its process group (setsid escapees are out of reach: see the README)."""
         assert self.pid is not None
         if self.cgroup is not None:
+            members = _cgroup.procs(self.cgroup)
             _cgroup.kill(self.cgroup)
             await _cgroup.wait_empty_async(self.cgroup, _KILL_BOUND_S)
+            _proctree.reap_each(members)  # re-parented to us if we are a subreaper
         else:
             # The group id stays reserved while any member lives, so this reaches only
             # the worker's group (or, with the group empty, nothing of ours).
@@ -234,6 +238,13 @@ class _ServerWorker(_Worker):
     def release(self) -> None:
         # Closing ctl tells the server the caller is done: it ends whatever is left.
         self.close()
+        # Refill the reserve only now, and only after a value: a request sent while the call
+        # runs would wake the server (and its fork) on the CPU the worker needs, and after
+        # any other outcome the server may be the trouble (the next call asks for itself).
+        try:
+            link.top_up()
+        except Exception as exc:  # refilling the reserve must never fail a call
+            log.debug("asyncproc: could not refill the worker reserve: %r", exc)
 
     def close(self) -> None:
         self.data.close()
@@ -360,7 +371,10 @@ async def _start_spawn(spec: _worker.CallSpec, job: _worker.Job) -> _Worker:
 
 
 async def _start_via_server(spec: _worker.CallSpec, job: _worker.Job, kind: bytes) -> _Worker:
-    call = _worker.encode_call(_with_context(spec, env=link.env_if_changed()), job)
+    try:
+        call = _worker.encode_call(_with_context(spec, env=link.env_if_changed()), job)
+    except Exception as exc:
+        raise _unpicklable_call(job, exc) from exc
     _learn_needs(call)
     for _ in range(3):
         data, ctl = await link.take(kind)
@@ -371,12 +385,26 @@ async def _start_via_server(spec: _worker.CallSpec, job: _worker.Job, kind: byte
             data.close()  # the reserved worker died idle; the call never reached it
             ctl.close()
             continue
-        try:
-            link.top_up()
-        except Exception as exc:  # refilling the reserve must never fail a call already sent
-            log.debug("asyncproc: could not refill the worker reserve: %r", exc)
         return _ServerWorker(data, ctl, cgroup_root)
     raise _ServerLost
+
+
+def _unpicklable_call(job: _worker.Job, exc: Exception) -> TypeError:
+    """Which part of the call could not be pickled, and what to do about it."""
+    func, args, kwargs = job
+    parts = [("the function", func), *((f"args[{i}]", a) for i, a in enumerate(args))]
+    parts += [(f"kwargs[{k!r}]", v) for k, v in kwargs.items()]
+    what, reason = "the call", f"{type(exc).__name__}: {exc}"
+    for name, value in parts:
+        try:
+            _worker.by_value_dumps(value)
+        except Exception as part_exc:
+            what, reason = f"{name} ({type(value).__name__})", f"{type(part_exc).__name__}: {part_exc}"
+            break
+    return TypeError(
+        f"{what} of {_describe(func)} cannot be pickled ({reason}); \"forkserver\" and \"spawn\" "
+        f"calls send it to the child by pickle: use start_method=\"fork\" to let the child inherit it"
+    )
 
 
 def _track_dynamic_classes(func: Callable[..., Any], depth: int = 3) -> None:
@@ -683,10 +711,11 @@ class Isolated:
                 worker = await _STARTERS[self.start_method](self._spec, (func, args, kwargs))
                 msg = await worker.next_message()
             if scope.cancelled_caught:
+                started = worker is not None and _call_read(worker)
                 if worker is not None:
                     with anyio.CancelScope(shield=True):
                         await _stop(worker, self.grace)
-                raise TimeoutError(f"{_describe(func)} did not return within {self.timeout} s; its process was stopped")
+                raise TimeoutError(self._timeout_message(func, worker, started))
             assert worker is not None
             return await _outcome(worker, msg, deadline, self.grace)
         except BaseException:
@@ -694,6 +723,15 @@ class Isolated:
                 with anyio.CancelScope(shield=True):
                     await _stop(worker, self.grace)
             raise
+
+    def _timeout_message(self, func: Callable[..., Any], worker: _Worker | None, started: bool) -> str:
+        name = _describe(func)
+        if started:
+            return f"{name} did not return within {self.timeout} s; its process was stopped"
+        if worker is None:
+            return f"{name} did not start within {self.timeout} s: the asyncproc fork server was too busy (or stopped) to start its process"
+        why = "a new interpreter was still starting up" if self.start_method == "spawn" else "its process had not yet read the call"
+        return f"{name} did not start within {self.timeout} s ({why}); it never ran, and its process was stopped"
 
     def __call__(self, func: Callable[..., T]) -> Callable[..., Awaitable[T]]:
         """Decorator: a sync ``def`` becomes an ``async def`` that runs isolated."""
@@ -704,6 +742,21 @@ class Isolated:
             return await self.call(func, *args, **kwargs)
 
         return isolated
+
+
+def _call_read(worker: _Worker) -> bool:
+    """Whether the worker has read what we sent it (the call, or a "fork" worker's go):
+    a Unix socket counts sent bytes against the sender until the receiver reads them."""
+    import array
+    import fcntl
+    import termios
+
+    unread = array.array("i", [0])
+    try:
+        fcntl.ioctl(worker.data.fileno(), termios.TIOCOUTQ, unread)
+    except OSError:
+        return True  # cannot tell: say the usual
+    return unread[0] == 0
 
 
 def _is_closed(worker: _Worker) -> bool:

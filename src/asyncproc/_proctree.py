@@ -201,13 +201,18 @@ def process_and_descendants(pid: int) -> list[psutil.Process]:
 
 def signal_tree(pgid: int | None, procs: Iterable[psutil.Process], sig: int) -> None:
     """Signal a process group and every process of a snapshot; vanished ones are fine."""
-    import psutil
-
     if pgid is not None:
         try:
             os.killpg(pgid, sig)
         except (ProcessLookupError, PermissionError):
             pass
+    procs = list(procs)
+    if not procs:
+        # No psutil import for a group alone: the fork server signals a worker's group on
+        # every call, and each module it holds is copied into and torn down with every worker.
+        return
+    import psutil
+
     for proc in procs:
         try:
             # psutil checks the create time first, so a recycled pid is never hit.
@@ -327,11 +332,19 @@ def children_of(pid: int) -> list[int]:
 
 
 def _task_children(pid: str) -> list[int]:
-    found: list[int] = []
+    # Raw os calls, no file objects: the fork server and every worker run this once per
+    # call, and in a freshly forked process each object touched is a copy-on-write fault.
+    pids: list[int] = []
     for tid in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{tid}/children") as f:
-            found += map(int, f.read().split())
-    return found
+        fd = os.open(f"/proc/{pid}/task/{tid}/children", os.O_RDONLY | os.O_CLOEXEC)
+        text = b""
+        try:
+            while chunk := os.read(fd, 65536):
+                text += chunk
+        finally:
+            os.close(fd)
+        pids += map(int, text.split())
+    return pids
 
 
 def reap_each(pids: Iterable[int]) -> None:

@@ -89,6 +89,7 @@ class Server:
         self.cgroup_root = cgroup_root
         self.cgroup_names = itertools.count()
         self.retired_cgroups: list[str | None] = []
+        self.killed: set[int] = set()  # adopted orphans SIGKILLed, not yet reaped
         self.stop_signal = 0
         wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.wake_r = wake_r
@@ -137,10 +138,7 @@ class Server:
     def _become_spare(self, keep_sock: int, keep_fault: int) -> None:
         # Drop every descriptor of the server: the caller's lifeline, other calls' sockets,
         # other spares' fault logs. A worker must hold nothing but its own.
-        signal.set_wakeup_fd(-1)
-        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        _worker.reset_inherited_signals()
         if _worker_nofile is not None:
             resource.setrlimit(resource.RLIMIT_NOFILE, _worker_nofile)
         low, high = sorted((keep_sock, keep_fault))
@@ -311,6 +309,7 @@ class Server:
                 self._finish_job(job, info)
             else:
                 self._forget_spare(info.si_pid)
+                self.killed.discard(info.si_pid)
                 os.waitpid(info.si_pid, 0)  # already exited: returns at once
 
     def _forget_spare(self, pid: int) -> None:
@@ -345,10 +344,9 @@ class Server:
         for pid in children:
             if pid not in known:
                 found = True
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+                if pid not in self.killed:  # once each: a thousand orphans, a thousand kills
+                    self.killed.add(pid)
+                    _kill_quietly(pid)
         return found
 
     def _drain(self) -> float | None:
@@ -357,7 +355,8 @@ class Server:
         if not self.draining:
             return None
         self._reap_all()
-        adopted = self._kill_adopted()
+        # With cgroups, cgroup.kill has done it all; the children list is for the rest.
+        adopted = any(j.cgroup is None for j in self.draining) and self._kill_adopted()
         now = time.monotonic()
         waiting = []
         for job in self.draining:

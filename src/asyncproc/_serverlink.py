@@ -224,7 +224,7 @@ class ServerLink:
         """Whether the server is still running; if it died, reap it (a zombie otherwise,
         for the rest of our life), end what it left, and start afresh on the next call."""
         with self._lock:
-            if self._pidfd is None or not _proctree.wait_fds([self._pidfd], 0):
+            if self._pidfd is None or not select.select([self._pidfd], [], [], 0)[0]:
                 return self._chan is not None
             log.warning("asyncproc: the fork server (pid %s) died; a new one starts with the next call", self._pid)
             self._stop_locked()

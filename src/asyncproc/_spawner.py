@@ -12,13 +12,15 @@ with 300 handlers spawning at once. Why one *dedicated* thread rather than
 * trio's worker threads exit after 10 s idle, which fires ``PR_SET_PDEATHSIG`` in every
   child forked from them; this thread lives as long as the process.
 
-The caller waits on an eventfd the thread signals (an event on every backend, never a
-sleep), shielded: a spawn is bounded, and a process started for a cancelled caller must
-still reach it, or nobody would end it.
+The caller waits on an event that the thread sets through its event loop's thread-safe
+"call soon" (never a sleep, and no file descriptor: a number closed twice elsewhere could
+make a descriptor of ours someone else's), shielded: a spawn is bounded, and a process
+started for a cancelled caller must still reach it, or nobody would end it.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import threading
@@ -26,6 +28,9 @@ from collections.abc import Callable
 from typing import Generic, TypeVar
 
 import anyio
+import sniffio
+
+log = logging.getLogger("asyncproc")
 
 __all__ = ["run"]
 
@@ -33,9 +38,10 @@ T = TypeVar("T")
 
 
 class _Job(Generic[T]):
-    def __init__(self, fn: Callable[[], T]):
+    def __init__(self, fn: Callable[[], T], wake: Callable[[Callable[[], None]], object]):
         self.fn = fn
-        self.efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.done = anyio.Event()
+        self.wake = wake  # runs a callable on the caller's event-loop thread, from any thread
         self.result: T | None = None
         self.error: BaseException | None = None
 
@@ -45,7 +51,21 @@ class _Job(Generic[T]):
         except BaseException as exc:  # handed to the caller, raised there
             self.error = exc
         finally:
-            os.eventfd_write(self.efd, 1)
+            try:
+                self.wake(self.done.set)
+            except RuntimeError:  # the caller's loop has closed: nobody is waiting
+                log.warning("asyncproc: a spawn finished after its event loop closed")
+
+
+def _waker() -> Callable[[Callable[[], None]], object]:
+    """This event loop's thread-safe "call soon"."""
+    if sniffio.current_async_library() == "trio":
+        import trio
+
+        return trio.lowlevel.current_trio_token().run_sync_soon
+    import asyncio
+
+    return asyncio.get_running_loop().call_soon_threadsafe
 
 
 _lock = threading.Lock()
@@ -55,7 +75,12 @@ _thread: threading.Thread | None = None
 
 def _serve(jobs: queue.SimpleQueue[_Job[object]]) -> None:
     while True:
-        jobs.get()()
+        job = jobs.get()
+        try:
+            job()
+        except BaseException:  # never: the thread must outlive anything a job does
+            log.exception("asyncproc: the spawning thread hit an error")
+        del job  # holds the handler: it must be free to be collected (and its pidfd closed)
 
 
 def _submit(job: _Job[T]) -> None:
@@ -69,13 +94,10 @@ def _submit(job: _Job[T]) -> None:
 
 async def run(fn: Callable[[], T]) -> T:
     """``fn()`` on the spawning thread; its result, or what it raised."""
-    job = _Job(fn)
-    try:
-        _submit(job)
-        with anyio.CancelScope(shield=True):
-            await anyio.wait_readable(job.efd)
-    finally:
-        os.close(job.efd)
+    job = _Job(fn, _waker())
+    _submit(job)
+    with anyio.CancelScope(shield=True):
+        await job.done.wait()
     if job.error is not None:
         raise job.error
     return job.result  # type: ignore[return-value]
