@@ -66,36 +66,50 @@ def config_of(*argv: str, env: dict[str, str] | None = None) -> tuple[LaunchConf
 
 # -- elastic restarts ---------------------------------------------------------------------------
 
+# Rank 1 fails in every attempt below argv[1], once rank 0 has printed its line (a FIFO per
+# attempt in argv[2]: opening it blocks until the other side opens it), so no line is lost
+# to rank 0 being stopped before it printed.
 RESTARTING = """
 import os, sys, time
 attempt = int(os.environ["TORCHELASTIC_RESTART_COUNT"])
 assert os.environ["ASYNCPROC_RESTART_COUNT"] == str(attempt)
 print(os.environ["RANK"], attempt, os.environ["TORCHELASTIC_MAX_RESTARTS"], flush=True)
 if attempt < int(sys.argv[1]):
+    fifo = os.path.join(sys.argv[2], f"attempt{attempt}")
     if os.environ["RANK"] == "1":
+        open(fifo).close()
         sys.exit(3)
+    open(fifo, "w").close()
     time.sleep(60)  # stopped when rank 1 fails
 """
+
+
+def fifos(folder: Path, count: int) -> str:
+    folder.mkdir()
+    for attempt in range(count):
+        os.mkfifo(folder / f"attempt{attempt}")
+    return str(folder)
 
 
 @pytest.mark.anyio
 async def test_a_failing_group_restarts_twice_then_succeeds(anyio_backend: object, tmp_path: Path) -> None:
     config = LaunchConfig(nproc=2, max_restarts=2, log_dir=tmp_path, run_id="job", grace=2)
-    result = await start_processes([*rank_code(RESTARTING), "2"], config)
+    result = await start_processes([*rank_code(RESTARTING), "2", fifos(tmp_path / "sync", 2)], config)
     assert result.exit_code == 0 and result.restarts == 2 and result.run_id == "job"
     for attempt in range(3):  # every attempt's logs in their own folder
         for rank in (0, 1):
             log = tmp_path / "job" / f"attempt_{attempt}" / str(rank) / "stdout.log"
             assert log.read_text() == f"{rank} {attempt} 2\n"
     # The same run id again never overwrites the first run's logs.
-    again = await start_processes([*rank_code(RESTARTING), "0"], config)
+    again = await start_processes([*rank_code(RESTARTING), "0", "-"], config)
     assert again.exit_code == 0 and again.restarts == 0
     assert again.ranks[0].stdout_log == tmp_path / "job.1" / "attempt_0" / "0" / "stdout.log"
     assert (tmp_path / "job" / "attempt_0" / "0" / "stdout.log").read_text() == "0 0 2\n"
 
 
 def test_exhausting_the_restarts_keeps_the_rank_exit_code(tmp_path: Path) -> None:
-    done = launch("-n", "2", "--max-restarts", "1", "--grace", "2", "--", *rank_code(RESTARTING), "5")
+    done = launch("-n", "2", "--max-restarts", "1", "--grace", "2", "--", *rank_code(RESTARTING), "5",
+                  fifos(tmp_path / "sync", 2))
     assert done.returncode == 3, done.stderr
     assert "rank 1 (pid" in done.stderr and "exited with code 3; restarting every rank (restart 1 of 1)" in done.stderr
     assert "failed: it exited with code 3" in done.stderr and "after 1 restart(s) of every rank" in done.stderr
