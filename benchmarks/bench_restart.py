@@ -4,6 +4,9 @@ program at all (``Popen`` to its first instruction).
 
     .venv/bin/python benchmarks/bench_restart.py [--nproc 2] [--restarts 20] [--backend asyncio]
 
+Where torch is importable by the interpreter running this, torchrun (``python -m
+torch.distributed.run``) is measured the same way, in the same run.
+
 Every rank writes ``time.monotonic()`` (one clock for every process on Linux) when it
 starts; rank 1 writes it again just before it fails. The other ranks sleep, so each restart
 also pays for stopping them (SIGTERM, which ends them at once, and reaping).
@@ -12,6 +15,7 @@ also pays for stopping them (SIGTERM, which ends them at once, and reaping).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
 import subprocess
 import sys
@@ -35,13 +39,14 @@ if attempt < int(os.environ["TORCHELASTIC_MAX_RESTARTS"]):
 """
 
 
-def restart_gaps(nproc: int, restarts: int, backend: str) -> list[float]:
+def restart_gaps(launcher: list[str], nproc: int, restarts: int) -> list[float]:
     """Seconds from each failure to the last rank of the next attempt starting."""
     with tempfile.TemporaryDirectory() as tmp:
         record = Path(tmp) / "times"
+        script = Path(tmp) / "rank.py"  # a .py, which both launchers run as `python -u`
+        script.write_text(RANK)
         subprocess.run(
-            [sys.executable, "-m", "asyncproc", "run", "-n", str(nproc), "--max-restarts", str(restarts),
-             "--backend", backend, "--", sys.executable, "-c", RANK, str(record)],
+            [*launcher, f"--nproc-per-node={nproc}", f"--max-restarts={restarts}", str(script), str(record)],
             check=True, capture_output=True, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
         )
         fails: dict[int, float] = {}
@@ -73,14 +78,16 @@ def main() -> None:
     parser.add_argument("--restarts", type=int, default=20)
     parser.add_argument("--backend", default="asyncio", choices=("asyncio", "uvloop", "trio"))
     args = parser.parse_args()
-    gaps = restart_gaps(args.nproc, args.restarts, args.backend)
-    floor = python_start_floor(args.restarts)
-    gap_ms, floor_ms = statistics.median(gaps) * 1e3, statistics.median(floor) * 1e3
-    print(f"{args.nproc} ranks, {len(gaps)} restarts, {args.backend}")
-    print(f"  failure -> every rank of the next attempt running: median {gap_ms:7.1f} ms "
-          f"(min {min(gaps) * 1e3:.1f}, max {max(gaps) * 1e3:.1f})")
-    print(f"  floor: Popen -> first instruction of python -c:     median {floor_ms:7.1f} ms")
-    print(f"  ratio {gap_ms / floor_ms:.2f}x the floor; launcher's own share {gap_ms - floor_ms:.1f} ms")
+    launchers = {f"asyncproc run ({args.backend})": [sys.executable, "-m", "asyncproc", "run", "--backend", args.backend]}
+    if importlib.util.find_spec("torch") is not None:
+        launchers["torchrun"] = [sys.executable, "-m", "torch.distributed.run"]
+    floor_ms = statistics.median(python_start_floor(args.restarts)) * 1e3
+    print(f"{args.nproc} ranks, {args.restarts} restarts; floor (Popen -> first instruction of python): {floor_ms:.1f} ms")
+    for name, launcher in launchers.items():
+        gaps = restart_gaps(launcher, args.nproc, args.restarts)
+        gap_ms = statistics.median(gaps) * 1e3
+        print(f"  {name:24} failure -> next attempt's ranks all running: median {gap_ms:7.1f} ms "
+              f"(min {min(gaps) * 1e3:.1f}, max {max(gaps) * 1e3:.1f}), {gap_ms / floor_ms:.1f}x the floor")
 
 
 if __name__ == "__main__":
