@@ -392,6 +392,9 @@ def test_record_leaves_the_python_stack_of_a_segfaulting_rank() -> None:
         (["--grace", "-1"], "--grace '-1': must be >= 0"),
         (["--logs-specs", "mine"], "--logs-specs 'mine': asyncproc has no LogsSpecs plugins"),
         (["--rdzv-id", "a/b"], "--rdzv-id 'a/b': must be a name without '/'"),
+        (["--monitor-interval", "often"], "--monitor-interval 'often': is not a number of seconds"),
+        (["--event-log-handler", "console"], "--event-log-handler 'console': asyncproc has no event log handlers"),
+        (["--duplicate-stdout-filters", "loss"], "--duplicate-stdout-filters 'loss': not supported"),
     ],
 )
 def test_bad_option_values_are_refused_naming_option_value_and_reason(
@@ -446,6 +449,12 @@ def test_torchrun_spellings_and_defaults() -> None:
     from_env, command = config_of("mod", env={"PET_NPROC_PER_NODE": "2", "PET_MAX_RESTARTS": "4", "PET_MODULE": "1",
                                        "PET_SHUTDOWN_TIMEOUT": "3", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "9"})
     assert (from_env.nproc, from_env.max_restarts, from_env.grace) == (2, 4, 3.0) and command[:3] == [PY, "-u", "-m"]
+    _, command = config_of("--run-path", "/abs/train.py", "x", env={"PYTHON_EXEC": "/opt/py"})
+    assert command == ["/opt/py", "-u", "/abs/train.py", "x"]  # a process per rank either way
+    parser = argparse.ArgumentParser()
+    _runcli.configure_parser(parser)
+    _, _, notices = _runcli._config(parser.parse_args(["--rdzv-conf", "timeout=9", "--local-addr", "n1", "true"]), {})
+    assert notices == ["asyncproc run: --rdzv-conf and --local-addr are ignored: they configure a rendezvous"]
     elastic_timeout, _ = config_of("true", env={"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "9"})
     assert elastic_timeout.grace == 9.0 and elastic_timeout.signals == (
         signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)

@@ -325,7 +325,7 @@ def _command(args: argparse.Namespace, source: _Source) -> list[str]:
     module, no_python, run_path = source.flag("module"), source.flag("no_python"), source.flag("run_path")
     if module and no_python:
         raise UsageError("--module", None, "cannot be used with --no-python")
-    python = os.environ.get("PYTHON_EXEC") or sys.executable  # torchrun's rule
+    python = source.environ.get("PYTHON_EXEC") or sys.executable  # torchrun's rule
     if module:
         return [python, "-u", "-m", *command]
     if run_path or (not no_python and command[0].endswith(".py")):
