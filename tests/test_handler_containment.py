@@ -102,6 +102,7 @@ async def test_a_double_forked_setsid_descendant_dies_with_the_handler(anyio_bac
         await handler.kill(signal.SIGTERM, grace=5)
     assert not wait_dead_and_reap(fds, timeout=2.0), "the setsid helper outlived kill()"
     assert not leaf.exists(), f"cgroup {leaf} left behind"
+    assert not leaf.parent.exists(), f"cgroup {leaf.parent} left behind after the last handler"
 
 
 LAUNCHED = textwrap.dedent(
