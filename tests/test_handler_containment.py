@@ -205,7 +205,7 @@ SCAN_CHILD = "setsid sleep 60 & echo ready; exec sleep 60"
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("cgroups", [True, False], ids=["cgroups", "scans"])
+@pytest.mark.parametrize("cgroups", [pytest.param(True, marks=needs_cgroups), False], ids=["cgroups", "scans"])
 async def test_stopping_many_handlers_scans_proc_once_per_round_never_on_the_loop(
     anyio_backend: object, monkeypatch: pytest.MonkeyPatch, cgroups: bool
 ) -> None:
