@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from typing import Any
 
 BACKENDS = ("asyncio", "uvloop", "trio")
@@ -117,7 +118,8 @@ async def one_call(kind: str, x: int, tally: Tally) -> None:
         outcome = "timeout" if kind == "timeout" else f"timeout for a {kind} call"
     except Exception as exc:  # noqa: BLE001 - counted, not hidden
         inner = f" {exc.exceptions!r}" if isinstance(exc, BaseExceptionGroup) else ""
-        outcome = f"{type(exc).__name__}: {exc}{inner} for a {kind} call"
+        where = "".join(traceback.format_exception(exc)[-6:]) if os.environ.get("SOAK_TRACEBACKS") else ""
+        outcome = f"{type(exc).__name__}: {exc}{inner} for a {kind} call{where}"
     tally.calls += 1
     expected = {"value": "value", "grandchild": "value", "exception": "exception", "crash": "crash",
                 "timeout": "timeout", "cancel": "cancelled"}[kind]

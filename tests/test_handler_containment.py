@@ -102,6 +102,7 @@ async def test_a_double_forked_setsid_descendant_dies_with_the_handler(anyio_bac
         await handler.kill(signal.SIGTERM, grace=5)
     assert not wait_dead_and_reap(fds, timeout=2.0), "the setsid helper outlived kill()"
     assert not leaf.exists(), f"cgroup {leaf} left behind"
+    assert not leaf.parent.exists(), f"cgroup {leaf.parent} left behind after the last handler"
 
 
 LAUNCHED = textwrap.dedent(
@@ -204,7 +205,7 @@ SCAN_CHILD = "setsid sleep 60 & echo ready; exec sleep 60"
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("cgroups", [True, False], ids=["cgroups", "scans"])
+@pytest.mark.parametrize("cgroups", [pytest.param(True, marks=needs_cgroups), False], ids=["cgroups", "scans"])
 async def test_stopping_many_handlers_scans_proc_once_per_round_never_on_the_loop(
     anyio_backend: object, monkeypatch: pytest.MonkeyPatch, cgroups: bool
 ) -> None:
@@ -262,3 +263,31 @@ async def test_stopping_many_handlers_scans_proc_once_per_round_never_on_the_loo
     assert loop_thread not in scans[spawned:], "a /proc scan ran on the event loop's thread"
     # Per handler: a snapshot and a check after the grace; shared, they are a few rounds.
     assert len(scans) - spawned <= (0 if cgroups else 6), f"{len(scans) - spawned} scans of /proc for 30 kills"
+
+
+@needs_cgroups
+@pytest.mark.anyio
+async def test_a_cgroup_still_busy_at_close_is_removed_once_empty(anyio_backend: object, tmp_path: Path) -> None:
+    # torch's way: wait() then close(); a member of the child's group is still running at
+    # close() (which sends it SIGTERM), so the child's cgroup cannot go yet. Once that member
+    # is dead, the next handler's spawn removes it, and the last handler takes ours along.
+    fifo = tmp_path / "go"
+    os.mkfifo(fifo)
+    code = 'sleep 60 & echo $!; read x < "$GO"; exit 0'  # exits when told (after the checks)
+    r, w = os.pipe()
+    first = get_subprocess_handler("/bin/sh", ["-c", code], {"GO": str(fifo)}, w, None, 0)
+    await first.spawn()
+    os.close(w)
+    with os.fdopen(r) as out:
+        member = int(out.readline())
+        leaf = cgroup_dir(first.pid or 0)
+        assert leaf.name == f"h{first.pid}" and cgroup_of(member) == cgroup_of(first.pid or 0)
+        await anyio.to_thread.run_sync(lambda: fifo.write_text("\n"))
+    fds = pidfds([member])
+    assert await first.wait() == 0
+    first.close()
+    assert not wait_dead_and_reap(fds, timeout=5.0)
+    async with get_subprocess_handler("/bin/true", [], {}, None, None, 1) as second:
+        assert not leaf.exists(), "the abandoned cgroup was not removed by the next spawn"
+        await second.wait()
+    assert not leaf.parent.exists(), f"cgroup {leaf.parent} left behind after the last handler"

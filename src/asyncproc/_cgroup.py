@@ -212,6 +212,10 @@ def procs(path: str, recursive: bool = False) -> list[int]:
                     pids += procs(entry.path, recursive=True)
     except (FileNotFoundError, ProcessLookupError):
         return []
+    except OSError as exc:
+        if exc.errno != errno.ENODEV:
+            raise
+        return []  # removed while we read it: its files answer ENODEV until they go
     return pids
 
 
@@ -224,6 +228,10 @@ def populated(path: str) -> bool:
                     return line.split()[1] != "0"
     except FileNotFoundError:
         return False
+    except OSError as exc:
+        if exc.errno != errno.ENODEV:
+            raise
+        return False  # removed while we read it (seen under fork-server SIGKILLs in the soak)
     return False
 
 

@@ -135,7 +135,8 @@ def _send(message: bytes) -> None:
     in a tight loop, so the 64 KiB pipe buffer never fills in practice.
     """
     if _lifeline is None:
-        _start()
+        if _registered or _extra:  # nothing to guard: no guardian needed (yet)
+            _start()
         return
     try:
         os.write(_lifeline, message)

@@ -98,6 +98,7 @@ class SubprocessHandler:
         self._pidfd_closer: weakref.finalize[Any, SubprocessHandler] | None = None
         self._wait_lock: anyio.Lock | None = None
         self._cgroup: str | None = None  # this child's own cgroup, while it has one
+        self._cgroup_closer: weakref.finalize[Any, SubprocessHandler] | None = None
         self._starttime = 0  # of the child, in clock ticks after boot: with the pid, unique
 
     # -- what a user reads --------------------------------------------------------------
@@ -137,6 +138,9 @@ class SubprocessHandler:
             self._close_logs()
             raise
         self._cgroup = _contain(self.proc.pid)
+        if self._cgroup is not None:  # dropped with its cgroup still there: removed later
+            self._cgroup_closer = weakref.finalize(self, _HANDLERS.abandon, self._cgroup)
+            self._cgroup_closer.atexit = False  # at exit, the whole cgroup goes anyway
         stat = read_stat(self.proc.pid)
         self._starttime = stat.starttime if stat is not None else 0
         _guardian.register(self.proc.pid)
@@ -212,6 +216,8 @@ class SubprocessHandler:
             if not self._wait_lock.locked():
                 self._try_reap()
             self._drop_cgroup()
+            if self._cgroup is not None:  # something still runs in it (or we were signalled)
+                _HANDLERS.abandon(self._cgroup)
         self._close_logs()
 
     async def __aenter__(self) -> SubprocessHandler:
@@ -284,6 +290,8 @@ class SubprocessHandler:
         the guardian, or our exit, kills it)."""
         if self._cgroup is not None and _HANDLERS.drop_leaf(self._cgroup):
             self._cgroup = None
+            if self._cgroup_closer is not None:
+                self._cgroup_closer.detach()
 
     async def _table(self) -> _Table | None:
         """The /proc table the fallback needs (None with a cgroup), shared with every
@@ -419,40 +427,60 @@ def _open_log(target: Redirect) -> IO[bytes] | None:
 class _HandlersCgroup:
     """This process's cgroup holding its handlers' cgroups: made with the first, registered
     with the guardian (which kills and removes it, all our handlers' trees, if we die), and
-    removed with the last, so none is left between uses or after us."""
+    removed with the last, so none is left between uses or after us.
+
+    A handler closed or dropped while something still ran in its cgroup *abandons* it: it
+    is removed later, at the next spawn or removal, once empty.
+    """
 
     def __init__(self) -> None:
         self.lock = threading.Lock()  # the spawning thread adds, the loop's thread removes
         self.owner = 0
         self.path: str | None = None
-        self.leaves = 0
+        self.live: set[str] = set()
+        self.abandoned: set[str] = set()
 
     def new_leaf(self, name: str) -> str | None:
         with self.lock:
             if self.owner != os.getpid():  # a forked child: the cgroup is its parent's
-                self.owner, self.path, self.leaves = os.getpid(), None, 0
+                self.owner, self.path, self.live, self.abandoned = os.getpid(), None, set(), set()
+            self._sweep()
             if self.path is None and _cgroup.available():
                 self.path = _cgroup.create("handlers")
                 if self.path is not None:
                     _guardian.register_cgroup(self.path)
             leaf = _cgroup.create(name, parent=self.path) if self.path is not None else None
-            self.leaves += leaf is not None
+            if leaf is not None:
+                self.live.add(leaf)
             return leaf
 
     def drop_leaf(self, leaf: str) -> bool:
         """Remove an empty handler's cgroup (False while something runs in it), and ours
         with the last."""
         with self.lock:
-            if not _cgroup.remove(leaf):
+            if self.owner != os.getpid() or not _cgroup.remove(leaf):
                 return False
-            if self.owner == os.getpid():
-                self.leaves -= 1
-                if self.leaves == 0 and self.path is not None:
-                    with contextlib.suppress(OSError):  # EBUSY: a leaf is being made
-                        os.rmdir(self.path)  # never recursive: only if it holds nothing
-                        _guardian.unregister_cgroup(self.path)
-                        self.path = None
+            self.live.discard(leaf)
+            self.abandoned.discard(leaf)
+            self._sweep()
             return True
+
+    def abandon(self, leaf: str) -> None:
+        with self.lock:
+            if leaf in self.live:
+                self.abandoned.add(leaf)
+                self._sweep()
+
+    def _sweep(self) -> None:
+        for leaf in list(self.abandoned):
+            if _cgroup.remove(leaf):
+                self.live.discard(leaf)
+                self.abandoned.discard(leaf)
+        if not self.live and self.path is not None:
+            with contextlib.suppress(OSError):  # EBUSY: never recursive, only if it holds nothing
+                os.rmdir(self.path)
+                _guardian.unregister_cgroup(self.path)
+                self.path = None
 
     def end_at_exit(self) -> None:
         """As the guardian would: what our handlers left running dies with us."""
