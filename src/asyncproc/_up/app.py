@@ -192,6 +192,7 @@ class UpApp:
             outer.start_soon(self._consume_events, self.sup.events(), console)
             outer.start_soon(self._watch_signals)
             outer.start_soon(control.serve, listener, self._handle)
+            self._notice(f"{len(self.config.children)} children from {self.config.path}; control socket {self.socket_path}")
             try:
                 async with self.sup:
                     async with anyio.create_task_group() as inner:

@@ -161,7 +161,8 @@ def request(path: Path, message: dict[str, Any], timeout: float = CLIENT_TIMEOUT
             raise ControlError(f"no asyncproc up is running with {path} (is it started? --socket PATH?)") from None
         except PermissionError:
             raise ControlError(f"permission denied on {path}: it belongs to another user") from None
-        sock.sendall(json.dumps(message).encode() + b"\n")
+        with contextlib.suppress(BrokenPipeError):  # refused before it read: its answer says why
+            sock.sendall(json.dumps(message).encode() + b"\n")
         data = b""
         while not data.endswith(b"\n"):
             chunk = sock.recv(65536)
