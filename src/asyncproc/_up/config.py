@@ -137,27 +137,33 @@ class _Locator:
 
     def line_of(self, table: Sequence[str], key: str | None = None) -> int | None:
         header = self._header_line(table)
-        if header is None:
-            return None
-        if key is None:
-            return header + 1
-        key_re = re.compile(rf"\s*(?:{re.escape(key)}|\"{re.escape(key)}\"|'{re.escape(key)}')\s*[=.]")
-        for i in range(header + 1, len(self.lines)):
-            if self.lines[i].lstrip().startswith("["):
-                break
-            if key_re.match(self.lines[i]):
-                return i + 1
-        return header + 1
+        if key is not None:
+            if header is not None:
+                key_re = re.compile(rf"\s*{_quoted(key)}\s*[=.]")
+                for i in range(header + 1, len(self.lines)):
+                    if self.lines[i].lstrip().startswith("["):
+                        break
+                    if key_re.match(self.lines[i]):
+                        return i + 1
+            sub = self._header_line([*table, key], nested=True)  # [programs.web] for key "web"
+            if sub is not None:
+                return sub + 1
+        return header + 1 if header is not None and header >= 0 else None
 
-    def _header_line(self, table: Sequence[str]) -> int | None:
+    def _header_line(self, table: Sequence[str], nested: bool = False) -> int | None:
         if not table:
             return -1  # the top level: keys before the first header
-        parts = [rf"\s*(?:{re.escape(p)}|\"{re.escape(p)}\"|'{re.escape(p)}')\s*" for p in table]
-        header_re = re.compile(r"\s*\[" + r"\.".join(parts) + r"\]\s*(?:#.*)?")
+        dotted = r"\.".join(rf"\s*{_quoted(p)}\s*" for p in table)
+        header_re = re.compile(r"\s*\[" + dotted + (r"(?:\.[^\]]*)?" if nested else "") + r"\]\s*(?:#.*)?")
         for i, line in enumerate(self.lines):
             if header_re.fullmatch(line):
                 return i
         return None
+
+
+def _quoted(name: str) -> str:
+    """A TOML key as written: bare, or in double or single quotes."""
+    return rf"(?:{re.escape(name)}|\"{re.escape(name)}\"|'{re.escape(name)}')"
 
 
 class _Checker:
