@@ -65,6 +65,7 @@ class SubprocessHandler:
         numa_options: Any = None,
         *,
         local_world_size: int | None = None,
+        cwd: StrPath | None = None,
     ) -> None:
         if not isinstance(entrypoint, (str, os.PathLike)) or not os.fspath(entrypoint):
             raise TypeError(f"entrypoint must be a non-empty str or path, got {entrypoint!r}")
@@ -79,6 +80,7 @@ class SubprocessHandler:
         self.local_rank_id = local_rank_id
         self.numa_options = numa_options
         self.local_world_size = local_world_size
+        self.cwd = cwd
         self._stdout_target = stdout
         self._stderr_target = stderr
         self._stdout: IO[bytes] | None = None
@@ -115,7 +117,7 @@ class SubprocessHandler:
             self._stderr = _open_log(self._stderr_target)
             with self._numa_binding():
                 self.proc = _popen(self.args, self.env, self._redirect(self._stdout, self._stdout_target),
-                                   self._redirect(self._stderr, self._stderr_target))
+                                   self._redirect(self._stderr, self._stderr_target), self.cwd)
         except BaseException:
             self._close_logs()
             raise
@@ -350,9 +352,9 @@ def _open_log(target: Redirect) -> IO[bytes] | None:
     return open(target, "wb")
 
 
-def _popen(args: tuple[str, ...], env: dict[str, str], stdout: Any, stderr: Any) -> subprocess.Popen[bytes]:
+def _popen(args: tuple[str, ...], env: dict[str, str], stdout: Any, stderr: Any, cwd: StrPath | None = None) -> subprocess.Popen[bytes]:
     """Start the child on this thread, through CPython's vfork path (no preexec_fn)."""
-    return subprocess.Popen(args, env=env, stdout=stdout, stderr=stderr, start_new_session=True)
+    return subprocess.Popen(args, env=env, stdout=stdout, stderr=stderr, start_new_session=True, cwd=cwd)
 
 
 async def _until_exited(pid: int, pidfd: int | None) -> None:
