@@ -24,7 +24,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -153,7 +153,7 @@ class UpApp:
         listener = control.open_listener(self.socket_path)  # a second `up` on this socket: refused before anything starts
         console = _Console.of_this_process()
         try:
-            with self._live_view(console):
+            with self._live_view(console), _log_to(self):
                 await self._run(asyncproc, listener, console)
         finally:
             listener.close()
@@ -235,10 +235,8 @@ class UpApp:
     def _report(self) -> int:
         if self.gave_up is None:
             return 0
-        cause = self.gave_up.__cause__
-        detail = f": {cause}" if cause is not None else ""
-        with contextlib.suppress(OSError):
-            print(f"asyncproc up: the supervisor gave up, everything was stopped ({self.gave_up}){detail}", file=sys.stderr)
+        with contextlib.suppress(OSError):  # the message names the child and its last failure
+            print(f"asyncproc up: {self.gave_up}; everything was stopped", file=sys.stderr)
         return 1
 
     # -- events, metrics, the view -------------------------------------------------------
@@ -270,7 +268,7 @@ class UpApp:
             child.over_memory = True
             text = "went over its memory limit; stopping it"
         elif kind == "restarting":
-            text = f"restarting in {event.delay or 0:.1f} s (restart {event.restarts + 1})"
+            text = f"restarting in {event.delay or 0:.1f} s (restart {event.restarts})"
         elif kind == "stopped":
             child.started_at = None
             text = "stopped"
@@ -461,6 +459,38 @@ class UpApp:
             done.append("[supervisor] changed: it applies when up is started again")
         self._notice(f"reloaded {new.path}: " + ("; ".join(done) or "nothing changed"))
         return done
+
+
+class _NoticeHandler(logging.Handler):
+    """asyncproc's log records as ``up``'s notices (above the live table, or a plain line),
+    except the supervisor's echo of each event: ``up`` shows the events themselves."""
+
+    def __init__(self, app: UpApp):
+        super().__init__(logging.INFO)
+        self.app = app
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if isinstance(record.msg, str) and record.msg.startswith("supervisor %r: child %r"):
+            return
+        try:
+            self.app._notice(record.getMessage())
+        except Exception:
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def _log_to(app: UpApp) -> Iterator[None]:
+    logger = logging.getLogger("asyncproc")
+    handler = _NoticeHandler(app)
+    saved = logger.propagate, logger.level
+    logger.addHandler(handler)
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate, logger.level = saved
 
 
 def _short_exit(exitcode: int | None) -> str:
