@@ -224,6 +224,9 @@ class UpApp:
             from ..numa import AffinityMode, NumaOptions
 
             numa = NumaOptions(AffinityMode(child.numa))
+        for path in (child.stdout, child.stderr):
+            if path is not None:
+                Path(path).parent.mkdir(parents=True, exist_ok=True)  # logs/{name}.out: the folder too
         return asyncproc.Command(
             child.name, list(child.argv), env=dict(child.env), cwd=child.cwd,
             stdout=child.stdout or self.outputs.path(child.name, "stdout"),

@@ -47,7 +47,7 @@ def human_bytes(size: int | None) -> str:
 
 
 def table(rows: Sequence[dict[str, Any]], events: Sequence[str] = (), title: str | None = None) -> RenderableType:
-    grid = Table(title=title, title_justify="left", expand=False, pad_edge=False)
+    grid = Table(title=title, title_justify="left", expand=False)
     for column in COLUMNS:
         grid.add_column(column, justify="right" if column in ("PID", "RESTARTS", "CPU %", "RSS") else "left",
                         no_wrap=True)
