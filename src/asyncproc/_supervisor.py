@@ -26,6 +26,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
+import functools
 import logging
 import math
 import os
@@ -33,7 +34,7 @@ import signal
 import socket
 import time
 import weakref
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Union
@@ -72,7 +73,8 @@ class _End:
 
 
 class _Run:
-    """One run of a child. ``main`` starts it, sets ``started``, and returns how it ended;
+    """One run of a child. ``launch`` starts it (``main`` then runs in a runner task of
+    the supervisor's task group) and returns once it runs; ``main`` returns how it ended;
     ``stop`` ends it (bounded) as the supervisor's own doing, which is never a failure."""
 
     _pid: int | None = None
@@ -81,10 +83,8 @@ class _Run:
         self.spec = spec
         self.stopping = False  # the supervisor ends it: its end is not reported as "exited"
         self.started = False
-        self.settled = anyio.Event()  # started, or ended without starting
-        self.done = anyio.Event()  # main has returned
+        self.done = anyio.Event()  # main has returned, or it never started
         self.start_error: BaseException | None = None
-        self.scope = anyio.CancelScope()  # cancelling it stops a Task, Call or supervisor
 
     @property
     def pid(self) -> int | None:
@@ -94,17 +94,17 @@ class _Run:
     def exitcode(self) -> int | None:
         return None
 
-    def mark_started(self) -> None:
-        self.started = True
-        self.settled.set()
+    async def launch(self, tg: anyio.abc.TaskGroup, runner: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        raise NotImplementedError
 
     async def main(self) -> _End:
         raise NotImplementedError
 
     async def stop(self) -> None:
-        self.stopping = True
-        self.scope.cancel()
-        await self._until_done()
+        raise NotImplementedError
+
+    def finished(self) -> None:
+        self.done.set()
 
     async def _until_done(self) -> None:
         """Wait for ``main`` to return; a child that takes longer than its shutdown bound
@@ -115,6 +115,33 @@ class _Run:
             return
         log.warning("asyncproc: %r did not end within %.1f s of being stopped; still waiting for it", self.spec, self.spec.shutdown)
         await self.done.wait()
+
+
+class _InLoopRun(_Run):
+    """A child that runs in its runner task (a Task, a Call, a nested supervisor): started
+    when that task gets to it, stopped by cancelling it."""
+
+    def __init__(self, spec: Any) -> None:
+        super().__init__(spec)
+        self.settled = anyio.Event()  # started, or ended without starting
+        self.scope = anyio.CancelScope()
+
+    def mark_started(self) -> None:
+        self.started = True
+        self.settled.set()
+
+    def finished(self) -> None:
+        self.settled.set()
+        self.done.set()
+
+    async def launch(self, tg: anyio.abc.TaskGroup, runner: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        tg.start_soon(runner)
+        await self.settled.wait()
+
+    async def stop(self) -> None:
+        self.stopping = True
+        self.scope.cancel()
+        await self._until_done()
 
 
 class _CommandRun(_Run):
@@ -129,46 +156,60 @@ class _CommandRun(_Run):
     def exitcode(self) -> int | None:
         return self.handler.returncode if self.handler is not None else None
 
-    async def main(self) -> _End:
+    async def launch(self, tg: anyio.abc.TaskGroup, runner: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        # Spawned here, in the deciding task: a restart costs no task switch before the
+        # spawn (Popen is synchronous anyway); the runner task only awaits the end.
+        try:
+            self.handler = await self._spawn()
+        except Exception as exc:
+            self.start_error = exc
+            self.done.set()
+            return
+        self._pid = self.handler.pid
+        self.started = True
+        tg.start_soon(runner)
+
+    async def _spawn(self) -> SubprocessHandler:
         from ._handler import SubprocessHandler
 
         spec = self.spec
-        if self.stopping:  # stopped before it could start
-            return _End(False)
-        out, err = _open_append(spec.stdout), _open_append(spec.stderr)
+        out, err = _open_append(spec.stdout), None
         try:
+            err = _open_append(spec.stderr)
             handler = SubprocessHandler(
                 spec.argv[0], spec.argv[1:], spec.env, out, err,
                 spec.local_rank_id or 0, spec.numa_options, cwd=spec.cwd,
             )
-            await handler.spawn()  # synchronous inside: nothing can cancel it half-way
+            await handler.spawn()  # no checkpoint inside: nothing can cancel it half-way
         finally:
             for fd in (out, err):
                 if fd is not None:
                     os.close(fd)  # the child has its own copies
-        self.handler, self._pid = handler, handler.pid
-        self.mark_started()
+        return handler
+
+    async def main(self) -> _End:
+        handler = self.handler
+        assert handler is not None
         try:
             code = await handler.wait()
         finally:
-            if not self.stopping:
-                # The leader is gone (or we are being torn down): members of its group or
-                # session may live on, and go before any replacement starts (a port they
-                # hold, a file they write). Cheap when there are none: no /proc scan.
+            # The leader is gone (or we are being torn down): members of its group may
+            # live on, and go before any replacement starts (a port they hold, a file
+            # they write). Checked first with one killpg(0): most exits leave none.
+            if not self.stopping and (handler.returncode is None or _group_exists(handler.pid)):
                 with anyio.CancelScope(shield=True):
-                    await handler.kill(signal.SIGTERM, grace=spec.shutdown)
-            handler.close()
+                    await handler.kill(signal.SIGTERM, grace=self.spec.shutdown)
+        spec = self.spec
         if self.memory_error is not None:
             self.memory_error.exitcode = code
-            return _End(True, self.pid, code, self.memory_error)
+            return _End(True, self._pid, code, self.memory_error)
         if code == 0:
-            return _End(False, self.pid, 0)
-        crashed = ChildCrashed(f"command {spec.id!r} (pid {self.pid}) {describe_exitcode(code)}", pid=self.pid, exitcode=code)
-        return _End(True, self.pid, code, crashed)
+            return _End(False, self._pid, 0)
+        crashed = ChildCrashed(f"command {spec.id!r} (pid {self._pid}) {describe_exitcode(code)}", pid=self._pid, exitcode=code)
+        return _End(True, self._pid, code, crashed)
 
     async def stop(self) -> None:
         self.stopping = True
-        await self.settled.wait()
         if self.handler is not None:
             await self.handler.kill(signal.SIGTERM, grace=self.spec.shutdown)
         await self._until_done()
@@ -179,7 +220,13 @@ class _CommandRun(_Run):
             await self.handler.kill(signal.SIGTERM, grace=self.spec.shutdown)
 
 
-class _TaskRun(_Run):
+def _group_exists(pgid: int | None) -> bool:
+    from ._handler import _group_exists as exists
+
+    return pgid is not None and exists(pgid)
+
+
+class _TaskRun(_InLoopRun):
     spec: Task
 
     async def main(self) -> _End:
@@ -193,7 +240,7 @@ class _TaskRun(_Run):
         return _End(False)  # cancelled by stop()
 
 
-class _CallRun(_Run):
+class _CallRun(_InLoopRun):
     spec: Call
 
     def __init__(self, spec: Call) -> None:
@@ -257,7 +304,7 @@ def _peek_hello(ctl: Any) -> int | None:
         return None
 
 
-class _SupervisorRun(_Run):
+class _SupervisorRun(_InLoopRun):
     spec: Supervisor
 
     async def main(self) -> _End:
@@ -455,7 +502,7 @@ class Supervisor:
         self._gave_up = None
         self._restart_times.clear()
         self._lock = anyio.Lock()
-        self._changed = anyio.Event()
+        self._changed = None
         self._body = anyio.CancelScope()
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
@@ -507,7 +554,8 @@ class Supervisor:
                 raise self._gave_up
             if not self._active or not any(c.state in ("running", "backoff") for c in self._children):
                 return
-            assert self._changed is not None
+            if self._changed is None:
+                self._changed = anyio.Event()
             await self._changed.wait()
 
     # -- what a user reads -------------------------------------------------------------------
@@ -587,8 +635,7 @@ class Supervisor:
         child.started_at = time.monotonic()
         run = _make_run(child.spec)
         child.run = run
-        self._tg.start_soon(self._runner, child, run, name=f"asyncproc supervisor {self.id!r} child {child.id!r}")
-        await run.settled.wait()
+        await run.launch(self._tg, functools.partial(self._runner, child, run))
         if not run.started:
             child.run = None
             child.state = "stopped"
@@ -633,8 +680,7 @@ class Supervisor:
             else:
                 run.start_error = exc
         finally:
-            run.settled.set()
-            run.done.set()
+            run.finished()
         if end is not None and not run.stopping:
             async with self._lock_():
                 if child.run is run and not run.stopping:
@@ -733,10 +779,12 @@ class Supervisor:
             await self._handle(await self._start_plan(plan))
 
     async def _give_up(self, child: _Child, end: _End) -> None:
-        error = end.error or ChildCrashed(f"child {child.id!r} failed", pid=end.pid, exitcode=end.exitcode)
+        # A permanent child that ended normally too often has no failure to point to.
+        error = end.error if end.failed else None
+        last = f"last failure: {_first_line(error)}" if error is not None else f"it last {_describe_end(end)}"
         gave_up = SupervisorGaveUp(
-            f"supervisor {self.id!r} gave up: child {child.id!r} failed and restarting it would make more than "
-            f"{self.max_restarts} restart(s) within {self.max_seconds:g} s; last failure: {_first_line(error)}",
+            f"supervisor {self.id!r} gave up: child {child.id!r} ended and restarting it would make more than "
+            f"{self.max_restarts} restart(s) within {self.max_seconds:g} s; {last}",
             child=child.id, pid=end.pid, exitcode=end.exitcode,
         )
         gave_up.__cause__ = error
@@ -791,9 +839,10 @@ class Supervisor:
     # -- events ------------------------------------------------------------------------------
 
     def _notify(self) -> None:
+        # Created by a waiter, not here: most changes have nobody waiting for them.
         if self._changed is not None:
             self._changed.set()
-            self._changed = anyio.Event()
+            self._changed = None
 
     def _emit(self, kind: str, child: _Child, *, restarts: int | None = None, **fields: Any) -> None:
         event = Event(kind, child.id, time.time(), restarts=child.restarts if restarts is None else restarts, **fields)
@@ -821,6 +870,10 @@ _LEVELS = {
 def _first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+
+
+def _describe_end(end: _End) -> str:
+    return describe_exitcode(end.exitcode) if end.exitcode is not None else "ended"
 
 
 def _describe(event: Event, sup: Supervisor) -> str:
