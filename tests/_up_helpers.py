@@ -16,6 +16,8 @@ from typing import Any
 
 import psutil
 
+from asyncproc._up import control
+
 PY = sys.executable
 BOUND_S = 60.0  # "at once, not at the timeout": generous, for a busy 2-core machine
 
@@ -74,9 +76,10 @@ class Up:
         return ctl(self.sock, *args)
 
     def status(self) -> dict[str, dict[str, Any]]:
-        out = self.ctl("status", "--json")
-        assert out.returncode == 0, out.stderr
-        return {row["name"]: row for row in json.loads(out.stdout)}
+        """The children by name, straight from the socket (what `ctl status --json` prints,
+        without starting a Python per look)."""
+        rows = control.request(self.sock, {"command": "status"}, timeout=BOUND_S)["children"]
+        return {row["name"]: row for row in rows}
 
     def wait_status(self, predicate: Any, timeout: float = BOUND_S) -> dict[str, dict[str, Any]]:
         """``ctl status`` until ``predicate(status)`` holds (each call is a real round trip)."""

@@ -90,7 +90,10 @@ def test_ctl_status_restart_stop_start_reload_down(tmp_path: Path, sock: Path, b
     with Up(file, sock, "--backend", backend) as up:
         status = up.wait_status(lambda s: all(r["state"] == "running" for r in s.values()))
         assert list(status) == ["a-0", "a-1", "b", "keep"]  # start order
-        assert {"name", "state", "pid", "restarts"} <= set(status["a-0"])
+        out = up.ctl("status", "--json")
+        assert out.returncode == 0
+        assert [row["name"] for row in json.loads(out.stdout)] == ["a-0", "a-1", "b", "keep"]
+        assert {"name", "state", "pid", "restarts"} <= set(json.loads(out.stdout)[0])
 
         table = up.ctl("status")
         assert table.returncode == 0
@@ -148,6 +151,21 @@ def test_sighup_reloads(tmp_path: Path, sock: Path) -> None:
         up.proc.send_signal(signal.SIGTERM)
         assert up.wait_exit() == 0
         up.wait_line(r"b: stopped")
+
+
+def test_numa_replicas_and_log_files(tmp_path: Path, sock: Path) -> None:
+    report = program("import os; print(os.environ['ASYNCPROC_REPLICA'], sorted(os.sched_getaffinity(0)))")
+    file = _system(tmp_path, r=f"command = {report}\nreplicas = 2\nnuma = 'node'\nrestart = 'temporary'\n"
+                               "stdout = 'logs/{name}.out'")
+    with Up(file, sock) as up:
+        up.wait_line(r"r-0: exited with code 0")
+        up.wait_line(r"r-1: exited with code 0")
+        allowed = os.sched_getaffinity(0)
+        for i in (0, 1):  # each replica bound as local rank i of 2, its output in its own file
+            replica, cpus = (tmp_path / "logs" / f"r-{i}.out").read_text().split(" ", 1)
+            assert int(replica) == i and set(json.loads(cpus)) <= allowed
+        assert up.ctl("down").returncode == 0
+        assert up.wait_exit() == 0
 
 
 def test_second_sigterm_kills_at_once(tmp_path: Path, sock: Path) -> None:

@@ -48,6 +48,7 @@ shutdown = 30
     assert dict(web1.env) == {"PORT": "8000", "MODE": "prod", "ASYNCPROC_REPLICA": "1"}
     assert web1.stdout == str(tmp_path.resolve() / "logs" / "web-1.log")
     assert (web0.numa, web0.local_rank_id, web1.local_rank_id) == ("node", 0, 1)  # replicas are the local ranks
+    assert web0.local_world_size == web1.local_world_size == 2 and db.local_world_size is None
     assert config.supervisor.strategy == "rest_for_one" and config.supervisor.max_restarts == 5
     assert dict(config.supervisor.backoff) == {"initial": 0.5, "jitter": 0.0}
 

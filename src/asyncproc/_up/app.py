@@ -138,6 +138,7 @@ class UpApp:
         self.events: collections.deque[str] = collections.deque(maxlen=EVENTS_SHOWN)
         self.done = anyio.Event()
         self.gave_up: BaseException | None = None
+        self.start_error: Exception | None = None
         self.interrupted = False
         self._lock = anyio.Lock()  # one change at a time: reload, restart, SIGHUP
         self.view: LiveView | None = None
@@ -202,6 +203,8 @@ class UpApp:
                         inner.cancel_scope.cancel()
             except asyncproc.SupervisorGaveUp as exc:
                 self.gave_up = exc
+            except Exception as exc:  # a program that cannot start (missing command, NUMA): everything started was stopped
+                self.start_error = exc
             await self.outputs.close()
             with anyio.move_on_after(0.5):
                 await anyio.sleep(0)  # let the event consumer show the last events
@@ -232,10 +235,15 @@ class UpApp:
             stdout=child.stdout or self.outputs.path(child.name, "stdout"),
             stderr=child.stderr or self.outputs.path(child.name, "stderr"),
             restart=child.restart, shutdown=child.shutdown, memory_limit=child.memory_limit,
-            numa_options=numa, local_rank_id=child.local_rank_id,
+            numa_options=numa, local_rank_id=child.local_rank_id, local_world_size=child.local_world_size,
         )
 
     def _report(self) -> int:
+        if self.start_error is not None:
+            with contextlib.suppress(OSError):
+                print(f"asyncproc up: cannot start the system: {_describe_error(self.start_error)}; everything started was stopped",
+                      file=sys.stderr)
+            return 1
         if self.gave_up is None:
             return 0
         with contextlib.suppress(OSError):  # the message names the child and its last failure
@@ -412,7 +420,11 @@ class UpApp:
 
     async def _start(self, name: str) -> str:
         if name not in self.stopped:
-            return f"{name}: already running"
+            state = next((s.state for s in self.sup.status() if s.id == name), None)
+            if state == "ended":  # a temporary or transient child that is over: run it again
+                await self.sup.restart_child(name)
+                return f"{name}: started"
+            return f"{name}: already {state}"
         child = self.config.child(name)
         assert child is not None
         await self.sup.start_child(self._command(child))
@@ -496,6 +508,12 @@ def _log_to(app: UpApp) -> Iterator[None]:
         logger.propagate, logger.level = saved
 
 
+def _describe_error(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.filename!r}: {exc.strerror}" if exc.filename else exc.strerror
+    return f"{type(exc).__name__}: {exc}"
+
+
 def _short_exit(exitcode: int | None) -> str:
     if exitcode is None:
         return "error"
@@ -531,9 +549,6 @@ def cli(args: argparse.Namespace) -> int:
     except control.ControlError as exc:
         print(f"asyncproc up: {exc}", file=sys.stderr)
         return 1
-    except FileNotFoundError as exc:  # a program's command is missing: nothing is left running
-        print(f"asyncproc up: cannot run {exc.filename!r}: {exc.strerror}", file=sys.stderr)
-        return 127
 
 
 def main(argv: Sequence[str] | None = None) -> int:  # pragma: no cover - via asyncproc._cli

@@ -78,6 +78,7 @@ class ChildDef:
     memory_limit: int | None
     numa: str | None
     local_rank_id: int | None
+    local_world_size: int | None  # with numa: the replicas are the local ranks
     stdout: str | None  # a file, or None: the console, each line prefixed [name]
     stderr: str | None
 
@@ -250,7 +251,8 @@ class _Checker:
                 name=child, program=name, argv=argv,
                 env=(*env, ("ASYNCPROC_REPLICA", str(i))), cwd=cwd, restart=restart,
                 shutdown=shutdown, memory_limit=memory_limit, numa=numa,
-                local_rank_id=i if numa is not None else None, stdout=out, stderr=err,
+                local_rank_id=i if numa is not None else None,
+                local_world_size=replicas if numa is not None else None, stdout=out, stderr=err,
             ))
         return children, deps
 
