@@ -145,6 +145,9 @@ def test_sighup_reloads(tmp_path: Path, sock: Path) -> None:
     file = _system(tmp_path, a=f"command = {sleeper}\nshutdown = 2")
     with Up(file, sock) as up:
         up.wait_line(r"^\[a\] ready")
+        second = subprocess.run([PY, "-m", "asyncproc", "up", str(file), "--socket", str(sock), "--no-live"],
+                                capture_output=True, text=True, timeout=BOUND_S)
+        assert second.returncode == 1 and "another asyncproc up is running" in second.stderr
         _system(tmp_path, a=f"command = {sleeper}\nshutdown = 2", b=f"command = {sleeper}\nshutdown = 2")
         up.proc.send_signal(signal.SIGHUP)
         up.wait_line(r"^\[b\] ready")
@@ -164,6 +167,10 @@ def test_numa_replicas_and_log_files(tmp_path: Path, sock: Path) -> None:
         for i in (0, 1):  # each replica bound as local rank i of 2, its output in its own file
             replica, cpus = (tmp_path / "logs" / f"r-{i}.out").read_text().split(" ", 1)
             assert int(replica) == i and set(json.loads(cpus)) <= allowed
+        again = up.ctl("start", "r")  # a program's name: both replicas, ended, run again
+        assert again.returncode == 0 and again.stdout.split() == ["r-0:", "started", "r-1:", "started"]
+        up.wait_status(lambda s: s["r-0"]["state"] == s["r-1"]["state"] == "ended" and up.count(r"r-1: exited") == 2)
+        assert len((tmp_path / "logs" / "r-1.out").read_text().splitlines()) == 2  # appended to
         assert up.ctl("down").returncode == 0
         assert up.wait_exit() == 0
 

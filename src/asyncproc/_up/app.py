@@ -151,13 +151,13 @@ class UpApp:
 
         import asyncproc
 
-        listener = control.open_listener(self.socket_path)  # a second `up` on this socket: refused before anything starts
+        listener = await control.open_listener(self.socket_path)  # a second `up` on this socket: refused before anything starts
         console = _Console.of_this_process()
         try:
             with self._live_view(console), _log_to(self):
                 await self._run(asyncproc, listener, console)
         finally:
-            listener.close()
+            await listener.aclose()
             with contextlib.suppress(FileNotFoundError):
                 self.socket_path.unlink()
             console.close()

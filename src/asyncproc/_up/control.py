@@ -19,7 +19,7 @@ import os
 import socket
 import stat
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,28 +61,24 @@ def _private_dir(path: Path) -> None:
         raise ControlError(f"{path} is not a private folder of this user; use --socket PATH")
 
 
-def open_listener(path: Path) -> socket.socket:
+async def open_listener(path: Path) -> anyio.abc.SocketListener:
     """Bind the socket (0600). A stale file from a dead ``up`` is replaced; a live ``up``
     on the same path is an error, so two systems never share one control socket."""
     if path.parent == _fallback_dir():
         _private_dir(path.parent)
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists() or path.is_symlink():
         if _answers(path):
             raise ControlError(f"another asyncproc up is running with {path}; use --socket PATH")
         path.unlink()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # Under umask 0177 the socket is born 0600: never a moment open to others (anyio's
+    # ``mode`` alone would chmod after bind). Nothing else runs in this process yet.
     old = os.umask(0o177)
     try:
-        sock.bind(os.fspath(path))
-    except BaseException:
-        sock.close()
-        raise
+        return await anyio.create_unix_listener(path, mode=0o600)
     finally:
         os.umask(old)
-    os.chmod(path, 0o600)
-    sock.listen(16)
-    sock.setblocking(False)
-    return sock
 
 
 def _answers(path: Path) -> bool:
@@ -100,9 +96,8 @@ def peer_uid(sock: socket.socket) -> int:
     return int(uid)
 
 
-async def serve(sock: socket.socket, handler: Handler) -> None:
+async def serve(listener: anyio.abc.SocketListener, handler: Handler) -> None:
     """Answer requests until cancelled; each connection in its own task."""
-    listener = await anyio.abc.SocketListener.from_socket(sock)
     async with listener:
         await listener.serve(lambda stream: _connection(stream, handler))
 
@@ -175,20 +170,3 @@ def request(path: Path, message: dict[str, Any], timeout: float = CLIENT_TIMEOUT
     if not answer.get("ok"):
         raise ControlError(str(answer.get("error")))
     return answer.get("result")
-
-
-@contextlib.asynccontextmanager
-async def listening(path: Path, handler: Handler) -> AsyncIterator[None]:
-    """Serve ``handler`` on ``path`` for the duration; the socket file is removed after."""
-    sock = open_listener(path)
-    try:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(serve, sock, handler)
-            try:
-                yield
-            finally:
-                tg.cancel_scope.cancel()
-    finally:
-        sock.close()
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
