@@ -327,3 +327,10 @@ def test_live_view_under_a_pty(tmp_path: Path, sock: Path) -> None:
         _, status = os.waitpid(pid, 0)
         os.close(fd)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_help_lists_up_and_ctl() -> None:
+    out = subprocess.run([PY, "-m", "asyncproc", "--help"], capture_output=True, text=True, timeout=BOUND_S)
+    assert out.returncode == 0 and " up " in out.stdout and " ctl " in out.stdout
+    missing = ctl(Path("/nonexistent/up.sock"), "status")
+    assert missing.returncode == 1 and "no asyncproc up is running" in missing.stderr

@@ -139,6 +139,7 @@ class UpApp:
         self.done = anyio.Event()
         self.gave_up: BaseException | None = None
         self.start_error: Exception | None = None
+        self._events_done = anyio.Event()
         self.interrupted = False
         self._lock = anyio.Lock()  # one change at a time: reload, restart, SIGHUP
         self.view: LiveView | None = None
@@ -206,8 +207,8 @@ class UpApp:
             except Exception as exc:  # a program that cannot start (missing command, NUMA): everything started was stopped
                 self.start_error = exc
             await self.outputs.close()
-            with anyio.move_on_after(0.5):
-                await anyio.sleep(0)  # let the event consumer show the last events
+            with anyio.move_on_after(_DRAIN_BOUND_S):
+                await self._events_done.wait()  # the stream ends with the supervisor: show its last events
             outer.cancel_scope.cancel()
 
     async def _wait_supervisor(self) -> None:
@@ -253,16 +254,17 @@ class UpApp:
     # -- events, metrics, the view -------------------------------------------------------
 
     async def _consume_events(self, events: Any, console: _Console) -> None:
-        async for event in events:
-            line = self._note(event)
-            if line is None:
-                continue
-            if self.view is not None:
-                self._redraw()
-            else:
-                await console.out.write((line + "\n").encode())
+        try:
+            async for event in events:
+                line = self._note(event)
+                if self.view is not None:
+                    self._redraw()
+                else:
+                    await console.out.write((line + "\n").encode())
+        finally:
+            self._events_done.set()
 
-    def _note(self, event: Any) -> str | None:
+    def _note(self, event: Any) -> str:
         """Update what we know from one supervisor event; the line that tells it."""
         child = self.children.setdefault(event.child, _Child())
         kind = event.kind
