@@ -389,6 +389,7 @@ async def test_cancellation_stops_every_child_in_reverse_order_then_propagates(l
         async with sup:
             call_pid = int(await lines.line())
             cmd_pid = sup.status()[0].pid
+            assert sup.status()[2].pid == call_pid  # the process running the call
             scope.cancel()
             await anyio.sleep_forever()
     assert scope.cancelled_caught
@@ -462,12 +463,33 @@ async def test_every_event_is_logged(caplog: pytest.LogCaptureFixture) -> None:
         with pytest.raises(SupervisorGaveUp):
             async with Supervisor([crasher("c", 9)], id="top", max_restarts=1, backoff=FAST) as sup:
                 await sup.wait()
-    records = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "asyncproc"]
-    assert ("INFO", f"supervisor 'top': child 'c' started (pid {records[0][1].split('pid ')[1]}") in records
-    levels = [level for level, message in records if "supervisor 'top'" in message]
-    assert levels == ["INFO", "WARNING", "WARNING", "INFO", "WARNING", "ERROR"]
-    assert "restarting in 0 s (restart 1)" in records[2][1]
+    records = [(r.levelname, r.getMessage()) for r in caplog.records if "supervisor 'top'" in r.getMessage()]
+    assert [level for level, _ in records] == ["INFO", "WARNING", "WARNING", "INFO", "WARNING", "ERROR"]
+    assert records[0][1].startswith("supervisor 'top': child 'c' started (pid ")
     assert "exited with code 9" in records[1][1]
+    assert "restarting in 0 s (restart 1)" in records[2][1]
+    assert "giving up" in records[5][1]
+
+
+async def test_a_stopped_child_can_stay_listed_and_be_started_again() -> None:
+    sup = Supervisor([sleeper("a"), sleeper("b")], max_restarts=0)
+    async with sup:
+        await sup.stop_child("a", forget=False)
+        assert [(s.id, s.state, s.pid) for s in sup.status()][0] == ("a", "stopped", None)
+        # Manual restarts are not counted toward intensity (max_restarts=0 here).
+        await sup.restart_child("a")
+        await sup.restart_child("b")
+        assert [(s.state, s.restarts) for s in sup.status()] == [("running", 1), ("running", 1)]
+
+
+async def test_dynamic_calls_need_a_running_supervisor() -> None:
+    sup = Supervisor([sleeper("a")])
+    assert [(s.id, s.state, s.pid, s.restarts) for s in sup.status()] == [("a", "stopped", None, 0)]
+    with pytest.raises(RuntimeError, match="not running"):
+        await sup.start_child(sleeper("b"))
+    with pytest.raises(TypeError, match="child spec"):
+        await sup.start_child("sleep 60")  # type: ignore[arg-type]
+    await sup.wait()  # nothing runs: returns at once
 
 
 SUPERVISED_SCRIPT = """

@@ -299,8 +299,8 @@ def _peek_hello(ctl: Any) -> int | None:
     if head[:1] != _protocol.HELLO:
         return None
     try:
-        return int(head[2:])
-    except ValueError:
+        return int(head[2:].split(maxsplit=1)[0])  # "PID" or "PID CGROUP-LEAF"
+    except (ValueError, IndexError):
         return None
 
 
@@ -480,6 +480,7 @@ class Supervisor:
         self._children: list[_Child] = [_Child(s) for s in specs]
         self._streams: weakref.WeakSet[EventStream] = weakref.WeakSet()
         self._active = False
+        self._closing = False  # stopping everything: no child may start any more
         self._gave_up: SupervisorGaveUp | None = None
         self._restart_times: collections.deque[float] = collections.deque()
         self._lock: anyio.Lock | None = None
@@ -497,6 +498,7 @@ class Supervisor:
         if self._active:
             raise RuntimeError(f"{self!r} is already running; a supervisor runs once at a time")
         self._active = True
+        self._closing = False
         # Afresh on every start (a nested supervisor restarted by its parent, as in OTP).
         self._children = [_Child(s) for s in self._specs]
         self._gave_up = None
@@ -534,6 +536,7 @@ class Supervisor:
         event streams. Runs in the task that entered, outside any scope of its own, since
         it exits the task group's cancel scope."""
         assert self._lock is not None and self._tg is not None
+        self._closing = True
         try:
             with anyio.CancelScope(shield=True):
                 async with self._lock:
@@ -616,7 +619,7 @@ class Supervisor:
         if not self._active or self._lock is None:
             raise RuntimeError(f"{self!r} is not running (use it in 'async with')")
         async with self._lock:
-            if not self._active or self._gave_up is not None:
+            if not self._active or self._closing or self._gave_up is not None:
                 raise RuntimeError(f"{self!r} is no longer running")
             yield
 
@@ -683,7 +686,7 @@ class Supervisor:
             run.finished()
         if end is not None and not run.stopping:
             async with self._lock_():
-                if child.run is run and not run.stopping:
+                if child.run is run and not run.stopping and not self._closing:
                     await self._handle([(child, end)])
 
     def _lock_(self) -> anyio.Lock:
@@ -774,7 +777,7 @@ class Supervisor:
         if plan.cancelled:
             return
         async with self._lock_():
-            if plan.cancelled or self._gave_up is not None or not self._active:
+            if plan.cancelled or self._gave_up is not None or self._closing:
                 return
             await self._handle(await self._start_plan(plan))
 
@@ -783,8 +786,8 @@ class Supervisor:
         error = end.error if end.failed else None
         last = f"last failure: {_first_line(error)}" if error is not None else f"it last {_describe_end(end)}"
         gave_up = SupervisorGaveUp(
-            f"supervisor {self.id!r} gave up: child {child.id!r} ended and restarting it would make more than "
-            f"{self.max_restarts} restart(s) within {self.max_seconds:g} s; {last}",
+            f"supervisor {self.id!r} gave up: restarting child {child.id!r} would make {self.max_restarts + 1} "
+            f"restarts within {self.max_seconds:g} s (max_restarts={self.max_restarts}); {last}",
             child=child.id, pid=end.pid, exitcode=end.exitcode,
         )
         gave_up.__cause__ = error
@@ -893,8 +896,8 @@ def _describe(event: Event, sup: Supervisor) -> str:
         return f"restarting in {event.delay:.3g} s (restart {event.restarts})"
     if event.kind == "memory_exceeded":
         return f"went over its memory limit{pid}; stopping it: {event.error}"
-    return (f"failed too often: more than {sup.max_restarts} restart(s) within {sup.max_seconds:g} s; "
-            "giving up and stopping every child")
+    return (f"would be restarted {sup.max_restarts + 1} times within {sup.max_seconds:g} s "
+            f"(max_restarts={sup.max_restarts}): giving up, stopping every child")
 
 
 def _check_spec(spec: object) -> None:
