@@ -109,3 +109,11 @@ def test_syntax_error_names_the_line(tmp_path: Path) -> None:
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read"):
         load(tmp_path / "nope.toml")
+
+
+def test_command_local_world_size_is_checked() -> None:
+    import asyncproc
+
+    assert asyncproc.Command("r-1", ["true"], local_rank_id=1, local_world_size=2).local_world_size == 2
+    with pytest.raises(ValueError, match="local_world_size"):
+        asyncproc.Command("r-1", ["true"], local_rank_id=1, local_world_size=1)
