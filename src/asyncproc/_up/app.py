@@ -192,7 +192,7 @@ class UpApp:
                 id="up",
             )
             outer.start_soon(self._consume_events, self.sup.events(), console)
-            outer.start_soon(self._watch_signals)
+            await outer.start(self._watch_signals)  # installed before anything starts: no signal finds the default action
             outer.start_soon(control.serve, listener, self._handle)
             self._notice(f"{len(self.config.children)} children from {self.config.path}; control socket {self.socket_path}")
             try:
@@ -351,10 +351,11 @@ class UpApp:
 
     # -- signals -------------------------------------------------------------------------
 
-    async def _watch_signals(self) -> None:
+    async def _watch_signals(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """SIGINT/SIGTERM: stop everything (reverse order, each program's grace); a second
         one: SIGKILL every child's tree now. SIGHUP: reload."""
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+            task_status.started()
             async for signum in signals:
                 if signum == signal.SIGHUP:
                     with contextlib.suppress(control.ControlError):
