@@ -535,3 +535,31 @@ def test_everything_dies_with_a_sigkilled_supervising_process(backend: str) -> N
     # Re-parented to us (the tests are a subreaper): wait_procs reaps them as they die.
     gone, left = psutil.wait_procs(tree, timeout=BOUND)
     assert not left, f"outlived the supervising process: {left}"
+
+
+def _fails_first_time(path: str) -> int:
+    marker = Path(path)
+    if not marker.exists():
+        marker.write_text("ran")
+        raise ValueError("the first run fails")
+    return 42
+
+
+async def test_a_transient_call_is_restarted_after_its_exception_then_ends(tmp_path: Path) -> None:
+    sup = Supervisor([Call("c", _fails_first_time, str(tmp_path / "ran"), restart="transient")], backoff=FAST)
+    stream = sup.events()
+    async with sup:
+        with anyio.fail_after(BOUND):
+            await sup.wait()
+        assert [(s.state, s.restarts) for s in sup.status()] == [("ended", 1)]
+    exited = [e for e in [e async for e in stream] if e.kind == "exited"]
+    assert type(exited[0].error) is ValueError and exited[1].error is None
+
+
+async def test_a_supervisor_runs_once_at_a_time() -> None:
+    sup = Supervisor([sleeper("a")])
+    async with sup:
+        with pytest.raises(RuntimeError, match="already running"):
+            async with sup:
+                pass
+        assert sup.status()[0].state == "running"

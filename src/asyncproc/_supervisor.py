@@ -3,9 +3,10 @@
 How it works (all on anyio, the same code on asyncio, uvloop and trio):
 
 * The supervisor lives in the caller's task: ``async with sup`` opens a task group in which
-  each running child has one *runner* task. A runner starts its child, awaits its end on
-  an event (a Command's pidfd through ``SubprocessHandler.wait``, a Call's socket through
-  ``Isolated.call``, a Task's return), and reports the end. Nothing polls, except the
+  each running child has one *runner* task, which awaits its end on an event (a Command's
+  pidfd through ``SubprocessHandler.wait``, a Call's socket through ``Isolated.call``, a
+  Task's return) and reports it. A Command is spawned by the task that decides to start it,
+  so a restart costs no task switch before its ``Popen``. Nothing polls, except the
   memory check (RSS has no event without cgroups): one pass over the trees of the Commands
   that have a ``memory_limit``, once a second, only while such a Command runs.
 * Every decision (restart, strategy, intensity, give-up) and every dynamic call
@@ -160,32 +161,40 @@ class _CommandRun(_Run):
         # Spawned here, in the deciding task: a restart costs no task switch before the
         # spawn (Popen is synchronous anyway); the runner task only awaits the end.
         try:
-            self.handler = await self._spawn()
+            await self._spawn()
         except Exception as exc:
             self.start_error = exc
             self.done.set()
             return
+        except BaseException:
+            # Cancelled around a spawn that may have happened: nothing may be left running.
+            if self.handler is not None and self.handler.proc is not None:
+                with anyio.CancelScope(shield=True):
+                    await self.handler.kill(signal.SIGTERM, grace=self.spec.shutdown)
+                self.handler.close()
+            self.done.set()
+            raise
+        assert self.handler is not None
         self._pid = self.handler.pid
         self.started = True
         tg.start_soon(runner)
 
-    async def _spawn(self) -> SubprocessHandler:
+    async def _spawn(self) -> None:
         from ._handler import SubprocessHandler
 
         spec = self.spec
         out, err = _open_append(spec.stdout), None
         try:
             err = _open_append(spec.stderr)
-            handler = SubprocessHandler(
+            self.handler = SubprocessHandler(
                 spec.argv[0], spec.argv[1:], spec.env, out, err,
                 spec.local_rank_id or 0, spec.numa_options, cwd=spec.cwd, local_world_size=spec.local_world_size,
             )
-            await handler.spawn()  # no checkpoint inside: nothing can cancel it half-way
+            await self.handler.spawn()
         finally:
             for fd in (out, err):
                 if fd is not None:
                     os.close(fd)  # the child has its own copies
-        return handler
 
     async def main(self) -> _End:
         handler = self.handler
@@ -199,6 +208,7 @@ class _CommandRun(_Run):
             if not self.stopping and (handler.returncode is None or _group_exists(handler.pid)):
                 with anyio.CancelScope(shield=True):
                     await handler.kill(signal.SIGTERM, grace=self.spec.shutdown)
+                handler.close()  # reaped, it holds nothing more; after a kill, release all
         spec = self.spec
         if self.memory_error is not None:
             self.memory_error.exitcode = code
@@ -212,6 +222,7 @@ class _CommandRun(_Run):
         self.stopping = True
         if self.handler is not None:
             await self.handler.kill(signal.SIGTERM, grace=self.spec.shutdown)
+            self.handler.close()
         await self._until_done()
 
     async def stop_for_memory(self) -> None:
