@@ -241,7 +241,8 @@ def main() -> None:
         print(f"{backend:8} | {sup:>19} | {floor:>26} | {r['restart_us'] / r['floor_us']:5.2f}x | "
               f"{handler:>27} | {r['restart_us'] / r['handler_us']:5.2f}x")
     if args.children:
-        print(f"\n{args.children} idle `sleep` Commands under one supervisor")
+        base = ", ".join(f"{b} {r['rss_base_mb']:.0f} MB" for b, r in rows)
+        print(f"\n{args.children} idle `sleep` Commands under one supervisor (RSS before starting them: {base})")
         print(f"{'backend':8} | {'memory_limit':>12} | {'start all (s)':>13} | {'idle CPU (% of a core)':>22} | "
               f"{'RSS (MB)':>8} | {'stop all (s)':>12}")
         for backend, r in rows:

@@ -8,6 +8,7 @@ whole file stays quick.
 from __future__ import annotations
 
 import os
+import select
 import signal
 import sys
 import time
@@ -345,10 +346,10 @@ async def test_backoff_goes_back_to_its_first_delay_after_reset_after_seconds_of
         nonlocal runs
         runs += 1
         if runs == 3:
-            await anyio.sleep(0.6)  # this run lasts past reset_after (the child's behaviour)
+            await anyio.sleep(1.2)  # this run lasts past reset_after (the child's behaviour)
         raise RuntimeError(f"run {runs}")
 
-    backoff = Backoff(initial=0.01, factor=3.0, max=10, jitter=0, reset_after=0.5)
+    backoff = Backoff(initial=0.01, factor=3.0, max=10, jitter=0, reset_after=1.0)
     sup = Supervisor([Task("flaky", flaky)], max_restarts=10, max_seconds=60, backoff=backoff)
     stream = sup.events()
     async with sup:
@@ -520,13 +521,17 @@ def test_everything_dies_with_a_sigkilled_supervising_process(backend: str) -> N
 
     import psutil
 
-    proc = subprocess.Popen([sys.executable, "-c", SUPERVISED_SCRIPT, backend], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", SUPERVISED_SCRIPT, backend], stdout=subprocess.PIPE)
     try:
         assert proc.stdout is not None
-        pids = {}
-        while len(pids) < 4:
-            name, pid = proc.stdout.readline().split()  # blocks until the child says; a dead one says ""
-            pids[name] = int(pid)
+        fd, out = proc.stdout.fileno(), b""
+        deadline = time.monotonic() + BOUND
+        while out.count(b"\n") < 4:  # a line per child: its name and pid
+            ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+            chunk = os.read(fd, 4096) if ready else b""
+            assert chunk, f"the supervising process ended or went silent before naming its children: {out!r}"
+            out += chunk
+        pids = {name: int(pid) for name, pid in (line.split() for line in out.decode().splitlines())}
         tree = psutil.Process(proc.pid).children(recursive=True)
         assert set(pids.values()) <= {p.pid for p in tree}
     finally:
@@ -563,3 +568,26 @@ async def test_a_supervisor_runs_once_at_a_time() -> None:
             async with sup:
                 pass
         assert sup.status()[0].state == "running"
+
+
+async def test_a_command_gets_its_env_and_cwd_and_appends_its_output_across_restarts(tmp_path: Path) -> None:
+    out = tmp_path / "out.log"
+    once = 'echo "$GREETING from $PWD"; if [ -e ran ]; then exit 0; fi; touch ran; exit 1'
+    cmd = Command("c", sh(once), env={"GREETING": "hello"}, cwd=tmp_path, stdout=out, restart="transient")
+    sup = Supervisor([cmd], backoff=FAST)
+    async with sup:
+        with anyio.fail_after(BOUND):
+            await sup.wait()
+    assert out.read_text() == f"hello from {tmp_path}\n" * 2  # both runs, in one file
+
+
+async def test_children_failing_together_under_one_for_all_make_one_restart() -> None:
+    sup = Supervisor([sleeper("a"), sleeper("b")], strategy="one_for_all", max_restarts=1, max_seconds=60, backoff=FAST)
+    stream = sup.events()
+    async with sup:
+        await events_until(stream, "started", "b")
+        for status in sup.status():
+            os.kill(status.pid, signal.SIGKILL)
+        seen = await events_until(stream, "started", "b")
+        assert [e.kind for e in seen].count("restarting") == 1  # one incident, one restart
+        assert [(s.state, s.restarts) for s in sup.status()] == [("running", 1), ("running", 1)]
