@@ -24,7 +24,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -140,7 +140,6 @@ class UpApp:
         self.gave_up: BaseException | None = None
         self.start_error: Exception | None = None
         self._events_done = anyio.Event()
-        self.interrupted = False
         self._lock = anyio.Lock()  # one change at a time: reload, restart, SIGHUP
         self.view: LiveView | None = None
         self.sup: Any = None
@@ -361,7 +360,6 @@ class UpApp:
                     with contextlib.suppress(control.ControlError):
                         await self.reload()
                 elif not self.done.is_set():
-                    self.interrupted = True
                     self._notice(f"{signal.Signals(signum).name}: stopping everything (again to kill now)")
                     self.done.set()
                 else:
@@ -397,9 +395,9 @@ class UpApp:
             return await self.reload()
         if command in ("start", "stop", "restart"):
             names = self._resolve(req.get("name"))
-            async with self._lock:
-                done = [await getattr(self, f"_{command}")(name) for name in (reversed(names) if command == "stop" else names)]
-            return done
+            act = {"start": self._start, "stop": self._stop, "restart": self._restart}[command]
+            async with self._lock:  # replicas stop in reverse order, start in order
+                return [await act(name) for name in (reversed(names) if command == "stop" else names)]
         raise control.ControlError(f"unknown command {command!r}")
 
     def _resolve(self, name: object) -> list[str]:
@@ -552,9 +550,3 @@ def cli(args: argparse.Namespace) -> int:
     except control.ControlError as exc:
         print(f"asyncproc up: {exc}", file=sys.stderr)
         return 1
-
-
-def main(argv: Sequence[str] | None = None) -> int:  # pragma: no cover - via asyncproc._cli
-    parser = argparse.ArgumentParser(prog="asyncproc up")
-    configure_parser(parser)
-    return cli(parser.parse_args(argv))
