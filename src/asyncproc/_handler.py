@@ -75,6 +75,7 @@ class SubprocessHandler:
         numa_options: Any = None,
         *,
         local_world_size: int | None = None,
+        cwd: StrPath | None = None,
     ) -> None:
         if not isinstance(entrypoint, (str, os.PathLike)) or not os.fspath(entrypoint):
             raise TypeError(f"entrypoint must be a non-empty str or path, got {entrypoint!r}")
@@ -89,6 +90,7 @@ class SubprocessHandler:
         self.local_rank_id = local_rank_id
         self.numa_options = _numa_options(numa_options)
         self.local_world_size = local_world_size
+        self.cwd = cwd
         self._stdout_target = stdout
         self._stderr_target = stderr
         self._stdout: IO[bytes] | None = None
@@ -133,7 +135,7 @@ class SubprocessHandler:
             env = self.env if _cgroup.available() else {**self.env, **_marker()}
             with self._numa_binding():
                 self.proc = _popen(self.args, env, self._redirect(self._stdout, self._stdout_target),
-                                   self._redirect(self._stderr, self._stderr_target))
+                                   self._redirect(self._stderr, self._stderr_target), self.cwd)
         except BaseException:
             self._close_logs()
             raise
@@ -626,9 +628,9 @@ def _unique(procs: list[psutil.Process]) -> list[psutil.Process]:
     return list({proc.pid: proc for proc in procs}.values())
 
 
-def _popen(args: tuple[str, ...], env: dict[str, str], stdout: Any, stderr: Any) -> subprocess.Popen[bytes]:
+def _popen(args: tuple[str, ...], env: dict[str, str], stdout: Any, stderr: Any, cwd: StrPath | None = None) -> subprocess.Popen[bytes]:
     """Start the child on this thread, through CPython's vfork path (no preexec_fn)."""
-    return subprocess.Popen(args, env=env, stdout=stdout, stderr=stderr, start_new_session=True)
+    return subprocess.Popen(args, env=env, stdout=stdout, stderr=stderr, start_new_session=True, cwd=cwd)
 
 
 async def _until_exited(pid: int, pidfd: int | None) -> None:
