@@ -132,6 +132,7 @@ class Command(_Spec):
         memory_limit: int | None = None,
         numa_options: NumaOptions | None = None,
         local_rank_id: int | None = None,
+        local_world_size: int | None = None,
     ) -> None:
         self._set_common(id, restart, shutdown)
         if isinstance(argv, (str, bytes)) or not isinstance(argv, Sequence):
@@ -161,6 +162,11 @@ class Command(_Spec):
             raise TypeError(f"Command {id!r}: local_rank_id must be an int or None, got {local_rank_id!r}")
         if numa_options is not None and local_rank_id is None:
             raise ValueError(f"Command {id!r}: numa_options needs local_rank_id (which local rank to bind)")
+        # Beyond API.md: how many local ranks share the node (asyncproc up's replicas); None:
+        # $LOCAL_WORLD_SIZE or one per NUMA node, as SubprocessHandler reads it.
+        if local_world_size is not None and (isinstance(local_world_size, bool) or not isinstance(local_world_size, int)
+                                             or local_world_size <= (local_rank_id or 0)):
+            raise ValueError(f"Command {id!r}: local_world_size must be an int > local_rank_id, got {local_world_size!r}")
         self.argv: tuple[str, ...] = tuple(os.fspath(a) for a in argv)
         self.env = dict(env) if env is not None else None
         self.cwd = cwd
@@ -169,6 +175,7 @@ class Command(_Spec):
         self.memory_limit = memory_limit
         self.numa_options = numa_options
         self.local_rank_id = local_rank_id
+        self.local_world_size = local_world_size
 
     def __repr__(self) -> str:
         return f"Command({self.id!r}, {list(self.argv)!r}, restart={self.restart!r})"

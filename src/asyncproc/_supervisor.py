@@ -188,7 +188,7 @@ class _CommandRun(_Run):
             err = _open_append(spec.stderr)
             self.handler = SubprocessHandler(
                 spec.argv[0], spec.argv[1:], spec.env, out, err,
-                spec.local_rank_id or 0, spec.numa_options, cwd=spec.cwd,
+                spec.local_rank_id or 0, spec.numa_options, cwd=spec.cwd, local_world_size=spec.local_world_size,
             )
             await self.handler.spawn()
         finally:
