@@ -230,9 +230,12 @@ class _ServerWorker(_Worker):
             await _cgroup.wait_empty_async(self.cgroup, _KILL_BOUND_S)
             _proctree.reap_each(members)  # re-parented to us if we are a subreaper
         else:
-            # The group id stays reserved while any member lives, so this reaches only
-            # the worker's group (or, with the group empty, nothing of ours).
-            _proctree.signal_tree(self.pid, (), signal.SIGKILL)
+            # The group id stays reserved while any member lives, so these are the
+            # worker's group (or, with the group empty, nothing).
+            group = _proctree.group_members(self.pid)
+            _proctree.signal_tree(None, group, signal.SIGKILL)
+            with anyio.move_on_after(_KILL_BOUND_S):
+                await _proctree.reap_adopted(self.pid, group)
         link.check_server()  # reap the dead server, remove its cgroups
 
     def release(self) -> None:
