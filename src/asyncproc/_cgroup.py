@@ -35,6 +35,10 @@ import select
 import signal as _signal
 import time
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: the fork server stays lean
+if TYPE_CHECKING:
+    from typing import Any
+
 __all__ = [
     "available",
     "base",
@@ -317,6 +321,8 @@ async def wait_empty_async(path: str, timeout: float) -> bool:
     descriptor, which the kernel makes readable when ``cgroup.events`` changes."""
     import anyio
 
+    if not populated(path):
+        return True
     fd = _watch(os.path.join(path, "cgroup.events"))
     try:
         with anyio.move_on_after(timeout):
@@ -335,10 +341,16 @@ async def wait_empty_async(path: str, timeout: float) -> bool:
 _IN_NONBLOCK, _IN_CLOEXEC, _IN_MODIFY = 0o4000, 0o2000000, 0x2
 
 
-def _watch(path: str) -> int | None:
-    import ctypes
+_libc: Any = None
 
-    libc = ctypes.CDLL(None, use_errno=True)
+
+def _watch(path: str) -> int | None:
+    global _libc
+    if _libc is None:
+        import ctypes
+
+        _libc = ctypes.CDLL(None, use_errno=True)
+    libc = _libc
     fd = libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
     if fd < 0:
         return None

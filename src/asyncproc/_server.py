@@ -326,9 +326,11 @@ class Server:
         _proctree.signal_tree(job.pid, (), signal.SIGKILL)
         if job.cgroup is not None:
             _cgroup.kill(job.cgroup)
-        job.unstarted = _call_unread(job.data)
-        os.waitpid(job.pid, 0)
         job.exitcode = info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
+        # Killed (by us, at shutdown, or by the OOM killer) before it read its call: the call
+        # never ran and is safe to retry. One that exited by itself failed to start: a crash.
+        job.unstarted = job.exitcode == -signal.SIGKILL and _call_unread(job.data)
+        os.waitpid(job.pid, 0)
         job.deadline = time.monotonic() + _KILL_BOUND_S
         self.draining.append(job)
 
