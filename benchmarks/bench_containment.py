@@ -264,6 +264,7 @@ def fork_caller_sigkill(calls: int, tmp: Path) -> dict[str, object]:
 
 async def stopped_server(tmp: Path) -> dict[str, object]:
     await CALL.call(len, "")  # a server with workers in reserve
+    await anyio.sleep(0.5)  # ... once it has served the requests that refill it
     assert link.pid is not None
     server = link.pid
     os.kill(server, signal.SIGSTOP)
