@@ -1,9 +1,15 @@
-"""The fork server: a lean process that keeps spare workers forked ahead of demand.
+"""The fork server: a lean process that forks workers ahead of demand.
 
 Started lazily by the first "forkserver" call as ``python -c`` (so the caller's
 ``__main__`` is never imported), with one SEQPACKET channel to the caller on fd 3. Per
 call the caller sends SPAWN with two fresh descriptors: ``ctl`` (server <-> caller) and
-``data`` (worker <-> caller). The server hands ``data`` to a spare and keeps its own copy.
+``data`` (worker <-> caller). The server forks a worker that inherits both and keeps its
+own copy of ``data``. The caller asks ahead of demand (it keeps a reserve of workers that
+wait for a call), so the fork is off the call's critical path, and a call wakes no process
+but its worker: there is no idle spare to hand the call to first.
+
+The worker sends HELLO with its pid on ``ctl`` before it reads a call: a caller that got
+no HELLO knows its call never ran and can retry it, should the server die.
 
 When the worker exits the server (1) SIGKILLs the rest of the worker's process group while
 the unreaped worker still reserves the group id, (2) kills any process it adopted (workers
@@ -13,7 +19,7 @@ then (5) shuts ``data`` down. The caller waits on ``data`` alone: at end-of-stre
 EXITED is already queued on ``ctl`` and that everything is gone.
 
 The channel is also the lifeline: at its end-of-stream (the caller exited or was killed)
-the server ends every worker's tree and exits. Spares die with the server
+the server ends every worker's tree and exits. Workers die with the server
 (PR_SET_PDEATHSIG; the server is single-threaded, so "parent thread" means the server).
 """
 
@@ -24,6 +30,7 @@ import importlib
 import os
 import pickle
 import resource
+import select
 import selectors
 import signal
 import socket
@@ -34,15 +41,6 @@ from . import _proctree, _protocol, _worker
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
-
-
-class _Spare:
-    __slots__ = ("pid", "ctl", "fault_fd")
-
-    def __init__(self, pid: int, ctl: socket.socket, fault_fd: int):
-        self.pid = pid
-        self.ctl = ctl  # the spare waits on its end for ASSIGN
-        self.fault_fd = fault_fd
 
 
 class _Job:
@@ -56,10 +54,8 @@ class _Job:
 
 
 class Server:
-    def __init__(self, channel: socket.socket, spares: int):
+    def __init__(self, channel: socket.socket):
         self.channel = channel
-        self.target_spares = spares
-        self.spares: list[_Spare] = []
         self.jobs: dict[int, _Job] = {}
         self.by_ctl: dict[int, _Job] = {}
         self.selector = selectors.DefaultSelector()
@@ -71,48 +67,54 @@ class Server:
         self.selector.register(channel, selectors.EVENT_READ, self._on_request)
         self.selector.register(wake_r, selectors.EVENT_READ, self._on_sigchld)
 
-    # -- spares ---------------------------------------------------------------------------
+    # -- workers --------------------------------------------------------------------------
 
-    def _fork_spare(self) -> _Spare:
+    def _fork_worker(self, ctl: socket.socket, data: socket.socket) -> _Job:
+        fault_fd = os.memfd_create("asyncproc-fault", os.MFD_CLOEXEC)
         # Objects that exist now move to the permanent generation: a collection in the
         # worker then never touches (and so never copies) the pages the server shares.
         gc.freeze()
-        ours, theirs = _protocol.seqpacket_pair()
-        fault_fd = os.memfd_create("asyncproc-fault", os.MFD_CLOEXEC)
-        pid = os.fork()
-        if pid == 0:  # the spare
+        try:
+            pid = os.fork()
+        except BaseException:
+            os.close(fault_fd)
+            raise
+        if pid == 0:  # the worker
             try:
-                self._become_spare(theirs.fileno(), fault_fd)
-                _worker.spare_main(theirs, fault_fd, self.pid)
+                self._become_worker((ctl.fileno(), data.fileno(), fault_fd))
+                _worker.forked_from_server(ctl, data, fault_fd, self.pid)
             finally:
                 os._exit(70)
-        theirs.close()
-        return _Spare(pid, ours, fault_fd)
+        return _Job(pid, ctl, data, fault_fd)
 
-    def _become_spare(self, keep_sock: int, keep_fault: int) -> None:
+    def _become_worker(self, keep: tuple[int, ...]) -> None:
         # Drop every descriptor of the server: the caller's lifeline, other calls' sockets,
-        # other spares' fault logs. A worker must hold nothing but its own.
+        # other workers' fault logs. A worker must hold nothing but its own.
         _worker.reset_inherited_signals()
         if _worker_nofile is not None:
             resource.setrlimit(resource.RLIMIT_NOFILE, _worker_nofile)
-        low, high = sorted((keep_sock, keep_fault))
-        os.closerange(3, low)
-        os.closerange(low + 1, high)
-        os.closerange(high + 1, 1 << 20)
-
-    def _refill(self) -> None:
-        while len(self.spares) < self.target_spares:
-            self.spares.append(self._fork_spare())
-
-    def _retire_spares(self) -> None:
-        for spare in self.spares:
-            spare.ctl.close()  # end-of-stream: the spare exits by itself
-            os.close(spare.fault_fd)
-        self.spares.clear()
+        low = 3
+        for fd in sorted(keep):
+            os.closerange(low, fd)
+            low = fd + 1
+        os.closerange(low, 1 << 20)
 
     # -- requests -------------------------------------------------------------------------
 
     def _on_request(self) -> None:
+        # Every queued request first, then their forks back to back: each fork shares all our
+        # pages again, and a page written between two forks is copied again after the next
+        # (about 4 us a page here). The caller asks for its reserve in batches.
+        forks: list[tuple[socket.socket, socket.socket]] = []
+        try:
+            while True:
+                self._take_request(forks)
+                if not select.select([self.channel], (), (), 0)[0]:
+                    break
+        finally:
+            self._fork_workers(forks)
+
+    def _take_request(self, forks: list[tuple[socket.socket, socket.socket]]) -> None:
         try:
             msg = _protocol.recv(self.channel)
         except (ConnectionResetError, BrokenPipeError):
@@ -125,7 +127,7 @@ class Server:
         if msg.tag == _protocol.SPAWN:
             try:
                 kind = bytes(msg.body)
-                self._start_job(msg.fds, fresh=kind[:1] == _protocol.FRESH, binding=kind[1:])
+                self._start_job(msg.fds, forks, fresh=kind[:1] == _protocol.FRESH, binding=kind[1:])
             except Exception as exc:  # fork or memfd failed (EAGAIN, EMFILE, ENOMEM)
                 # Closing its sockets unanswered tells that caller its call never started.
                 for fd in msg.fds:
@@ -137,7 +139,7 @@ class Server:
             for fd in msg.fds:
                 os.close(fd)
 
-    def _start_job(self, fds: list[int], fresh: bool = False, binding: bytes = b"") -> None:
+    def _start_job(self, fds: list[int], forks: list[tuple[socket.socket, socket.socket]], fresh: bool = False, binding: bytes = b"") -> None:
         ctl = socket.socket(fileno=fds[0])
         ctl.setblocking(False)  # a stale readiness event must never block the server
         data = socket.socket(fileno=fds[1])
@@ -148,20 +150,19 @@ class Server:
         if fresh:
             self._start_fresh(ctl, data, pickle.loads(binding) if binding else None)
             return
-        spare = self.spares.pop(0) if self.spares else self._fork_spare()
-        try:
-            # Before ASSIGN: once the worker may have the call, the caller must know it, so
-            # that it never retries a call that may have run (should we die from here on).
-            _protocol.send(ctl, _protocol.HELLO, str(spare.pid).encode())
-        except OSError:
-            pass
-        try:
-            _protocol.send(spare.ctl, _protocol.ASSIGN, b"", [data.fileno()])
-        except OSError:
-            pass  # the spare died idle: the SIGCHLD path reports it as this call's crash
-        spare.ctl.close()
-        self._register(_Job(spare.pid, ctl, data, spare.fault_fd))
-        self._refill()  # off the critical path: the call is already on its way
+        forks.append((ctl, data))
+
+    def _fork_workers(self, forks: list[tuple[socket.socket, socket.socket]]) -> None:
+        jobs = []
+        for ctl, data in forks:
+            try:
+                jobs.append(self._fork_worker(ctl, data))
+            except Exception as exc:  # fork or memfd failed (EAGAIN, EMFILE, ENOMEM)
+                ctl.close()  # unanswered: that caller knows its call never started
+                data.close()
+                _complain("could not start a worker", exc)
+        for job in jobs:
+            self._register(job)
 
     def _start_fresh(self, ctl: socket.socket, data: socket.socket, binding: Any) -> None:
         """"spawn": a new interpreter, but ours, so it gets every guarantee a forked worker
@@ -222,16 +223,14 @@ class Server:
                 importlib.import_module(name)
             except (Exception, SystemExit) as exc:  # a bad preload must not take the server down
                 print(f"asyncproc: could not preload {name!r}: {exc!r}", file=sys.stderr)
-        if fresh:
-            # Spares forked before the import would import it again on every call.
-            self._retire_spares()
-            self._refill()
 
     # -- exits ----------------------------------------------------------------------------
 
     def _on_sigchld(self) -> None:
+        # One byte per signal: a full read means there may be more. (No read that ends in
+        # BlockingIOError on every exit: each exception built here is pages copied.)
         try:
-            while os.read(self.wake_r, 512):
+            while len(os.read(self.wake_r, 4096)) == 4096:
                 pass
         except BlockingIOError:
             pass
@@ -251,16 +250,7 @@ class Server:
             if job is not None:
                 self._finish_job(job, info)
             else:
-                self._forget_spare(info.si_pid)
                 os.waitpid(info.si_pid, 0)  # already exited: returns at once
-
-    def _forget_spare(self, pid: int) -> None:
-        for spare in self.spares:
-            if spare.pid == pid:
-                self.spares.remove(spare)
-                spare.ctl.close()
-                os.close(spare.fault_fd)
-                return
 
     def _finish_job(self, job: _Job, info: os.waitid_result) -> None:
         _proctree.signal_tree(job.pid, (), signal.SIGKILL)
@@ -286,7 +276,7 @@ class Server:
 
     def _end_adopted(self, also_known: int = 0) -> None:
         """Kill every child we did not fork: orphans of a dead worker's tree."""
-        known = {*self.jobs, *(s.pid for s in self.spares), also_known}
+        known = {*self.jobs, also_known}
         children = _proctree.own_children()
         if children is None:  # pragma: no cover - kernels without CONFIG_PROC_CHILDREN
             children = [p.pid for p in _proctree.descendants(self.pid) if p.ppid() == self.pid]
@@ -305,7 +295,6 @@ class Server:
     # -- life -----------------------------------------------------------------------------
 
     def serve_forever(self) -> None:
-        self._refill()
         try:
             while True:
                 for key, _ in self.selector.select():
@@ -322,7 +311,6 @@ class Server:
             self.shutdown()
 
     def shutdown(self) -> None:
-        self._retire_spares()
         for job in list(self.jobs.values()):
             tree = [*_proctree.process_and_descendants(job.pid)]
             _proctree.signal_tree(job.pid, tree, signal.SIGKILL)
@@ -349,6 +337,9 @@ def _decode_preload(body: bytes) -> tuple[list[str], list[str]]:
 
 
 def _hung_up(sock: socket.socket) -> bool:
+    # select first: on the usual path (nothing queued) no BlockingIOError is built.
+    if not select.select([sock], (), (), 0)[0]:
+        return False
     try:
         return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
     except BlockingIOError:
@@ -384,7 +375,7 @@ def _exit_on_signal(signum: int, frame: object) -> None:
 
 
 def main() -> None:
-    """``python -c 'from asyncproc._server import main; main()' SPARES PRELOAD``; fd 3 is the channel."""
+    """``python -c 'from asyncproc._server import main; main()' PRELOAD``; fd 3 is the channel."""
     try:
         os.setsid()  # Ctrl-C at the terminal is the caller's to handle, not ours
     except PermissionError:  # already a session leader (posix_spawn setsid=True)
@@ -396,9 +387,9 @@ def main() -> None:
         signal.signal(sig, _exit_on_signal)
     _raise_fd_limit()
     channel = socket.socket(fileno=3)
-    server = Server(channel, spares=int(sys.argv[1]))
-    if len(sys.argv) > 2 and sys.argv[2]:
-        server._preload(*_decode_preload(sys.argv[2].encode()))
+    server = Server(channel)
+    if len(sys.argv) > 1 and sys.argv[1]:
+        server._preload(*_decode_preload(sys.argv[1].encode()))
     try:
         server.serve_forever()
     except SystemExit:

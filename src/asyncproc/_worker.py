@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # the fork server imports this module: no runtime typing, no 
 
     Job = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]
 
-__all__ = ["CallSpec", "Job", "dumps", "encode_call", "prepare_process", "reset_inherited_signals", "run_one", "spawn_main", "spare_main"]
+__all__ = ["CallSpec", "Job", "dumps", "encode_call", "prepare_process", "reset_inherited_signals", "run_one", "spawn_main", "forked_from_server"]
 
 _SPEC_LEN = struct.Struct("<I")
 
@@ -72,12 +72,8 @@ def dumps(obj: Any) -> bytes:
 def encode_call(spec: CallSpec, job: Job) -> bytes:
     import cloudpickle
 
-    return _encode(spec, cloudpickle.dumps(job, protocol=5))
-
-
-def _encode(spec: CallSpec, payload: bytes) -> bytes:
     head = pickle.dumps(spec, protocol=5)
-    return _SPEC_LEN.pack(len(head)) + head + payload
+    return _SPEC_LEN.pack(len(head)) + head + cloudpickle.dumps(job, protocol=5)
 
 
 def _decode_call(body: bytes | memoryview) -> tuple[CallSpec, bytes | memoryview]:
@@ -331,27 +327,15 @@ def spawn_main() -> NoReturn:
     run_one(socket.socket(fileno=3))
 
 
-def _warm_up() -> None:
-    """Serve a dummy call while idle. In a forked process every first write to a page it
-    shares with the server is a copy-on-write fault (about 4 us each here); taking them now
-    keeps them off the real call's critical path."""
-    spec, payload = _decode_call(_encode(CallSpec(), pickle.dumps((abs, (0,), {}), protocol=5)))
-    _apply(spec)
-    func, args, kwargs = pickle.loads(payload)
-    _encode_value(func(*args, **kwargs))
-    _flush_stdio()
-
-
-def spare_main(ctl: socket.socket, fault_fd: int, server_pid: int) -> NoReturn:
-    """Entry of a spare forked by the server: wait to be assigned a call, then serve it."""
-    prepare_process(fault_fd, server_pid)
+def forked_from_server(ctl: socket.socket, data: socket.socket, fault_fd: int, server_pid: int) -> NoReturn:
+    """Entry of a worker forked by the server: say who we are, then wait for the call."""
+    prepare_process(fault_fd, server_pid)  # exits if the server is already gone
     _proctree.set_comm("asyncproc-idle")
-    _warm_up()
     try:
-        msg = _protocol.recv(ctl)
+        # Before we can read the call: from here on the caller knows the call may have run
+        # and never retries it (a caller with no HELLO knows it never ran).
+        _protocol.send(ctl, _protocol.HELLO, str(os.getpid()).encode())
     except OSError:
-        msg = None
-    if msg is None or msg.tag != _protocol.ASSIGN or not msg.fds:
-        os._exit(0)  # the server is retiring us (new preloads, shutdown)
+        os._exit(0)  # the caller gave up on this call already
     ctl.close()
-    run_one(socket.socket(fileno=msg.fds[0]))
+    run_one(data)
