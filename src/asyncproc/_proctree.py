@@ -42,6 +42,7 @@ __all__ = [
     "own_children",
     "reap_exited_children",
     "reap_adopted",
+    "reap_each",
     "wait_exit",
     "wait_gone",
 ]
@@ -246,6 +247,15 @@ def reap_exited_children() -> None:
             return
         if pid == 0:
             return
+
+
+def reap_each(pids: Iterable[int]) -> None:
+    """Reap those of ``pids`` that are our exited children; skip the rest."""
+    for pid in pids:
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
 
 
 def own_children() -> list[int] | None:

@@ -12,11 +12,19 @@ The worker sends HELLO with its pid on ``ctl`` before it reads a call: a caller 
 no HELLO knows its call never ran and can retry it, should the server die.
 
 When the worker exits the server (1) SIGKILLs the rest of the worker's process group while
-the unreaped worker still reserves the group id, (2) kills any process it adopted (workers
-are subreapers, so an orphan reaching the server can only come from a dead worker's tree),
-(3) reaps, (4) sends EXITED with the status and faulthandler's output on ``ctl``, and only
-then (5) shuts ``data`` down. The caller waits on ``data`` alone: at end-of-stream it knows
-EXITED is already queued on ``ctl`` and that everything is gone.
+the unreaped worker still reserves the group id, and the worker's cgroup when it has one,
+(2) kills any process it adopted (workers are subreapers, so an orphan reaching the server
+can only come from a dead worker's tree), (3) reaps, and lets the call *drain*: only once
+its cgroup is empty (or, without one, no adopted process is left; or the kill bound has
+passed) does it (4) send EXITED with the status and faulthandler's output on ``ctl``, and
+then (5) shut ``data`` down. The caller waits on ``data`` alone: at end-of-stream it knows
+EXITED is already queued on ``ctl`` and that everything is gone. Draining is a state, not
+a wait: the loop keeps serving other calls meanwhile, and each round costs one read of our
+own children list (no scan of /proc), so one call's thousand orphans never delay the others.
+
+Signals (SIGTERM, SIGHUP, SIGCHLD) only write a byte to a wake-up pipe and set a flag; the
+loop acts on them. A handler that raised would land in whatever code runs at that moment
+(logging's after-fork hook, say) and could be swallowed there.
 
 The channel is also the lifeline: at its end-of-stream (the caller exited or was killed)
 the server ends every worker's tree and exits. Workers die with the server
@@ -27,6 +35,7 @@ from __future__ import annotations
 
 import gc
 import importlib
+import itertools
 import os
 import pickle
 import resource
@@ -35,42 +44,71 @@ import selectors
 import signal
 import socket
 import sys
+import time
 
-from . import _proctree, _protocol, _worker
+from . import _cgroup, _proctree, _protocol, _worker
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
 
-class _Job:
-    __slots__ = ("pid", "ctl", "data", "fault_fd")
+# After SIGKILL a process normally vanishes in microseconds; one in uninterruptible sleep
+# may take forever: past this, a call is reported even if some of its tree lingers.
+_KILL_BOUND_S = 2.0
 
-    def __init__(self, pid: int, ctl: socket.socket, data: socket.socket, fault_fd: int):
+
+class _Job:
+    __slots__ = ("pid", "ctl", "data", "fault_fd", "cgroup", "exitcode", "unstarted", "deadline")
+
+    def __init__(self, pid: int, ctl: socket.socket, data: socket.socket, fault_fd: int, cgroup: str | None):
         self.pid = pid
         self.ctl = ctl  # to the caller
         self.data = data  # our copy of the worker's data socket; shut down at the end
         self.fault_fd = fault_fd
+        self.cgroup = cgroup
+        self.exitcode = 0
+        self.unstarted = False  # the worker died with the call unread: safe to retry
+        self.deadline = 0.0  # while draining: report by then, whatever is left
 
 
 class Server:
-    def __init__(self, channel: socket.socket):
+    def __init__(self, channel: socket.socket, cgroup_root: str | None = None):
         self.channel = channel
         self.jobs: dict[int, _Job] = {}
+        self.draining: list[_Job] = []
         self.by_ctl: dict[int, _Job] = {}
         self.selector = selectors.DefaultSelector()
         self.pid = os.getpid()
+        # Created for us by the caller, who kills it whole if we die; a cgroup per worker below.
+        self.cgroup_root = cgroup_root
+        self.cgroup_names = itertools.count()
+        self.retired_cgroups: list[str | None] = []
+        self.killed: set[int] = set()  # adopted orphans SIGKILLed, not yet reaped
+        self.stop_signal = 0
         wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.wake_r = wake_r
-        signal.set_wakeup_fd(self.wake_w)
-        signal.signal(signal.SIGCHLD, lambda *_: None)  # a handler, so the wake-up fd fires
+        signal.set_wakeup_fd(self.wake_w)  # before the handlers: no signal can come unseen
+        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, self._note_signal)
         self.selector.register(channel, selectors.EVENT_READ, self._on_request)
-        self.selector.register(wake_r, selectors.EVENT_READ, self._on_sigchld)
+        self.selector.register(wake_r, selectors.EVENT_READ, self._on_signal)
+
+    def _note_signal(self, signum: int, frame: object) -> None:
+        # Never raise here: this runs between any two bytecodes of the server.
+        if signum != signal.SIGCHLD:
+            self.stop_signal = signum
 
     # -- workers --------------------------------------------------------------------------
 
+    def _new_cgroup(self) -> str | None:
+        if self.cgroup_root is None:
+            return None
+        return _cgroup.create(str(next(self.cgroup_names)), parent=self.cgroup_root)
+
     def _fork_worker(self, ctl: socket.socket, data: socket.socket) -> _Job:
         fault_fd = os.memfd_create("asyncproc-fault", os.MFD_CLOEXEC)
+        cgroup = self._new_cgroup()  # the worker attaches itself before it reads the call
         # Objects that exist now move to the permanent generation: a collection in the
         # worker then never touches (and so never copies) the pages the server shares.
         gc.freeze()
@@ -78,14 +116,15 @@ class Server:
             pid = os.fork()
         except BaseException:
             os.close(fault_fd)
+            _remove_cgroup(cgroup)
             raise
         if pid == 0:  # the worker
             try:
                 self._become_worker((ctl.fileno(), data.fileno(), fault_fd))
-                _worker.forked_from_server(ctl, data, fault_fd, self.pid)
+                _worker.forked_from_server(ctl, data, fault_fd, self.pid, cgroup)
             finally:
                 os._exit(70)
-        return _Job(pid, ctl, data, fault_fd)
+        return _Job(pid, ctl, data, fault_fd, cgroup)
 
     def _become_worker(self, keep: tuple[int, ...]) -> None:
         # Drop every descriptor of the server: the caller's lifeline, other calls' sockets,
@@ -123,7 +162,7 @@ class Server:
             _complain("could not receive a request", exc)
             return
         if msg is None:
-            raise SystemExit(0)  # lifeline cut: the caller is gone
+            raise SystemExit(0)  # lifeline cut: the caller is gone (raised in the loop, not a handler)
         if msg.tag == _protocol.SPAWN:
             try:
                 kind = bytes(msg.body)
@@ -170,20 +209,23 @@ class Server:
         A NUMA binding is set on our (only) thread around the spawn: the child has it from
         its first instruction, and posix_spawn keeps its vfork path."""
         fault_fd = os.memfd_create("asyncproc-fault", os.MFD_CLOEXEC)
+        cgroup = self._new_cgroup()  # the child attaches itself before it runs anything
         try:
             code = "from asyncproc._worker import spawn_main; spawn_main()"
             fds = {3: data.fileno(), 4: fault_fd}
+            argv = [str(self.pid), cgroup or ""]
             if binding is None:
-                pid = _worker.spawn_python(code, [str(self.pid)], fds)
+                pid = _worker.spawn_python(code, argv, fds)
             else:
                 with binding.on_this_thread():
-                    pid = _worker.spawn_python(code, [str(self.pid)], fds)
+                    pid = _worker.spawn_python(code, argv, fds)
         except BaseException:
             os.close(fault_fd)
+            _remove_cgroup(cgroup)
             raise
-        self._register(_Job(pid, ctl, data, fault_fd))
+        self._register(_Job(pid, ctl, data, fault_fd, cgroup))
         try:
-            _protocol.send(ctl, _protocol.HELLO, str(pid).encode())
+            _protocol.send(ctl, _protocol.HELLO, _worker.hello(pid, cgroup))
         except OSError:
             pass
 
@@ -208,9 +250,14 @@ class Server:
             return
         if sig == signal.SIGKILL:
             # No tree walk (a scan of all of /proc): the worker is a subreaper, so once it
-            # is dead whatever escaped its group is re-parented to us, and _end_adopted
+            # is dead whatever escaped its group is re-parented to us, and _kill_adopted
             # finds it from our own children list.
             _proctree.signal_tree(job.pid, (), sig)
+            if job.cgroup is not None:
+                _cgroup.kill(job.cgroup)
+        elif job.cgroup is not None:  # the cgroup lists the whole tree: no scan of /proc
+            _proctree.signal_tree(job.pid, (), sig)
+            _cgroup.signal(job.cgroup, sig)
         else:  # a graceful stop must reach the escaped too, while they can still be found
             _proctree.signal_tree(job.pid, _proctree.descendants(job.pid), sig)
 
@@ -226,7 +273,7 @@ class Server:
 
     # -- exits ----------------------------------------------------------------------------
 
-    def _on_sigchld(self) -> None:
+    def _on_signal(self) -> None:
         # One byte per signal: a full read means there may be more. (No read that ends in
         # BlockingIOError on every exit: each exception built here is pages copied.)
         try:
@@ -234,6 +281,8 @@ class Server:
                 pass
         except BlockingIOError:
             pass
+        if self.stop_signal:
+            raise SystemExit(128 + self.stop_signal)  # in the loop: shutdown() ends every tree
         self._reap_all()
 
     def _reap_all(self) -> None:
@@ -250,18 +299,62 @@ class Server:
             if job is not None:
                 self._finish_job(job, info)
             else:
+                self.killed.discard(info.si_pid)
                 os.waitpid(info.si_pid, 0)  # already exited: returns at once
 
     def _finish_job(self, job: _Job, info: os.waitid_result) -> None:
+        # The worker is dead but unreaped: its pid still reserves its group id.
         _proctree.signal_tree(job.pid, (), signal.SIGKILL)
-        self._end_adopted(also_known=job.pid)
+        if job.cgroup is not None:
+            _cgroup.kill(job.cgroup)
+        job.unstarted = _call_unread(job.data)
         os.waitpid(job.pid, 0)
-        exitcode = info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
-        fault_log = _protocol.read_text(job.fault_fd) if exitcode != 0 else ""
+        job.exitcode = info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
+        job.deadline = time.monotonic() + _KILL_BOUND_S
+        self.draining.append(job)
+
+    def _kill_adopted(self) -> bool:
+        """SIGKILL every live child we did not fork: orphans of dead workers' trees (their
+        own children come to us when they die: the next round gets those). Whether any
+        was found. By pid and safely: an unreaped child's pid cannot be reused."""
+        known = set(self.jobs)
+        children = _proctree.own_children()
+        if children is None:  # pragma: no cover - kernels without CONFIG_PROC_CHILDREN
+            children = [p.pid for p in _proctree.descendants(self.pid) if p.ppid() == self.pid]
+        found = False
+        for pid in children:
+            if pid not in known:
+                found = True
+                if pid not in self.killed:  # once each: a thousand orphans, a thousand kills
+                    self.killed.add(pid)
+                    _kill_quietly(pid)
+        return found
+
+    def _drain(self) -> float | None:
+        """Report the draining calls whose trees are gone (or out of time); the seconds
+        until the next deadline, or None when nothing drains."""
+        if not self.draining:
+            return None
+        self._reap_all()
+        # With cgroups, cgroup.kill has done it all; the children list is for the rest.
+        adopted = any(j.cgroup is None for j in self.draining) and self._kill_adopted()
+        now = time.monotonic()
+        waiting = []
+        for job in self.draining:
+            gone = not _cgroup.populated(job.cgroup) if job.cgroup is not None else not adopted
+            if gone or now >= job.deadline:
+                self._report(job)
+            else:
+                waiting.append(job)
+        self.draining = waiting
+        return min((j.deadline for j in waiting), default=now) - now if waiting else None
+
+    def _report(self, job: _Job) -> None:
+        fault_log = _protocol.read_text(job.fault_fd) if job.exitcode != 0 else ""
         os.close(job.fault_fd)
         try:
-            body = f"{job.pid} {exitcode}\n".encode() + fault_log.encode(errors="replace")
-            _protocol.send(job.ctl, _protocol.EXITED, body)
+            head = f"{job.pid} {job.exitcode}{' unstarted' if job.unstarted else ''}\n"
+            _protocol.send(job.ctl, _protocol.EXITED, head.encode() + fault_log.encode(errors="replace"))
         except OSError:
             pass  # the caller already left
         try:
@@ -273,31 +366,19 @@ class Server:
         if job.ctl.fileno() in self.selector.get_map():
             self.selector.unregister(job.ctl)
         job.ctl.close()
+        if job.cgroup is not None and not _cgroup.remove(job.cgroup):
+            self.retired_cgroups.append(job.cgroup)  # something in uninterruptible sleep
 
-    def _end_adopted(self, also_known: int = 0) -> None:
-        """Kill every child we did not fork: orphans of a dead worker's tree."""
-        known = {*self.jobs, also_known}
-        children = _proctree.own_children()
-        if children is None:  # pragma: no cover - kernels without CONFIG_PROC_CHILDREN
-            children = [p.pid for p in _proctree.descendants(self.pid) if p.ppid() == self.pid]
-        adopted = [pid for pid in children if pid not in known]
-        if not adopted:
-            return
-        tree = [t for pid in adopted for t in _proctree.process_and_descendants(pid)]
-        _proctree.signal_tree(None, tree, signal.SIGKILL)
-        _proctree.wait_gone(tree, 2.0)
-        for proc in tree:
-            try:
-                os.waitpid(proc.pid, os.WNOHANG)  # ours once their parents died
-            except ChildProcessError:
-                pass
+    def _remove_retired_cgroups(self) -> None:
+        self.retired_cgroups = [c for c in self.retired_cgroups if c is not None and not _cgroup.remove(c)]
 
     # -- life -----------------------------------------------------------------------------
 
     def serve_forever(self) -> None:
+        timeout: float | None = None
         try:
             while True:
-                for key, _ in self.selector.select():
+                for key, _ in self.selector.select(timeout):
                     # A handler earlier in this batch may have closed this one's socket
                     # (a worker's exit finishes its call); its event is stale.
                     if self.selector.get_map().get(key.fd) is key:
@@ -307,19 +388,46 @@ class Server:
                             raise
                         except Exception as exc:  # one call's trouble must not end every call
                             _complain("unexpected error", exc)
+                if self.stop_signal:  # its wake-up byte may still be on its way
+                    raise SystemExit(128 + self.stop_signal)
+                timeout = self._drain()
+                if self.retired_cgroups:  # in uninterruptible sleep when we tried
+                    self._remove_retired_cgroups()
         finally:
             self.shutdown()
 
     def shutdown(self) -> None:
-        for job in list(self.jobs.values()):
-            tree = [*_proctree.process_and_descendants(job.pid)]
-            _proctree.signal_tree(job.pid, tree, signal.SIGKILL)
-        self._end_adopted()
-        deadline_fds = [fd for fd in (_proctree.pidfd_open(pid) for pid in self.jobs) if fd is not None]
-        _proctree.wait_fds(deadline_fds, 2.0)
-        for fd in deadline_fds:
-            os.close(fd)
+        """Every call's tree ends, and every caller hears how its call ended (the ones
+        whose worker never read its call hear so: they are retried on a new server)."""
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut this short
+        ours = list(self.jobs)  # our unreaped children: safe to signal
+        if self.cgroup_root is not None:
+            _cgroup.kill(self.cgroup_root)  # every worker and its tree, at once
+        else:  # one scan of /proc for all of them, not one per call
+            _proctree.signal_tree(None, _proctree.descendants(self.pid), signal.SIGKILL)
+        for pid in ours:
+            _proctree.signal_tree(pid, (), signal.SIGKILL)  # its group (workers lead theirs)
+            _kill_quietly(pid)
+        deadline = time.monotonic() + _KILL_BOUND_S
+        fds = [fd for fd in map(_proctree.pidfd_open, ours) if fd is not None]
+        try:
+            _proctree.wait_fds(fds, _KILL_BOUND_S)
+        finally:
+            for fd in fds:
+                os.close(fd)
         self._reap_all()
+        while time.monotonic() < deadline:
+            populated = self.cgroup_root is not None and _cgroup.populated(self.cgroup_root)
+            if not self._kill_adopted() and not populated:
+                break
+            _proctree.wait_fds([self.wake_r], 0.01)  # SIGCHLD: the next one died
+            self._reap_all()
+        for job in self.draining:
+            job.deadline = 0.0
+        self._drain()
+        _proctree.reap_exited_children()
+        if self.cgroup_root is not None:
+            _cgroup.remove(self.cgroup_root)
 
 
 # ASCII unit/record separators: never in a module name or a path, and allowed in argv
@@ -336,6 +444,23 @@ def _decode_preload(body: bytes) -> tuple[list[str], list[str]]:
     return [n for n in names.split(_UNIT) if n], path.split(_UNIT)
 
 
+def _call_unread(data: socket.socket) -> bool:
+    """After the worker died: whether its call still sits unread in its socket (so it never
+    ran, and the caller may safely retry it). Shut down first: a call the caller sends
+    from now on fails at its end instead of joining the queue we look at."""
+    try:
+        data.shutdown(socket.SHUT_RD)
+        return bool(data.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except OSError:
+        return False
+
+
+def _remove_cgroup(cgroup: str | None) -> None:
+    if cgroup is not None:
+        _cgroup.kill(cgroup)
+        _cgroup.remove(cgroup)
+
+
 def _hung_up(sock: socket.socket) -> bool:
     # select first: on the usual path (nothing queued) no BlockingIOError is built.
     if not select.select([sock], (), (), 0)[0]:
@@ -350,6 +475,13 @@ def _hung_up(sock: socket.socket) -> bool:
 
 def _complain(what: str, exc: BaseException) -> None:
     print(f"asyncproc fork server (pid {os.getpid()}): {what}: {exc!r}", file=sys.stderr)
+
+
+def _kill_quietly(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def _close_quietly(fd: int) -> None:
@@ -370,12 +502,8 @@ def _raise_fd_limit() -> None:
 _worker_nofile: tuple[int, int] | None = None
 
 
-def _exit_on_signal(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
-
-
 def main() -> None:
-    """``python -c 'from asyncproc._server import main; main()' PRELOAD``; fd 3 is the channel."""
+    """``python -c 'from asyncproc._server import main; main()' PRELOAD CGROUP``; fd 3 is the channel."""
     try:
         os.setsid()  # Ctrl-C at the terminal is the caller's to handle, not ours
     except PermissionError:  # already a session leader (posix_spawn setsid=True)
@@ -383,11 +511,11 @@ def main() -> None:
     _proctree.set_comm("asyncproc-srv")
     _proctree.make_subreaper()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    for sig in (signal.SIGTERM, signal.SIGHUP):  # stopped from outside: end every call's tree first
-        signal.signal(sig, _exit_on_signal)
     _raise_fd_limit()
     channel = socket.socket(fileno=3)
-    server = Server(channel)
+    # Stopped from outside (SIGTERM, SIGHUP): Server turns that into an event of its loop,
+    # which ends every call's tree first.
+    server = Server(channel, cgroup_root=(sys.argv[2] if len(sys.argv) > 2 else "") or None)
     if len(sys.argv) > 1 and sys.argv[1]:
         server._preload(*_decode_preload(sys.argv[1].encode()))
     try:
