@@ -33,6 +33,7 @@ the server ends every worker's tree and exits. Workers die with the server
 
 from __future__ import annotations
 
+import faulthandler
 import gc
 import importlib
 import itertools
@@ -120,20 +121,24 @@ class Server:
             raise
         if pid == 0:  # the worker
             try:
-                self._become_worker((ctl.fileno(), data.fileno(), fault_fd))
-                _worker.forked_from_server(ctl, data, fault_fd, self.pid, cgroup)
+                self._become_worker((ctl.fileno(), data.fileno()), fault_fd)
+                _worker.forked_from_server(ctl, data, self.pid, cgroup)
             finally:
                 os._exit(70)
         return _Job(pid, ctl, data, fault_fd, cgroup)
 
-    def _become_worker(self, keep: tuple[int, ...]) -> None:
+    def _become_worker(self, keep: tuple[int, ...], fault_fd: int) -> None:
         # Drop every descriptor of the server: the caller's lifeline, other calls' sockets,
         # other workers' fault logs. A worker must hold nothing but its own.
         _worker.reset_inherited_signals()
         if _worker_nofile is not None:
             resource.setrlimit(resource.RLIMIT_NOFILE, _worker_nofile)
+        # faulthandler, enabled in the server on _FAULT_FD, is inherited (its handlers, its
+        # stack): our fault log takes that descriptor's place, and enabling it anew in
+        # each worker (some 30 pages copied) is saved.
+        os.dup2(fault_fd, _FAULT_FD, inheritable=False)
         low = 3
-        for fd in sorted(keep):
+        for fd in sorted((*keep, _FAULT_FD)):
             os.closerange(low, fd)
             low = fd + 1
         os.closerange(low, 1 << 20)
@@ -500,6 +505,7 @@ def _raise_fd_limit() -> None:
 
 
 _worker_nofile: tuple[int, int] | None = None
+_FAULT_FD = -1  # where faulthandler writes: a copy of our stderr, a worker's own log in it
 
 
 def main() -> None:
@@ -512,6 +518,9 @@ def main() -> None:
     _proctree.make_subreaper()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _raise_fd_limit()
+    global _FAULT_FD
+    _FAULT_FD = os.dup(2)
+    faulthandler.enable(file=_FAULT_FD, all_threads=True)  # for us, and inherited by workers
     channel = socket.socket(fileno=3)
     # Stopped from outside (SIGTERM, SIGHUP): Server turns that into an event of its loop,
     # which ends every call's tree first.

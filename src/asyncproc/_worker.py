@@ -156,9 +156,10 @@ def spawn_python(code: str, argv: list[str], fds: dict[int, int]) -> int:
 
 
 
-def prepare_process(fault_fd: int, parent_pid: int, cgroup: str | None = None, die_with_parent: bool = True) -> None:
+def prepare_process(fault_fd: int | None, parent_pid: int, cgroup: str | None = None, die_with_parent: bool = True) -> None:
     """Isolate this fresh child: own session, own cgroup, subreaper, dies with its parent
-    (unless someone else, the guardian, ends it with its tree), fault log."""
+    (unless someone else, the guardian, ends it with its tree), fault log (None: the one
+    faulthandler inherited is already ours)."""
     try:
         os.setsid()
     except PermissionError:  # posix_spawn(setsid=True) already made us a leader
@@ -170,15 +171,19 @@ def prepare_process(fault_fd: int, parent_pid: int, cgroup: str | None = None, d
     if os.getppid() != parent_pid:  # the parent died before the line above took effect
         os._exit(1)
     _proctree.make_subreaper()
-    faulthandler.enable(file=fault_fd, all_threads=True)
+    if fault_fd is not None:
+        faulthandler.enable(file=fault_fd, all_threads=True)
 
 
 def _attach_cgroup(path: str) -> None:
     # Before anything of the call runs: every process it starts is born in the cgroup and
     # ends with one cgroup.kill. Failing that (a racing removal), the scans still apply.
     try:
-        with open(os.path.join(path, "cgroup.procs"), "w") as f:
-            f.write("0")
+        fd = os.open(os.path.join(path, "cgroup.procs"), os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, b"0")  # raw os calls: no file object, fewer pages copied
+        finally:
+            os.close(fd)
     except OSError:
         pass
 
@@ -424,9 +429,10 @@ def hello(pid: int, cgroup: str | None) -> bytes:
     return f"{pid} {os.path.basename(cgroup) if cgroup else ''}".encode()
 
 
-def forked_from_server(ctl: socket.socket, data: socket.socket, fault_fd: int, server_pid: int, cgroup: str | None) -> NoReturn:
-    """Entry of a worker forked by the server: say who we are, then wait for the call."""
-    prepare_process(fault_fd, server_pid, cgroup)  # exits if the server is already gone
+def forked_from_server(ctl: socket.socket, data: socket.socket, server_pid: int, cgroup: str | None) -> NoReturn:
+    """Entry of a worker forked by the server: say who we are, then wait for the call.
+    faulthandler is the server's, inherited, already writing to our fault log."""
+    prepare_process(None, server_pid, cgroup)  # exits if the server is already gone
     _proctree.set_comm("asyncproc-idle")
     try:
         # Before we can read the call: from here on the caller knows the call may have run
