@@ -29,11 +29,13 @@ __all__ = ["ServerLink", "link"]
 log = logging.getLogger("asyncproc")
 
 _STOP_BOUND_S = 2.0
-_SPARES = max(1, int(os.environ.get("ASYNCPROC_SPARES", "1")))
-# Workers already assigned to this caller and waiting for a call: a call is then a single
-# message to a process that is up, where going through the server would cost two more
-# wake-ups and a fork on the critical path.
-_RESERVE = max(1, int(os.environ.get("ASYNCPROC_RESERVE", "2")))
+# Workers already forked for this caller and waiting for a call: a call is then a single
+# message to a process that is up, where going through the server would put a wake-up
+# and a fork on the critical path.
+_RESERVE = max(1, int(os.environ.get("ASYNCPROC_RESERVE", "4")))
+# Refilled in batches, when half is used: the server forks a batch back to back, and every
+# page it writes between two forks is copied again after the next (see _server).
+_REFILL_AT = _RESERVE // 2
 _PRELOAD_ENV = "ASYNCPROC_PRELOAD"
 
 
@@ -97,7 +99,7 @@ class ServerLink:
         self._cgroup = _cgroup.create(f"srv{self._starts}")
         try:
             preload = encode_preload(self._preloads, sys.path).decode() if self._preloads else ""
-            self._pid = spawn_python(code, [str(_SPARES), preload, self._cgroup or ""], {3: theirs.fileno()})
+            self._pid = spawn_python(code, [preload, self._cgroup or ""], {3: theirs.fileno()})
         except BaseException:
             self._end_cgroup()
             raise
@@ -163,6 +165,8 @@ class ServerLink:
     def top_up(self) -> None:
         """Refill the reserve; called after a call is on its way, off its critical path.
         Gives up quietly when the server is behind: the next call asks for itself."""
+        if len(self._reserve) > _REFILL_AT:
+            return
         while len(self._reserve) < _RESERVE:
             try:
                 self._reserve.append(self._request())
