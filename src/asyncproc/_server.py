@@ -342,14 +342,16 @@ class Server:
         until the next deadline, or None when nothing drains."""
         if not self.draining:
             return None
+        # In this order: a cgroup found empty holds no live process, but its last ones may
+        # still be on their way to becoming our zombies; after the reaping, our children
+        # list shows each that is not reaped yet. "Gone" means reaped too.
+        empty = [j.cgroup is None or not _cgroup.populated(j.cgroup) for j in self.draining]
         self._reap_all()
-        # With cgroups, cgroup.kill has done it all; the children list is for the rest.
-        adopted = any(j.cgroup is None for j in self.draining) and self._kill_adopted()
+        adopted = self._kill_adopted()  # SIGKILLs each orphan once (cgroup.kill did already)
         now = time.monotonic()
         waiting = []
-        for job in self.draining:
-            gone = not _cgroup.populated(job.cgroup) if job.cgroup is not None else not adopted
-            if gone or now >= job.deadline:
+        for job, job_empty in zip(self.draining, empty):
+            if (job_empty and not adopted) or now >= job.deadline:
                 self._report(job)
             else:
                 waiting.append(job)
@@ -429,10 +431,10 @@ class Server:
                 break
             _proctree.wait_fds([self.wake_r], 0.01)  # SIGCHLD: the next one died
             self._reap_all()
+        _proctree.reap_exited_children()  # before the reports: every report means "reaped"
         for job in self.draining:
             job.deadline = 0.0
         self._drain()
-        _proctree.reap_exited_children()
         if self.cgroup_root is not None:
             _cgroup.remove(self.cgroup_root)
 

@@ -224,6 +224,18 @@ class ServerLink:
             _proctree.reap_each(members)  # re-parented to us if we are a subreaper
             _cgroup.remove(cgroup)
 
+    def server_stopped(self) -> bool:
+        """Whether the server is stopped (SIGSTOP, a debugger): state T or t in /proc."""
+        pid = self._pid
+        if pid is None:
+            return True
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                state = f.read().rpartition(b")")[2].split()[0]
+        except (OSError, IndexError):
+            return True
+        return state in (b"T", b"t")
+
     def check_server(self) -> bool:
         """Whether the server is still running; if it died, reap it (a zombie otherwise,
         for the rest of our life), end what it left, and start afresh on the next call."""
