@@ -395,6 +395,7 @@ async def _start_via_server(spec: _worker.CallSpec, job: _worker.Job, kind: byte
         except (BrokenPipeError, ConnectionResetError):
             data.close()  # the reserved worker died idle; the call never reached it
             ctl.close()
+            link.worker_died_idle()
             continue
         return _ServerWorker(data, ctl, cgroup_root)
     raise _ServerLost

@@ -173,6 +173,13 @@ class ServerLink:
             except BlockingIOError:
                 return
 
+    def worker_died_idle(self) -> None:
+        """A reserved worker refused its call: its server is likely ending (it shuts every
+        worker's socket first). Its siblings would too: ask the server afresh, which
+        restarts it if it is gone."""
+        self._drop_reserve()
+        self.check_server()
+
     def _drop_reserve(self) -> None:
         while self._reserve:
             for sock in self._reserve.popleft():
