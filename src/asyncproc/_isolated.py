@@ -247,8 +247,6 @@ class _ServerWorker(_Worker):
         link.check_server()  # reap the dead server, remove its cgroups
 
     def release(self) -> None:
-        # Closing ctl tells the server the caller is done: it ends whatever is left.
-        self.close()
         # Refill the reserve only now, and only after a value: a request sent while the call
         # runs would wake the server (and its fork) on the CPU the worker needs, and after
         # any other outcome the server may be the trouble (the next call asks for itself).
@@ -256,6 +254,9 @@ class _ServerWorker(_Worker):
             link.top_up()
         except Exception as exc:  # refilling the reserve must never fail a call
             log.debug("asyncproc: could not refill the worker reserve: %r", exc)
+        # Closing ctl tells the server the caller is done: it ends whatever is left. After
+        # the refill: the server then wakes once for both.
+        self.close()
 
     def close(self) -> None:
         self.data.close()
