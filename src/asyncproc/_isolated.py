@@ -182,12 +182,20 @@ class _ServerWorker(_Worker):
                 _cgroup.signal(self.cgroup, sig)
 
     async def wait_gone(self) -> None:
-        """End-of-stream on data (the server saw the tree end) or, sooner when the server
-        is stopped or busy, the worker's cgroup found empty."""
+        """End-of-stream on data: the server saw the tree end and reaped it. Or, when the
+        server is stopped (SIGSTOP: it would reap nothing until resumed), the worker's
+        cgroup found empty: nothing of the call runs any more."""
         self._read_ctl_now()
         if self.cgroup is None or self.ended:
             await super().wait_gone()
             return
+        cgroup = self.cgroup
+
+        async def until_empty_with_server_stopped() -> None:
+            await _cgroup.wait_empty_async(cgroup, math.inf)
+            while not link.server_stopped():  # running: its report is on its way
+                await anyio.sleep(0.05)  # a rare state to leave (SIGSTOP): a slow check is fine
+
         async with anyio.create_task_group() as tg:
 
             async def first(wait: Callable[[], Awaitable[object]]) -> None:
@@ -195,7 +203,7 @@ class _ServerWorker(_Worker):
                 tg.cancel_scope.cancel()
 
             tg.start_soon(first, super().wait_gone)
-            tg.start_soon(first, functools.partial(_cgroup.wait_empty_async, self.cgroup, math.inf))
+            tg.start_soon(first, until_empty_with_server_stopped)
 
     async def exit_status(self) -> _Exit:
         if self.ended:  # the server queued EXITED before ending the stream, or died
@@ -388,6 +396,7 @@ async def _start_via_server(spec: _worker.CallSpec, job: _worker.Job, kind: byte
         except (BrokenPipeError, ConnectionResetError):
             data.close()  # the reserved worker died idle; the call never reached it
             ctl.close()
+            link.worker_died_idle()
             continue
         return _ServerWorker(data, ctl, cgroup_root)
     raise _ServerLost

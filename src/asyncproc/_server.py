@@ -279,13 +279,7 @@ class Server:
     # -- exits ----------------------------------------------------------------------------
 
     def _on_signal(self) -> None:
-        # One byte per signal: a full read means there may be more. (No read that ends in
-        # BlockingIOError on every exit: each exception built here is pages copied.)
-        try:
-            while len(os.read(self.wake_r, 4096)) == 4096:
-                pass
-        except BlockingIOError:
-            pass
+        _drain_pipe(self.wake_r)
         if self.stop_signal:
             raise SystemExit(128 + self.stop_signal)  # in the loop: shutdown() ends every tree
         self._reap_all()
@@ -342,14 +336,16 @@ class Server:
         until the next deadline, or None when nothing drains."""
         if not self.draining:
             return None
+        # In this order: a cgroup found empty holds no live process, but its last ones may
+        # still be on their way to becoming our zombies; after the reaping, our children
+        # list shows each that is not reaped yet. "Gone" means reaped too.
+        empty = [j.cgroup is None or not _cgroup.populated(j.cgroup) for j in self.draining]
         self._reap_all()
-        # With cgroups, cgroup.kill has done it all; the children list is for the rest.
-        adopted = any(j.cgroup is None for j in self.draining) and self._kill_adopted()
+        adopted = self._kill_adopted()  # SIGKILLs each orphan once (cgroup.kill did already)
         now = time.monotonic()
         waiting = []
-        for job in self.draining:
-            gone = not _cgroup.populated(job.cgroup) if job.cgroup is not None else not adopted
-            if gone or now >= job.deadline:
+        for job, job_empty in zip(self.draining, empty):
+            if (job_empty and not adopted) or now >= job.deadline:
                 self._report(job)
             else:
                 waiting.append(job)
@@ -407,6 +403,10 @@ class Server:
         """Every call's tree ends, and every caller hears how its call ended (the ones
         whose worker never read its call hear so: they are retried on a new server)."""
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut this short
+        # First: the caller's next request then fails at once (it starts a new server)
+        # instead of waiting in a queue nobody reads; the queued ones are dropped unanswered,
+        # which tells their callers that those calls never started.
+        self.channel.close()
         ours = list(self.jobs)  # our unreaped children: safe to signal
         if self.cgroup_root is not None:
             _cgroup.kill(self.cgroup_root)  # every worker and its tree, at once
@@ -428,11 +428,12 @@ class Server:
             if not self._kill_adopted() and not populated:
                 break
             _proctree.wait_fds([self.wake_r], 0.01)  # SIGCHLD: the next one died
+            _drain_pipe(self.wake_r)
             self._reap_all()
+        _proctree.reap_exited_children()  # before the reports: every report means "reaped"
         for job in self.draining:
             job.deadline = 0.0
         self._drain()
-        _proctree.reap_exited_children()
         if self.cgroup_root is not None:
             _cgroup.remove(self.cgroup_root)
 
@@ -482,6 +483,16 @@ def _hung_up(sock: socket.socket) -> bool:
 
 def _complain(what: str, exc: BaseException) -> None:
     print(f"asyncproc fork server (pid {os.getpid()}): {what}: {exc!r}", file=sys.stderr)
+
+
+def _drain_pipe(fd: int) -> None:
+    # One byte per signal: a full read means there may be more. (No read that ends in
+    # BlockingIOError on every exit: each exception built here is pages copied.)
+    try:
+        while len(os.read(fd, 4096)) == 4096:
+            pass
+    except BlockingIOError:
+        pass
 
 
 def _kill_quietly(pid: int) -> None:

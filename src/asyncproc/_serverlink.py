@@ -176,6 +176,13 @@ class ServerLink:
             except BlockingIOError:
                 return
 
+    def worker_died_idle(self) -> None:
+        """A reserved worker refused its call: its server is likely ending (it shuts every
+        worker's socket first). Its siblings would too: ask the server afresh, which
+        restarts it if it is gone."""
+        self._drop_reserve()
+        self.check_server()
+
     def _drop_reserve(self) -> None:
         while self._reserve:
             for sock in self._reserve.popleft():
@@ -226,6 +233,18 @@ class ServerLink:
             _cgroup.wait_empty(cgroup, _STOP_BOUND_S)
             _proctree.reap_each(members)  # re-parented to us if we are a subreaper
             _cgroup.remove(cgroup)
+
+    def server_stopped(self) -> bool:
+        """Whether the server is stopped (SIGSTOP, a debugger): state T or t in /proc."""
+        pid = self._pid
+        if pid is None:
+            return True
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                state = f.read().rpartition(b")")[2].split()[0]
+        except (OSError, IndexError):
+            return True
+        return state in (b"T", b"t")
 
     def check_server(self) -> bool:
         """Whether the server is still running; if it died, reap it (a zombie otherwise,
