@@ -9,7 +9,7 @@ with no race against forks.
 Usable only where the kernel lets us: cgroup v2 mounted (found in /proc/self/mountinfo,
 never assumed: ``/sys/fs/cgroup`` on a unified host, ``/sys/fs/cgroup/unified`` on a hybrid
 one), our own cgroup writable (root, or a subtree delegated to our user), ``cgroup.kill``
-present. ``available()`` probes all of that once; callers fall back to process scans when
+present, and ``ASYNCPROC_NO_CGROUP`` unset or empty. ``available()`` probes all of that once; callers fall back to process scans when
 it is False. No controller is ever enabled: the cgroups only group, so creating one costs
 a mkdir (~60 us) and the "no internal processes" rule never applies.
 
@@ -214,6 +214,10 @@ def procs(path: str, recursive: bool = False) -> list[int]:
                     pids += procs(entry.path, recursive=True)
     except (FileNotFoundError, ProcessLookupError):
         return []
+    except OSError as exc:
+        if exc.errno != errno.ENODEV:
+            raise
+        return []  # removed while we read it: its files answer ENODEV until they go
     return pids
 
 
@@ -223,6 +227,10 @@ def populated(path: str) -> bool:
         events = _read(os.path.join(path, "cgroup.events"))
     except FileNotFoundError:
         return False
+    except OSError as exc:
+        if exc.errno != errno.ENODEV:
+            raise
+        return False  # removed while we read it (seen under fork-server SIGKILLs in the soak)
     for line in events.splitlines():
         if line.startswith(b"populated "):
             return line.split()[1] != b"0"
