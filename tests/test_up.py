@@ -58,11 +58,12 @@ command = {program(crasher)}
         up.wait_line(r"^\[web-0\] ready 0 ")
         up.wait_line(r"^\[web-1\] ready 1 ")
         up.wait_line(r"hog: went over its memory limit")
-        status = up.wait_status(lambda s: s["hog"]["last_exit"] is not None)
+        # each line can be pumped before its spawn's completion reaches the supervisor: wait for the pids too
+        status = up.wait_status(lambda s: s["hog"]["last_exit"] is not None
+                                and all(s[n]["state"] == "running" and s[n]["pid"] for n in ("web-0", "web-1", "crash")))
         assert status["hog"]["last_exit"] == "memory limit" and status["hog"]["state"] == "ended"
         assert status["hog"]["restarts"] == 0  # temporary: not restarted
         web_pids = [status["web-0"]["pid"], status["web-1"]["pid"]]
-        assert all(status[n]["state"] == "running" for n in ("web-0", "web-1", "crash"))
 
         go.touch()
         delays = [float(up.wait_line(rf"crash: restarting in ([\d.]+) s \(restart {k}\)").group(1)) for k in (1, 2, 3)]
