@@ -2,7 +2,7 @@
 SIGKILLed (or exits); its child and grandchild must go, on every backend.
 
 The test process is a child subreaper, so the orphans come to us: we reap them here.
-``test_slow_*`` waits 11 s (deselect with ``-k "not slow"``).
+``test_slow_*`` waits 11 s: marked ``slow``, run by CI, deselect locally with ``-m "not slow"``.
 """
 
 from __future__ import annotations
@@ -104,6 +104,7 @@ def test_sigkilled_parent_takes_child_and_grandchild_along(backend: str) -> None
     kill_parent_and_check(parent, pids)
 
 
+@pytest.mark.slow
 def test_slow_die_with_parent_after_trio_spawn_thread_would_have_exited() -> None:
     """PR_SET_PDEATHSIG would fire when trio's spawn thread exits after 10 s idle (killing
     the child too early) and never when the parent dies later. We wait past that on all

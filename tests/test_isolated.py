@@ -16,15 +16,36 @@ from pathlib import Path
 import anyio
 import psutil
 import pytest
-from _children import (
-    LONG, CustomError, _server_tree, add, allocate, assert_gone, big_return, big_value, cpus_and_policy,
-    crash_abort, crash_killed, crash_leaving_background_job, crash_os_exit, crash_segfault, crash_sys_exit,
-    deep_in_child, pythonpath, raise_custom, raise_unpicklable, return_lock, runner, running, sleep_ignoring_sigterm,
-    start_then,
-)
 
 import asyncproc
 from asyncproc import ChildCrashed, Isolated, MemoryLimitExceeded, RemoteError
+
+from _children import (
+    LONG,
+    CustomError,
+    _server_tree,
+    add,
+    allocate,
+    assert_gone,
+    big_return,
+    big_value,
+    cpus_and_policy,
+    crash_abort,
+    crash_killed,
+    crash_leaving_background_job,
+    crash_os_exit,
+    crash_segfault,
+    crash_sys_exit,
+    deep_in_child,
+    pythonpath,
+    raise_custom,
+    raise_unpicklable,
+    return_lock,
+    runner,
+    running,
+    sleep_ignoring_sigterm,
+    start_then,
+)
 
 pytestmark = pytest.mark.anyio
 

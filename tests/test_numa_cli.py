@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from asyncproc import _cli, _numa_cli
+
 from numa_sysfs import DGX_GPUS, build_sysfs, gpus
 
 

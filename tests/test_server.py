@@ -13,10 +13,11 @@ from pathlib import Path
 import anyio
 import psutil
 import pytest
-from _children import add, assert_gone, runner, start_then
 
 import asyncproc
 from asyncproc import ChildCrashed, Isolated
+
+from _children import add, assert_gone, runner, start_then
 
 pytestmark = pytest.mark.anyio
 

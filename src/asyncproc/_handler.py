@@ -28,7 +28,7 @@ import subprocess
 import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
-from typing import IO, Any, Union
+from typing import IO, Any
 
 import anyio
 import psutil
@@ -43,9 +43,9 @@ log = logging.getLogger("asyncproc")
 DEFAULT_GRACE_S = 5.0  # SIGTERM -> SIGKILL, as trio.run_process
 KILL_BOUND_S = 2.0  # after SIGKILL; only a process in uninterruptible sleep takes longer
 
-StrPath = Union[str, "os.PathLike[str]"]
+StrPath = str | os.PathLike[str]
 # A file path (truncated), None/"" to inherit, or -- for callers that pipe -- an open fd.
-Redirect = Union[StrPath, int, None]
+Redirect = StrPath | int | None
 
 
 class SubprocessHandler:

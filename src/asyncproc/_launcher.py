@@ -38,9 +38,9 @@ from typing import IO, Any
 import anyio
 import anyio.abc
 
+from . import _guardian, _proctree
 from ._errorfile import ENV_VARS, ErrorRecord, read_error_file
 from ._exceptions import LaunchFailed, describe_exitcode
-from . import _guardian, _proctree
 from ._handler import DEFAULT_GRACE_S, KILL_BOUND_S, StrPath, SubprocessHandler
 
 log = logging.getLogger("asyncproc")

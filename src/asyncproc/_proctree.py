@@ -21,6 +21,7 @@ import select
 import signal
 import time
 from collections.abc import Iterable
+
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (and re) at run time
 
 if TYPE_CHECKING:  # imported where used: the fork server and its workers stay lean

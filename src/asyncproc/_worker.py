@@ -21,12 +21,14 @@ import signal
 import socket
 import struct
 import sys
-TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (and re) at run time
 
 from . import _proctree, _protocol
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (and re) at run time
+
 if TYPE_CHECKING:  # the fork server imports this module: no runtime typing, no dataclasses
-    from typing import Any, Callable, NoReturn
+    from collections.abc import Callable
+    from typing import Any, NoReturn
 
     Job = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]
 
