@@ -100,11 +100,26 @@ async def test_missing_command_raises_and_starts_nothing(anyio_backend: object, 
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"nproc": 0}, "nproc must be an int >= 1"), ({"nproc": 1, "grace": -1}, "grace must be"),
-     ({"nproc": 1, "master_port": 70000}, "master_port")],
+    [({"nproc": 0}, "nproc must be >= 1, got 0"), ({"nproc": 1, "grace": -1}, "grace must be"),
+     ({"nproc": 1, "master_port": 70000}, "master_port"),
+     ({"nproc": 1, "grace": float("nan")}, "grace must be >= 0 seconds, got nan"),
+     ({"nproc": 1, "grace": float("inf")}, "grace must be finite")],
 )
 def test_bad_config_is_named(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
+        LaunchConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"nproc": True}, "nproc must be an int, got True"), ({"nproc": 1, "grace": True}, "grace must be a number"),
+     ({"nproc": 1, "master_port": True}, "master_port must be an int or None, got True"),
+     ({"nproc": 1, "tee": 1}, "tee must be a bool, got 1"),
+     ({"nproc": 1, "numa_options": "node"}, "numa_options must be a NumaOptions, got 'node'"),
+     ({"nproc": 1, "env": {"A": 1}}, r"env\['A'\] must be a str or None, got 1")],
+)
+def test_config_of_the_wrong_type_is_named(kwargs: dict, match: str) -> None:
+    with pytest.raises(TypeError, match=match):
         LaunchConfig(**kwargs)
 
 

@@ -35,6 +35,7 @@ import psutil
 
 from . import _guardian, _proctree
 from ._guardian_main import read_stat
+from ._validate import check_count, check_env, check_instance, check_path, check_redirect, check_seconds, check_signal
 
 __all__ = ["SubprocessHandler", "get_subprocess_handler", "DEFAULT_GRACE_S", "KILL_BOUND_S"]
 
@@ -66,14 +67,18 @@ class SubprocessHandler:
         *,
         local_world_size: int | None = None,
     ) -> None:
-        if not isinstance(entrypoint, (str, os.PathLike)) or not os.fspath(entrypoint):
-            raise TypeError(f"entrypoint must be a non-empty str or path, got {entrypoint!r}")
-        if isinstance(args, (str, bytes)) or not isinstance(args, Iterable):
-            raise TypeError(f"args must be a sequence of arguments (not a string), got {args!r}")
-        if env is not None and not isinstance(env, Mapping):
-            raise TypeError(f"env must be a mapping of str to str or None, got {type(env).__name__}")
-        if isinstance(local_rank_id, bool) or not isinstance(local_rank_id, int):
-            raise TypeError(f"local_rank_id must be an int, got {local_rank_id!r}")
+        # Checked here, not at spawn: the error then points at the line that made the handler.
+        check_path("entrypoint", entrypoint)
+        args = _check_args(args)
+        check_env("env", env)
+        check_redirect("stdout", stdout)
+        check_redirect("stderr", stderr)
+        check_count("local_rank_id", local_rank_id)
+        check_count("local_world_size", local_world_size, minimum=1, allow_none=True)
+        if numa_options is not None:
+            from .numa import NumaOptions
+
+            check_instance("numa_options", numa_options, NumaOptions, allow_none=True)
         self.args: tuple[str, ...] = (os.fspath(entrypoint), *map(str, args))
         self.env = _merged_env(env)
         self.local_rank_id = local_rank_id
@@ -147,9 +152,9 @@ class SubprocessHandler:
         it can no longer be found). Returns the exit code; None only if the child outlived
         SIGKILL by ``KILL_BOUND_S`` (uninterruptible sleep), which is logged.
         """
+        check_signal("sig", sig)
+        check_seconds("grace", grace)
         self._started()
-        if grace < 0:
-            raise ValueError(f"grace must be >= 0 seconds, got {grace!r}")
         tree = self._snapshot()
         self._signal(sig, tree)
         try:
@@ -184,6 +189,7 @@ class SubprocessHandler:
     def close(self, death_sig: int | None = None) -> None:
         """Torch's ``close``: signal the process group (SIGTERM by default), close the log
         files. Synchronous and non-blocking; reaps the child if it has already exited."""
+        check_signal("death_sig", death_sig, allow_none=True)
         if self.proc is not None:
             self._signal(death_sig or signal.SIGTERM, [])
             assert self._wait_lock is not None
@@ -327,6 +333,18 @@ def get_subprocess_handler(
 ) -> SubprocessHandler:
     """Torch's factory: an unstarted ``SubprocessHandler``."""
     return SubprocessHandler(entrypoint, args, env, stdout, stderr, local_rank_id, numa_options)
+
+
+def _check_args(args: object) -> tuple[object, ...]:
+    """A sequence of str, path or number arguments: each becomes ``str(arg)`` on the child's
+    command line, so None (or any other object) would run as the word "None"."""
+    if isinstance(args, (str, bytes)) or not isinstance(args, Iterable):
+        raise TypeError(f"args must be a sequence of arguments (not a string), got {args!r}")
+    items = tuple(args)  # an iterator is read once, here
+    for i, arg in enumerate(items):
+        if isinstance(arg, bool) or not isinstance(arg, (str, os.PathLike, int, float)):
+            raise TypeError(f"args[{i}] must be a str, path or number, got {arg!r}")
+    return items
 
 
 def _merged_env(env: Mapping[str, str | None] | None) -> dict[str, str]:

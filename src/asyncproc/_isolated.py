@@ -30,6 +30,7 @@ import psutil
 from . import _proctree, _protocol, _worker
 from ._exceptions import AsyncprocError, ChildCrashed, MemoryLimitExceeded, RemoteError
 from ._serverlink import link
+from ._validate import check_choice, check_count, check_instance, check_seconds
 
 if TYPE_CHECKING:
     from .numa import Binding, NumaOptions
@@ -464,17 +465,6 @@ async def _outcome(worker: _Worker, msg: _protocol.Message | None) -> Any:
 # -- the public API -----------------------------------------------------------------------
 
 
-def _check_number(name: str, value: object, *, allow_none: bool, finite: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number of seconds{' or None' if allow_none else ''}, got {value!r}")
-    if math.isnan(value) or value < 0:
-        raise ValueError(f"{name} must be >= 0 seconds, got {value!r}")
-    if finite and math.isinf(value):
-        raise ValueError(f"{name} must be finite (every wait is bounded), got {value!r}")
-
-
 def _numa_binding(options: NumaOptions | None, local_rank_id: int | None, local_world_size: int | None) -> Binding | None:
     """The binding each call's child gets, worked out once, before any process starts."""
     if options is None:
@@ -483,7 +473,9 @@ def _numa_binding(options: NumaOptions | None, local_rank_id: int | None, local_
         return None
     if local_rank_id is None:
         raise ValueError(f"numa_options needs local_rank_id (which local rank to bind), got numa_options={options!r} and local_rank_id=None")
-    from .numa import binding_for
+    from .numa import NumaOptions, binding_for
+
+    check_instance("numa_options", options, NumaOptions)
 
     return binding_for(options, local_rank_id, local_world_size)
 
@@ -519,15 +511,12 @@ class Isolated:
         local_rank_id: int | None = None,
         local_world_size: int | None = None,
     ):
-        _check_number("timeout", timeout, allow_none=True)
-        _check_number("grace", grace, allow_none=False, finite=True)
-        if start_method not in START_METHODS:
-            raise ValueError(f"start_method must be one of {', '.join(map(repr, START_METHODS))}, got {start_method!r}")
-        if memory_limit is not None:
-            if isinstance(memory_limit, bool) or not isinstance(memory_limit, int):
-                raise TypeError(f"memory_limit must be a number of bytes (int) or None, got {memory_limit!r}")
-            if memory_limit <= 0:
-                raise ValueError(f"memory_limit must be > 0 bytes, got {memory_limit!r}")
+        check_seconds("timeout", timeout, allow_none=True, allow_inf=True)  # inf: no limit, as None
+        check_seconds("grace", grace)
+        check_choice("start_method", start_method, START_METHODS)
+        check_count("memory_limit", memory_limit, minimum=1, allow_none=True)  # bytes
+        check_count("local_rank_id", local_rank_id, allow_none=True)
+        check_count("local_world_size", local_world_size, minimum=1, allow_none=True)
         binding = _numa_binding(numa_options, local_rank_id, local_world_size)
         if binding is not None and start_method != "fork":
             link.preload(["asyncproc.numa"])  # or every bound worker imports it to unpickle

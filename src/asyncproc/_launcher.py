@@ -42,6 +42,7 @@ from . import _guardian, _proctree
 from ._errorfile import ENV_VARS, ErrorRecord, read_error_file
 from ._exceptions import LaunchFailed, describe_exitcode
 from ._handler import DEFAULT_GRACE_S, KILL_BOUND_S, StrPath, SubprocessHandler
+from ._validate import check_count, check_env, check_flag, check_instance, check_path, check_seconds, check_text
 
 log = logging.getLogger("asyncproc")
 
@@ -82,12 +83,21 @@ class LaunchConfig:
     reap_orphans: bool = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.nproc, bool) or not isinstance(self.nproc, int) or self.nproc < 1:
-            raise ValueError(f"nproc must be an int >= 1, got {self.nproc!r}")
-        if not isinstance(self.grace, (int, float)) or self.grace < 0:
-            raise ValueError(f"grace must be a number of seconds >= 0, got {self.grace!r}")
-        if self.master_port is not None and not 0 < self.master_port < 65536:
-            raise ValueError(f"master_port must be in 1..65535, got {self.master_port!r}")
+        check_count("nproc", self.nproc, minimum=1)
+        check_path("log_dir", self.log_dir, allow_none=True)
+        check_flag("tee", self.tee)
+        if self.numa_options is not None:
+            from .numa import NumaOptions
+
+            check_instance("numa_options", self.numa_options, NumaOptions)
+        check_env("env", self.env)
+        check_seconds("grace", self.grace)
+        check_text("master_addr", self.master_addr)
+        port = check_count("master_port", self.master_port, minimum=1, allow_none=True)
+        if port is not None and port > 65535:
+            raise ValueError(f"master_port must be in 1..65535, got {port!r}")
+        check_flag("handle_signals", self.handle_signals)
+        check_flag("reap_orphans", self.reap_orphans)
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ from enum import Enum
 
 from . import _numa_memory
 from ._numa_topology import Gpu, NumaBindingError, Topology, format_cpulist, parse_cpulist
+from ._validate import check_count, check_flag, check_instance
 
 # Defined below this module to keep the imports one-way; shown (and pickled) as public names.
 for _public in (Gpu, NumaBindingError, Topology):
@@ -93,8 +94,8 @@ class NumaOptions:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "affinity_mode", _affinity_mode(self.affinity_mode))
-        _check_bool("should_fall_back_if_binding_fails", self.should_fall_back_if_binding_fails)
-        _check_bool("strict_memory", self.strict_memory)
+        check_flag("should_fall_back_if_binding_fails", self.should_fall_back_if_binding_fails)
+        check_flag("strict_memory", self.strict_memory)
 
 
 def _affinity_mode(value: object) -> AffinityMode:
@@ -109,24 +110,10 @@ def _affinity_mode(value: object) -> AffinityMode:
         raise ValueError(f"affinity_mode must be one of {choices}, got {value!r}") from None
 
 
-def _check_bool(name: str, value: object) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {value!r}")
-
-
-def _check_int(name: str, value: object, minimum: int) -> int:
-    # bool is an int subclass, but True as a rank is a mistake, not a 1.
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
 def _int_set(name: str, values: Iterable[int], *, allow_empty: bool) -> frozenset[int]:
     if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
         raise TypeError(f"{name} must be an iterable of ints, got {values!r}")
-    found = frozenset(_check_int(f"each of {name}", value, 0) for value in values)
+    found = frozenset(check_count(f"each of {name}", value) for value in values)
     if not found and not allow_empty:
         raise ValueError(f"{name} must not be empty")
     return found
@@ -152,8 +139,8 @@ class Binding:
     def __post_init__(self) -> None:
         object.__setattr__(self, "cpus", _int_set("cpus", self.cpus, allow_empty=False))
         object.__setattr__(self, "nodes", _int_set("nodes", self.nodes, allow_empty=True))
-        _check_bool("strict_memory", self.strict_memory)
-        _check_bool("should_fall_back_if_binding_fails", self.should_fall_back_if_binding_fails)
+        check_flag("strict_memory", self.strict_memory)
+        check_flag("should_fall_back_if_binding_fails", self.should_fall_back_if_binding_fails)
 
     def apply_to_current_thread(self) -> None:
         """Bind the calling thread, and every thread and child it starts afterwards.
@@ -314,15 +301,13 @@ def binding_for(
     None when it cannot be made and ``options.should_fall_back_if_binding_fails`` (a
     warning is logged): run unbound. Raises :class:`NumaBindingError` otherwise.
     """
-    if not isinstance(options, NumaOptions):
-        raise TypeError(f"options must be a NumaOptions, got {options!r}")
-    _check_int("local_rank_id", local_rank_id, 0)
+    check_instance("options", options, NumaOptions)
+    check_count("local_rank_id", local_rank_id)
     if local_world_size is not None:
-        _check_int("local_world_size", local_world_size, 1)
+        check_count("local_world_size", local_world_size, minimum=1)
         if local_rank_id >= local_world_size:
             raise ValueError(f"local_rank_id must be < local_world_size ({local_world_size}), got {local_rank_id}")
-    if topology is not None and not isinstance(topology, Topology):
-        raise TypeError(f"topology must be a Topology or None, got {topology!r}")
+    check_instance("topology", topology, Topology, allow_none=True)
     allowed_set = _allowed_set(allowed)
     try:
         topo = topology if topology is not None else system_topology()
