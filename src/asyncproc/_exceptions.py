@@ -10,8 +10,11 @@ The tree::
      │                                         also a builtin MemoryError
      ├── RemoteError                           the child's exception or return value could
      │                                         not be carried back; .type_name, .traceback_text
-     └── LaunchFailed                          a local rank of ``start_processes`` failed
-                                               (``LaunchResult.check()``); .result
+     ├── LaunchFailed                          a local rank of ``start_processes`` failed
+     │                                         (``LaunchResult.check()``); .result
+     └── NumaBindingError                      a NUMA binding cannot be made or applied;
+                                               also a builtin ValueError
+                                               (public as ``asyncproc.numa.NumaBindingError``)
 
 What is *not* here, on purpose: a call that runs past its timeout raises the builtin
 ``TimeoutError``; a call whose caller is cancelled sees the cancellation unchanged; bad
@@ -29,6 +32,7 @@ __all__ = [
     "ChildCrashed",
     "LaunchFailed",
     "MemoryLimitExceeded",
+    "NumaBindingError",
     "RemoteError",
     "describe_exitcode",
 ]
@@ -56,7 +60,11 @@ def describe_exitcode(exitcode: int | None) -> str:
 
 
 class AsyncprocError(Exception):
-    """Base of every asyncproc error; carries the process it is about, like psutil's."""
+    """Base of every asyncproc error; carries the process it is about, like psutil's.
+
+    ``pid`` and ``exitcode`` (``Popen.returncode`` style: negative for a signal) are None
+    when unknown. Catch this to catch every error asyncproc itself raises.
+    """
 
     def __init__(self, message: str = "", *, pid: int | None = None, exitcode: int | None = None):
         super().__init__(message)
@@ -104,7 +112,10 @@ class ChildCrashed(AsyncprocError):
 
 
 class MemoryLimitExceeded(ChildCrashed, MemoryError):
-    """The child went over ``memory_limit``; catchable as ``MemoryError`` too."""
+    """The child went over ``Isolated(memory_limit=...)``; catchable as ``MemoryError`` too.
+
+    The message names the limit and carries the child's traceback when it had one.
+    """
 
 
 class RemoteError(AsyncprocError):
@@ -142,3 +153,18 @@ class LaunchFailed(AsyncprocError):
     def __init__(self, message: str, *, result: Any, pid: int | None = None, exitcode: int | None = None):
         self.result = result
         super().__init__(message, pid=pid, exitcode=exitcode)
+
+
+class NumaBindingError(AsyncprocError, ValueError):
+    """A NUMA binding cannot be made: the topology cannot be read, the mode cannot be
+    satisfied on this machine, or the kernel refused to apply it.
+
+    Also a ``ValueError``. Raised unless ``NumaOptions.should_fall_back_if_binding_fails``,
+    which logs it to the ``asyncproc.numa`` logger and runs unbound instead.
+    """
+
+
+# Shown, pickled and documented under the names users import them by.
+AsyncprocError.__module__ = ChildCrashed.__module__ = MemoryLimitExceeded.__module__ = "asyncproc"
+RemoteError.__module__ = LaunchFailed.__module__ = "asyncproc"
+NumaBindingError.__module__ = "asyncproc.numa"

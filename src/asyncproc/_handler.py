@@ -52,7 +52,12 @@ Redirect = StrPath | int | None
 class SubprocessHandler:
     """One child process: its own session and process group, its log files, its reaping.
 
-    Constructed unstarted; ``await spawn()`` (or ``async with``) starts it.
+    Constructed unstarted; ``await spawn()`` (or ``async with``) starts it. The command is
+    ``(entrypoint, *map(str, args))``; its environment is ``os.environ`` overlaid by ``env``
+    (None removes a variable); ``stdout``/``stderr`` are file paths (truncated), None or
+    ``""`` to inherit, or an open file descriptor. Arguments are checked here:
+    ``TypeError``/``ValueError`` naming the argument. The child dies with this process,
+    however it dies (a guardian process kills it).
     """
 
     def __init__(
@@ -97,6 +102,7 @@ class SubprocessHandler:
 
     @property
     def pid(self) -> int | None:
+        """The child's pid; None until spawned."""
         return self.proc.pid if self.proc is not None else None
 
     @property
@@ -331,7 +337,11 @@ def get_subprocess_handler(
     local_rank_id: int,
     numa_options: Any = None,
 ) -> SubprocessHandler:
-    """Torch's factory: an unstarted ``SubprocessHandler``."""
+    """Torch's factory: an unstarted ``SubprocessHandler`` (same arguments, same checks).
+
+    ``await handler.spawn()`` (or ``async with handler:``) starts it. Bad arguments raise
+    ``TypeError``/``ValueError`` here, naming the argument.
+    """
     return SubprocessHandler(entrypoint, args, env, stdout, stderr, local_rank_id, numa_options)
 
 
@@ -446,3 +456,7 @@ def _group_leftovers(pgid: int) -> list[psutil.Process]:
 
 async def _until_readable(fd: int) -> None:
     await anyio.wait_readable(fd)
+
+
+# Shown, pickled and documented under the name users import it by (asyncproc.X).
+SubprocessHandler.__module__ = get_subprocess_handler.__module__ = "asyncproc"

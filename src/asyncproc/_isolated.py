@@ -536,7 +536,10 @@ class Isolated:
         )
 
     async def call(self, func: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
-        """``func(*args, **kwargs)`` in a new child process; its value or its exception."""
+        """``func(*args, **kwargs)`` in a new child process; its value or its exception.
+
+        Raises what ``safe_call`` raises (see there), with this runner's options.
+        """
         _check_callable(func, "Isolated.call()")
         try:
             return await self._call_once(func, args, kwargs)
@@ -593,7 +596,26 @@ _default = Isolated()
 
 
 async def safe_call(func: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
-    """``func(*args, **kwargs)`` in a fresh child process with ``Isolated()``'s defaults."""
+    """Run ``func(*args, **kwargs)`` in a fresh child process and return its value.
+
+    Uses ``Isolated()``'s defaults: ``timeout=5.0`` seconds for the whole call, ``grace=1.0``
+    second between SIGTERM and SIGKILL when it must be stopped, ``start_method="forkserver"``.
+    For other options use ``await asyncproc.Isolated(timeout=..., ...).call(func, ...)``.
+    ``func`` may be a lambda, a closure or a function defined in ``__main__``.
+
+    Raises, in the caller, once the child and everything it started are gone and reaped:
+
+    * the exception ``func`` raised, as itself, with the child's traceback attached;
+    * ``TimeoutError`` when the call runs past the timeout (the child's tree is stopped);
+    * ``asyncproc.ChildCrashed`` when the child dies without answering (a segfault,
+      ``os._exit``, ``sys.exit``, a signal): ``.exitcode``, ``.signal``, ``.fault_log``;
+    * ``asyncproc.MemoryLimitExceeded`` (only with a ``memory_limit``);
+    * ``asyncproc.RemoteError`` when the exception or value cannot be pickled back;
+    * ``TypeError`` at once, starting nothing, when ``func`` is not a callable or is an
+      ``async def``, or its arguments cannot be pickled.
+
+    Cancelling the caller stops the child's tree and lets the cancellation through.
+    """
     return await _default.call(func, *args, **kwargs)
 
 
@@ -614,7 +636,11 @@ def preload(*modules: str) -> None:
 
 
 def safe_call_sync(func: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
-    """``safe_call`` for code with no event loop (runs one on asyncio for the call)."""
+    """``safe_call`` for code with no event loop: runs one on asyncio for the call.
+
+    Same defaults (5 s timeout), value and exceptions as ``safe_call``. Raises
+    ``RuntimeError`` when called inside a running event loop: use ``await safe_call`` there.
+    """
     _check_callable(func, "safe_call_sync()")
     import sniffio
 
@@ -623,3 +649,7 @@ def safe_call_sync(func: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
     except sniffio.AsyncLibraryNotFoundError:
         return anyio.run(functools.partial(_default.call, func, *args, **kwargs))
     raise RuntimeError(f"safe_call_sync() was called inside a running {library} event loop; use 'await asyncproc.safe_call(...)' there")
+
+
+# Shown, pickled and documented under the name users import it by (asyncproc.X).
+Isolated.__module__ = preload.__module__ = safe_call.__module__ = safe_call_sync.__module__ = "asyncproc"

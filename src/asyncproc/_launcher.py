@@ -116,12 +116,15 @@ class RankResult:
 
     @property
     def failed(self) -> bool:
+        """It failed by itself: a non-zero exit the launcher did not cause."""
         return self.exitcode != 0 and not self.stopped
 
 
 @dataclass(frozen=True)
 class LaunchResult:
-    """Every rank's result; ``failure`` is the first rank that failed, if one did."""
+    """Every rank's result; ``failure`` is the first rank that failed, if one did;
+    ``interrupted_by`` the signal that stopped the launch, if one did. ``exit_code`` is
+    what ``asyncproc run`` exits with; ``check()`` raises ``LaunchFailed``."""
 
     ranks: tuple[RankResult, ...]
     failure: RankResult | None
@@ -687,6 +690,10 @@ def _numa_options(mode: str | None) -> Any:
     from .numa import AffinityMode, NumaOptions  # lazily: only --numa needs it
 
     return NumaOptions(AffinityMode(mode))
+
+
+# Shown, pickled and documented under the name users import it by (asyncproc.X).
+LaunchConfig.__module__ = LaunchResult.__module__ = RankResult.__module__ = start_processes.__module__ = "asyncproc"
 
 
 if __name__ == "__main__":  # pragma: no cover - `python -m asyncproc run` is the front door
