@@ -465,17 +465,24 @@ async def _outcome(worker: _Worker, msg: _protocol.Message | None) -> Any:
 # -- the public API -----------------------------------------------------------------------
 
 
-def _numa_binding(options: NumaOptions | None, local_rank_id: int | None, local_world_size: int | None) -> Binding | None:
-    """The binding each call's child gets, worked out once, before any process starts."""
+def _check_numa(options: NumaOptions | None, local_rank_id: int | None) -> None:
+    """Both or neither; checked at construction (the binding itself is worked out later)."""
     if options is None:
         if local_rank_id is not None:
             raise ValueError(f"local_rank_id picks a NUMA binding and needs numa_options too; got local_rank_id={local_rank_id!r} and numa_options=None")
-        return None
+        return
     if local_rank_id is None:
         raise ValueError(f"numa_options needs local_rank_id (which local rank to bind), got numa_options={options!r} and local_rank_id=None")
-    from .numa import NumaOptions, binding_for
+    from .numa import NumaOptions
 
     check_instance("numa_options", options, NumaOptions)
+
+
+def _numa_binding(options: NumaOptions | None, local_rank_id: int | None, local_world_size: int | None) -> Binding | None:
+    """The binding each call's child gets, worked out once, before any process starts."""
+    if options is None or local_rank_id is None:
+        return None
+    from .numa import binding_for
 
     return binding_for(options, local_rank_id, local_world_size)
 
@@ -517,16 +524,23 @@ class Isolated:
         check_count("memory_limit", memory_limit, minimum=1, allow_none=True)  # bytes
         check_count("local_rank_id", local_rank_id, allow_none=True)
         check_count("local_world_size", local_world_size, minimum=1, allow_none=True)
-        binding = _numa_binding(numa_options, local_rank_id, local_world_size)
-        if binding is not None and start_method != "fork":
-            link.preload(["asyncproc.numa"])  # or every bound worker imports it to unpickle
+        _check_numa(numa_options, local_rank_id)
         self.timeout = timeout
         self.grace = grace
         self.start_method = start_method
         self.memory_limit = memory_limit
         self.numa_options = numa_options
         self.local_rank_id = local_rank_id
-        self._spec = _worker.CallSpec(memory_limit=memory_limit, binding=binding)
+        self.local_world_size = local_world_size
+
+    @functools.cached_property
+    def _spec(self) -> _worker.CallSpec:
+        # Worked out on the first call, not in __init__, which does no I/O: the binding
+        # reads /sys, and preloading talks to the fork server.
+        binding = _numa_binding(self.numa_options, self.local_rank_id, self.local_world_size)
+        if binding is not None and self.start_method != "fork":
+            link.preload(["asyncproc.numa"])  # or every bound worker imports it to unpickle
+        return _worker.CallSpec(memory_limit=self.memory_limit, binding=binding)
 
     def __repr__(self) -> str:
         numa = f", numa_options={self.numa_options!r}, local_rank_id={self.local_rank_id!r}" if self.numa_options else ""

@@ -29,12 +29,29 @@ __all__ = ["ServerLink", "link"]
 log = logging.getLogger("asyncproc")
 
 _STOP_BOUND_S = 2.0
-_SPARES = max(1, int(os.environ.get("ASYNCPROC_SPARES", "1")))
+# Idle workers the server keeps forked ahead of demand.
+_SPARES_ENV, _SPARES_DEFAULT = "ASYNCPROC_SPARES", 1
 # Workers already assigned to this caller and waiting for a call: a call is then a single
 # message to a process that is up, where going through the server would cost two more
 # wake-ups and a fork on the critical path.
-_RESERVE = max(1, int(os.environ.get("ASYNCPROC_RESERVE", "2")))
+_RESERVE_ENV, _RESERVE_DEFAULT = "ASYNCPROC_RESERVE", 2
 _PRELOAD_ENV = "ASYNCPROC_PRELOAD"
+
+
+def _env_count(name: str, default: int) -> int:
+    """``$name`` as a count (at least 1), read when first needed (when the server starts),
+    not at import: a bad value then fails the first call with a message that names it."""
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    try:
+        return max(1, int(text))
+    except ValueError:
+        raise ValueError(f"${name} must be a whole number (at least 1), got {text!r}") from None
+
+
+def _env_preloads() -> list[str]:
+    return [m for m in os.environ.get(_PRELOAD_ENV, "").split(",") if m]
 
 
 async def _room_on(chan: socket.socket | None) -> None:
@@ -64,7 +81,8 @@ class ServerLink:
         self._chan: socket.socket | None = None
         self._pid: int | None = None
         self._env: dict[bytes, bytes] = {}
-        self._preloads: list[str] = [m for m in os.environ.get(_PRELOAD_ENV, "").split(",") if m]
+        self._preloads = _env_preloads()
+        self._reserve_size = _RESERVE_DEFAULT  # from the environment when the server starts
         self._reserve: collections.deque[tuple[socket.socket, socket.socket]] = collections.deque()
 
     @property
@@ -83,11 +101,13 @@ class ServerLink:
         return dict(os.environ)
 
     def _start(self) -> None:
+        spares = _env_count(_SPARES_ENV, _SPARES_DEFAULT)
+        self._reserve_size = _env_count(_RESERVE_ENV, _RESERVE_DEFAULT)
         ours, theirs = _protocol.seqpacket_pair()
         code = "from asyncproc._server import main; main()"
         try:
             preload = encode_preload(self._preloads, sys.path).decode() if self._preloads else ""
-            self._pid = spawn_python(code, [str(_SPARES), preload], {3: theirs.fileno()})
+            self._pid = spawn_python(code, [str(spares), preload], {3: theirs.fileno()})
         finally:
             theirs.close()
         # Non-blocking: a stalled server (a long preload, a stopped process) must never
@@ -148,7 +168,7 @@ class ServerLink:
     def top_up(self) -> None:
         """Refill the reserve; called after a call is on its way, off its critical path.
         Gives up quietly when the server is behind: the next call asks for itself."""
-        while len(self._reserve) < _RESERVE:
+        while len(self._reserve) < self._reserve_size:
             try:
                 self._reserve.append(self._request())
             except BlockingIOError:
@@ -197,6 +217,14 @@ class ServerLink:
     def stop(self) -> None:
         with self._lock:
             self._stop_locked()
+
+    def reset(self) -> None:
+        """Back to how a fresh process starts: no server (stopped and reaped), and only the
+        preloads ``$ASYNCPROC_PRELOAD`` asks for; the environment is read again on the next
+        start. For tests, so that one test's preloads never reach the next."""
+        with self._lock:
+            self._stop_locked()
+            self._preloads = _env_preloads()
 
     def forget_after_fork(self) -> None:
         """In a forked child: the server belongs to the parent; never talk to it or wait on it."""
