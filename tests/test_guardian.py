@@ -19,10 +19,13 @@ import pytest
 
 from asyncproc import _guardian
 
+from _helpers import gone, wait_gone_and_reap
+
 BACKENDS = ("asyncio", "uvloop", "trio")
 
 # The parent: spawns a child through a handler; the child starts a grandchild. It prints
-# "child PID", "grandchild PID", "guardian PID", "ready", then waits (or exits).
+# "child PID", "guardian PID", "ready", then waits (or exits); the grandchild's line,
+# "grandchild PID", comes through the same stdout whenever the child gets to it.
 PARENT = textwrap.dedent(
     """
     import os, sys, anyio, subprocess
@@ -40,7 +43,6 @@ PARENT = textwrap.dedent(
         print("child", handler.pid, flush=True)
         if fork_sibling and os.fork() == 0:  # holds no lifeline: must not keep the guardian waiting
             os.execv("/bin/sleep", ["sleep", "30"])
-        await anyio.sleep(0.3)
         print("guardian", _guardian.guardian_pid(), flush=True)
         print("ready", flush=True)
         await anyio.sleep(wait_s)
@@ -58,34 +60,17 @@ def start_parent(backend: str, wait_s: float, fork_sibling: bool = False) -> tup
     )
     assert parent.stdout is not None
     pids: dict[str, int] = {}
-    for line in parent.stdout:
+    ready = False
+    for line in parent.stdout:  # until every line is in, in whatever order they came
         if line.strip() == "ready":
+            ready = True
+        else:
+            key, pid = line.split()
+            pids[key] = int(pid)
+        if ready and len(pids) == 3:
             break
-        key, pid = line.split()
-        pids[key] = int(pid)
-    assert set(pids) == {"child", "grandchild", "guardian"}, pids
+    assert ready and set(pids) == {"child", "grandchild", "guardian"}, pids
     return parent, pids
-
-
-def gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
-def wait_gone_and_reap(pids: list[int], timeout: float) -> list[int]:
-    """Wait for ``pids`` to die (reaping those re-parented to us); the ones still alive."""
-    deadline = time.monotonic() + timeout
-    while not all(gone(pid) for pid in pids) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    alive = [pid for pid in pids if not gone(pid)]
-    for pid in pids:
-        try:
-            os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
-    return alive
 
 
 def kill_parent_and_check(parent: subprocess.Popen[str], pids: dict[str, int]) -> None:
@@ -120,7 +105,8 @@ def test_slow_die_with_parent_after_trio_spawn_thread_would_have_exited() -> Non
 
 def test_forked_sibling_does_not_hold_the_lifeline() -> None:
     parent, pids = start_parent("asyncio", wait_s=60, fork_sibling=True)
-    sibling = [p.pid for p in psutil.Process(parent.pid).children() if p.name() == "sleep"]
+    # The forked sibling (it may not have exec'd "sleep" yet): the child that is neither.
+    sibling = [p.pid for p in psutil.Process(parent.pid).children() if p.pid not in (pids["child"], pids["guardian"])]
     try:
         kill_parent_and_check(parent, pids)
     finally:

@@ -18,6 +18,8 @@ import pytest
 import asyncproc
 from asyncproc import SubprocessHandler, get_subprocess_handler
 
+from _helpers import alive
+
 pytestmark = pytest.mark.anyio
 
 PY = sys.executable
@@ -25,13 +27,6 @@ PY = sys.executable
 
 def python(code: str, stdout: object = None, stderr: object = None, env: dict | None = None) -> SubprocessHandler:
     return get_subprocess_handler(PY, ["-c", textwrap.dedent(code)], env or {}, stdout, stderr, 0)
-
-
-def alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 async def read_pids(path: Path, count: int) -> list[int]:

@@ -15,10 +15,8 @@ Shared by every part of asyncproc that ends processes. The rules it encodes:
 from __future__ import annotations
 
 import ctypes
-import errno
 import os
 import select
-import signal
 import time
 from collections.abc import Iterable
 
@@ -36,7 +34,6 @@ __all__ = [
     "set_comm",
     "set_parent_death_signal",
     "signal_tree",
-    "kill_tree_sync",
     "process_and_descendants",
     "wait_fds",
     "has_exited",
@@ -186,35 +183,6 @@ def wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Proces
     return alive
 
 
-def kill_tree_sync(pid: int, *, grace: float = 1.0, is_child: bool = True, bound: float = 2.0) -> int | None:
-    """SIGTERM ``pid``'s group and descendants, SIGKILL after ``grace``, reap if our child.
-
-    Blocks at most ``grace + bound`` seconds in all; returns the returncode if reaped.
-    """
-    import psutil
-
-    try:
-        leader = psutil.Process(pid)
-    except psutil.NoSuchProcess:
-        return reap(pid) if is_child else None
-    tree = [leader, *descendants(pid)]
-    signal_tree(_pgid_led_by(pid), tree, signal.SIGTERM)
-    alive = wait_gone(tree, grace) if grace > 0 else tree
-    if alive:
-        tree = alive + [p for p in descendants(pid) if p not in alive]
-        signal_tree(_pgid_led_by(pid), tree, signal.SIGKILL)
-        wait_gone(tree, bound)
-    if not is_child:
-        return None
-    fd = pidfd_open(pid)
-    if fd is not None:
-        try:
-            wait_fds([fd], bound)
-        finally:
-            os.close(fd)
-    return reap(pid)
-
-
 async def wait_exit(pid: int, pidfd: int | None) -> None:
     """Until ``pid`` (our child) has exited; event-driven on its pidfd."""
     import anyio
@@ -292,15 +260,3 @@ def _pgid_of(pid: int) -> int | None:
         return os.getpgid(pid)
     except OSError:
         return None
-
-
-def _pgid_led_by(pid: int) -> int | None:
-    """``pid`` if it leads its own process group (we never signal a group we don't own)."""
-    try:
-        return pid if os.getpgid(pid) == pid else None
-    except ProcessLookupError:
-        return None
-    except OSError as exc:  # pragma: no cover - EPERM across sessions on some kernels
-        if exc.errno == errno.EPERM:
-            return None
-        raise
