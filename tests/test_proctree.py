@@ -51,11 +51,12 @@ def _voluntary_switches() -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("voluntary_ctxt_switches"))
 
 
-async def test_wait_exit_is_event_driven(anyio_backend: object) -> None:
+@pytest.mark.parametrize("with_pidfd", [True, False], ids=["pidfd", "no-pidfd"])
+async def test_wait_exit_is_event_driven(anyio_backend: object, with_pidfd: bool) -> None:
     import anyio
 
     proc = subprocess.Popen(["sleep", "60"])
-    fd = _proctree.pidfd_open(proc.pid)
+    fd = _proctree.pidfd_open(proc.pid) if with_pidfd else None  # None: as on kernels < 5.3
     try:
         # Waiting on a pidfd sleeps in the kernel until the exit (a few wake-ups in all);
         # a loop that sleeps 5 ms and checks would wake about 100 times in 0.5 s.

@@ -42,7 +42,7 @@ __all__ = ["SubprocessHandler", "get_subprocess_handler", "DEFAULT_GRACE_S", "KI
 log = logging.getLogger("asyncproc")
 
 DEFAULT_GRACE_S = 5.0  # SIGTERM -> SIGKILL, as trio.run_process
-KILL_BOUND_S = 2.0  # after SIGKILL; only a process in uninterruptible sleep takes longer
+KILL_BOUND_S = _proctree.KILL_BOUND_S  # after SIGKILL; only a process in uninterruptible sleep takes longer
 
 StrPath = str | os.PathLike[str]
 # A file path (truncated), None/"" to inherit, or -- for callers that pipe -- an open fd.
@@ -306,7 +306,7 @@ class SubprocessHandler:
     async def _wait_gone(self, tree: list[psutil.Process], timeout: float) -> list[psutil.Process]:
         """Wait up to ``timeout`` for the child (reaped) and ``tree`` to end; what is left
         (recomputed: once the leader is reaped, its group's leftovers are found by scan)."""
-        fds = _pidfds(tree)
+        fds = list(_proctree.pidfds_of(tree)[0])
         try:
             with anyio.move_on_after(timeout):
                 async with anyio.create_task_group() as tg:
@@ -315,7 +315,7 @@ class SubprocessHandler:
                         tg.start_soon(_until_readable, fd)
             # Only now: a process's children are re-parented when it exits, so once the
             # whole tree has exited every orphan has reached its final parent.
-            _reap_adopted(fds)
+            _proctree.reap_pidfds(fds)
         finally:
             for fd in fds:
                 os.close(fd)
@@ -385,42 +385,7 @@ def _popen(args: tuple[str, ...], env: dict[str, str], stdout: Any, stderr: Any)
 
 async def _until_exited(pid: int, pidfd: int | None) -> None:
     """Return once our child ``pid`` has exited (not reaped: the caller reaps)."""
-    if pidfd is not None:
-        await anyio.wait_readable(pidfd)
-        return
-    # No pidfd (kernel < 5.3): block a worker thread in waitid(WNOWAIT), which reports the
-    # exit without reaping. Abandoned on cancel; it returns by itself when the child exits.
-    await anyio.to_thread.run_sync(
-        lambda: os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT), abandon_on_cancel=True
-    )
-
-
-def _pidfds(procs: list[psutil.Process]) -> list[int]:
-    """pidfds of the processes of a snapshot that are still those processes."""
-    fds = []
-    for proc in procs:
-        fd = _proctree.pidfd_open(proc.pid)
-        if fd is None:
-            continue
-        running = False
-        # Checked after pidfd_open, by create time: the pid may have been recycled
-        # between the snapshot and pidfd_open. Zombies stay: they may be ours to reap.
-        with contextlib.suppress(psutil.Error):
-            running = proc.is_running()
-        if running:
-            fds.append(fd)
-        else:
-            os.close(fd)
-    return fds
-
-
-def _reap_adopted(fds: list[int]) -> None:
-    """Reap those of ``fds`` that exited and were re-parented to us (when this process is
-    a child subreaper), or they would stay zombies; other parents reap their own."""
-    for fd in fds:
-        with contextlib.suppress(ChildProcessError):  # not ours to reap
-            # P_PIDFD: exactly the process the pidfd names, never a recycled pid.
-            os.waitid(os.P_PIDFD, fd, os.WEXITED | os.WNOHANG)
+    await _proctree.wait_exit(pid, pidfd)
 
 
 def _is_alive(proc: psutil.Process) -> bool:

@@ -42,9 +42,7 @@ log = logging.getLogger("asyncproc")
 T = TypeVar("T")
 
 START_METHODS = ("forkserver", "fork", "spawn")
-# After SIGKILL a process normally vanishes in microseconds; one in uninterruptible
-# sleep may take forever, and we will not hang with it.
-_KILL_BOUND_S = 2.0
+_KILL_BOUND_S = _proctree.KILL_BOUND_S
 # After answering, a worker only flushes and ends what it started (itself bounded).
 _EXIT_BOUND_S = 5.0
 
