@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import anyio
 import psutil
 
-from . import _proctree, _protocol, _worker
+from . import _proctree, _protocol, _server, _worker
 from ._exceptions import AsyncprocError, ChildCrashed, MemoryLimitExceeded, RemoteError
 from ._serverlink import link
 from ._validate import check_choice, check_count, check_instance, check_seconds
@@ -215,9 +215,11 @@ class _OwnWorker(_Worker):
         self.fault_fd = self.pidfd = -1
 
 
-_LOOP_FILES = tuple(
-    f'File "{os.path.join(os.path.dirname(os.path.abspath(__file__)), name)}"' for name in ("_worker.py", "_server.py")
-) + ('File "<string>"',)
+# The modules whose frames sit under the user's function in a worker; "<string>": the
+# `python -c` that starts a server or a "spawn" worker.
+_LOOP_FILES = tuple(f'File "{os.path.abspath(module.__file__ or "")}"' for module in (_worker, _server)) + (
+    'File "<string>"',
+)
 
 
 def _user_frames(fault_log: str) -> str:

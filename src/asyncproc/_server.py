@@ -170,7 +170,7 @@ class Server:
         its first instruction, and posix_spawn keeps its vfork path."""
         fault_fd = os.memfd_create("asyncproc-fault", os.MFD_CLOEXEC)
         try:
-            code = "from asyncproc._worker import spawn_main; spawn_main()"
+            code = f"from {_worker.__name__} import spawn_main; spawn_main()"
             fds = {3: data.fileno(), 4: fault_fd}
             if binding is None:
                 pid = _worker.spawn_python(code, [str(self.pid)], fds)

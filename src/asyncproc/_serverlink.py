@@ -20,7 +20,7 @@ from collections.abc import Iterable
 
 import anyio
 
-from . import _proctree, _protocol
+from . import _proctree, _protocol, _server
 from ._server import encode_preload
 from ._worker import spawn_python
 
@@ -104,7 +104,7 @@ class ServerLink:
         spares = _env_count(_SPARES_ENV, _SPARES_DEFAULT)
         self._reserve_size = _env_count(_RESERVE_ENV, _RESERVE_DEFAULT)
         ours, theirs = _protocol.seqpacket_pair()
-        code = "from asyncproc._server import main; main()"
+        code = f"from {_server.__name__} import main; main()"
         try:
             preload = encode_preload(self._preloads, sys.path).decode() if self._preloads else ""
             self._pid = spawn_python(code, [str(spares), preload], {3: theirs.fileno()})
