@@ -24,29 +24,13 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (and re) 
 if TYPE_CHECKING:
     from typing import Any
 
-    # For type checkers and IDEs, which do not run __getattr__: each public name, imported
-    # as itself (an explicit re-export). tests/test_init.py keeps this equal to _EXPORTS.
     from . import numa as numa  # the public submodule
-    from ._errorfile import record as record
-    from ._exceptions import AsyncprocError as AsyncprocError
-    from ._exceptions import ChildCrashed as ChildCrashed
-    from ._exceptions import LaunchFailed as LaunchFailed
-    from ._exceptions import MemoryLimitExceeded as MemoryLimitExceeded
-    from ._exceptions import RemoteError as RemoteError
-    from ._handler import SubprocessHandler as SubprocessHandler
-    from ._handler import get_subprocess_handler as get_subprocess_handler
-    from ._isolated import Isolated as Isolated
-    from ._isolated import preload as preload
-    from ._isolated import safe_call as safe_call
-    from ._isolated import safe_call_sync as safe_call_sync
-    from ._launcher import LaunchConfig as LaunchConfig
-    from ._launcher import LaunchResult as LaunchResult
-    from ._launcher import RankResult as RankResult
-    from ._launcher import start_processes as start_processes
-    from .numa import AffinityMode as AffinityMode
-    from .numa import NumaOptions as NumaOptions
-
-    __version__: str  # from the installed metadata, on first use (see _version)
+    from ._errorfile import record
+    from ._exceptions import AsyncprocError, ChildCrashed, LaunchFailed, MemoryLimitExceeded, RemoteError
+    from ._handler import SubprocessHandler, get_subprocess_handler
+    from ._isolated import Isolated, preload, safe_call, safe_call_sync
+    from ._launcher import LaunchConfig, LaunchResult, RankResult, start_processes
+    from .numa import AffinityMode, NumaOptions
 
 # public name -> the module that defines it
 _EXPORTS = {
@@ -70,9 +54,26 @@ _EXPORTS = {
     "start_processes": "._launcher",
 }
 
-# One source of truth: a name is public when it is in _EXPORTS (tests/test_init.py checks
-# that each resolves, is typed in the TYPE_CHECKING block above and shows as asyncproc.X).
-__all__ = sorted(_EXPORTS)
+__all__ = [  # a literal, for linters and IDEs; tests/test_init.py keeps it equal to _EXPORTS
+    "AffinityMode",
+    "AsyncprocError",
+    "ChildCrashed",
+    "Isolated",
+    "LaunchConfig",
+    "LaunchFailed",
+    "LaunchResult",
+    "MemoryLimitExceeded",
+    "NumaOptions",
+    "RankResult",
+    "RemoteError",
+    "SubprocessHandler",
+    "get_subprocess_handler",
+    "preload",
+    "record",
+    "safe_call",
+    "safe_call_sync",
+    "start_processes",
+]
 
 
 def __getattr__(name: str) -> Any:

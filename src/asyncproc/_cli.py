@@ -13,11 +13,11 @@ from collections.abc import Sequence
 
 import asyncproc
 
-# command -> (module, relative to this package, one-line help)
+# command -> (module, one-line help)
 _COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("._demo", "show isolated calls surviving a segfault, a timeout and an exception"),
-    "run": ("._launcher", "run NPROC local ranks of a command; the first failure stops them all"),
-    "numa": ("._numa_cli", "show this machine's NUMA topology and the CPUs each local rank would get"),
+    "demo": ("asyncproc._demo", "show isolated calls surviving a segfault, a timeout and an exception"),
+    "run": ("asyncproc._launcher", "run NPROC local ranks of a command; the first failure stops them all"),
+    "numa": ("asyncproc._numa_cli", "show this machine's NUMA topology and the CPUs each local rank would get"),
 }
 
 
@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {asyncproc.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in _COMMANDS.items():
-        module = importlib.import_module(module_name, __package__)
+        module = importlib.import_module(module_name)
         command = sub.add_parser(name, help=help_text, description=help_text)
         module.configure_parser(command)
         command.set_defaults(_cli=module.cli)

@@ -8,13 +8,13 @@ The tree::
      │    │                                    .signal, .fault_log (child's Python stack)
      │    └── MemoryLimitExceeded              ... because it went over memory_limit;
      │                                         also a builtin MemoryError
+     ├── NumaBindingError                      a NUMA binding cannot be made or applied;
+     │                                         also a builtin ValueError
+     │                                         (public as ``asyncproc.numa.NumaBindingError``)
      ├── RemoteError                           the child's exception or return value could
      │                                         not be carried back; .type_name, .traceback_text
-     ├── LaunchFailed                          a local rank of ``start_processes`` failed
-     │                                         (``LaunchResult.check()``); .result
-     └── NumaBindingError                      a NUMA binding cannot be made or applied;
-                                               also a builtin ValueError
-                                               (public as ``asyncproc.numa.NumaBindingError``)
+     └── LaunchFailed                          a local rank of ``start_processes`` failed
+                                               (``LaunchResult.check()``); .result
 
 What is *not* here, on purpose: a call that runs past its timeout raises the builtin
 ``TimeoutError``; a call whose caller is cancelled sees the cancellation unchanged; bad
@@ -66,6 +66,8 @@ class AsyncprocError(Exception):
     when unknown. Catch this to catch every error asyncproc itself raises.
     """
 
+    __module__ = "asyncproc"  # shown and pickled as the name users import (and below)
+
     def __init__(self, message: str = "", *, pid: int | None = None, exitcode: int | None = None):
         super().__init__(message)
         self.pid = pid
@@ -94,6 +96,8 @@ class ChildCrashed(AsyncprocError):
     wrote in the child when a fatal signal hit it: the Python stack of every thread.
     """
 
+    __module__ = "asyncproc"
+
     def __init__(
         self,
         message: str | None = None,
@@ -117,6 +121,8 @@ class MemoryLimitExceeded(ChildCrashed, MemoryError):
     The message names the limit and carries the child's traceback when it had one.
     """
 
+    __module__ = "asyncproc"
+
 
 class RemoteError(AsyncprocError):
     """The child's exception or return value could not be carried back by pickle.
@@ -124,6 +130,8 @@ class RemoteError(AsyncprocError):
     ``type_name`` is the qualified name of the type, ``traceback_text`` the child's
     formatted traceback (empty for an unpicklable return value).
     """
+
+    __module__ = "asyncproc"
 
     def __init__(
         self,
@@ -142,19 +150,6 @@ class RemoteError(AsyncprocError):
         super().__init__(full, pid=pid, exitcode=exitcode)
 
 
-class LaunchFailed(AsyncprocError):
-    """A launch of local ranks did not succeed: a rank failed, or a signal stopped them.
-
-    Raised by ``LaunchResult.check()``; the message is the launch summary (the rank, its
-    exit code or signal, its log file, its recorded error); ``result`` is the
-    ``LaunchResult``; ``pid``/``exitcode`` are those of the first rank that failed.
-    """
-
-    def __init__(self, message: str, *, result: Any, pid: int | None = None, exitcode: int | None = None):
-        self.result = result
-        super().__init__(message, pid=pid, exitcode=exitcode)
-
-
 class NumaBindingError(AsyncprocError, ValueError):
     """A NUMA binding cannot be made: the topology cannot be read, the mode cannot be
     satisfied on this machine, or the kernel refused to apply it.
@@ -163,8 +158,19 @@ class NumaBindingError(AsyncprocError, ValueError):
     which logs it to the ``asyncproc.numa`` logger and runs unbound instead.
     """
 
+    __module__ = "asyncproc.numa"  # where users import it from
 
-# Shown, pickled and documented under the names users import them by.
-AsyncprocError.__module__ = ChildCrashed.__module__ = MemoryLimitExceeded.__module__ = "asyncproc"
-RemoteError.__module__ = LaunchFailed.__module__ = "asyncproc"
-NumaBindingError.__module__ = "asyncproc.numa"
+
+class LaunchFailed(AsyncprocError):
+    """A launch of local ranks did not succeed: a rank failed, or a signal stopped them.
+
+    Raised by ``LaunchResult.check()``; the message is the launch summary (the rank, its
+    exit code or signal, its log file, its recorded error); ``result`` is the
+    ``LaunchResult``; ``pid``/``exitcode`` are those of the first rank that failed.
+    """
+
+    __module__ = "asyncproc"
+
+    def __init__(self, message: str, *, result: Any, pid: int | None = None, exitcode: int | None = None):
+        self.result = result
+        super().__init__(message, pid=pid, exitcode=exitcode)

@@ -28,7 +28,7 @@ import subprocess
 import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
-from typing import IO, Any
+from typing import IO, Any, Union
 
 import anyio
 import psutil
@@ -44,9 +44,9 @@ log = logging.getLogger("asyncproc")
 DEFAULT_GRACE_S = 5.0  # SIGTERM -> SIGKILL, as trio.run_process
 KILL_BOUND_S = _proctree.KILL_BOUND_S  # after SIGKILL; only a process in uninterruptible sleep takes longer
 
-StrPath = str | os.PathLike[str]
+StrPath = Union[str, "os.PathLike[str]"]
 # A file path (truncated), None/"" to inherit, or -- for callers that pipe -- an open fd.
-Redirect = StrPath | int | None
+Redirect = Union[StrPath, int, None]
 
 
 class SubprocessHandler:
@@ -161,6 +161,8 @@ class SubprocessHandler:
         check_signal("sig", sig)
         check_seconds("grace", grace)
         self._started()
+        if grace < 0:
+            raise ValueError(f"grace must be >= 0 seconds, got {grace!r}")
         tree = self._snapshot()
         self._signal(sig, tree)
         try:
@@ -306,7 +308,7 @@ class SubprocessHandler:
     async def _wait_gone(self, tree: list[psutil.Process], timeout: float) -> list[psutil.Process]:
         """Wait up to ``timeout`` for the child (reaped) and ``tree`` to end; what is left
         (recomputed: once the leader is reaped, its group's leftovers are found by scan)."""
-        fds = list(_proctree.pidfds_of(tree)[0])
+        fds = _pidfds(tree)
         try:
             with anyio.move_on_after(timeout):
                 async with anyio.create_task_group() as tg:
@@ -315,7 +317,7 @@ class SubprocessHandler:
                         tg.start_soon(_until_readable, fd)
             # Only now: a process's children are re-parented when it exits, so once the
             # whole tree has exited every orphan has reached its final parent.
-            _proctree.reap_pidfds(fds)
+            _reap_adopted(fds)
         finally:
             for fd in fds:
                 os.close(fd)
@@ -337,11 +339,7 @@ def get_subprocess_handler(
     local_rank_id: int,
     numa_options: Any = None,
 ) -> SubprocessHandler:
-    """Torch's factory: an unstarted ``SubprocessHandler`` (same arguments, same checks).
-
-    ``await handler.spawn()`` (or ``async with handler:``) starts it. Bad arguments raise
-    ``TypeError``/``ValueError`` here, naming the argument.
-    """
+    """Torch's factory: an unstarted ``SubprocessHandler``."""
     return SubprocessHandler(entrypoint, args, env, stdout, stderr, local_rank_id, numa_options)
 
 
@@ -386,6 +384,17 @@ def _popen(args: tuple[str, ...], env: dict[str, str], stdout: Any, stderr: Any)
 async def _until_exited(pid: int, pidfd: int | None) -> None:
     """Return once our child ``pid`` has exited (not reaped: the caller reaps)."""
     await _proctree.wait_exit(pid, pidfd)
+
+
+def _pidfds(procs: list[psutil.Process]) -> list[int]:
+    """pidfds of the processes of a snapshot that are still those processes."""
+    return list(_proctree.pidfds_of(procs)[0])
+
+
+def _reap_adopted(fds: list[int]) -> None:
+    """Reap those of ``fds`` that exited and were re-parented to us (when this process is
+    a child subreaper), or they would stay zombies; other parents reap their own."""
+    _proctree.reap_pidfds(fds)
 
 
 def _is_alive(proc: psutil.Process) -> bool:

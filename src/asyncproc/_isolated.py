@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import anyio
 import psutil
 
-from . import _proctree, _protocol, _server, _worker
+from . import _proctree, _protocol, _worker
 from ._exceptions import AsyncprocError, ChildCrashed, MemoryLimitExceeded, RemoteError
 from ._serverlink import link
 from ._validate import check_choice, check_count, check_instance, check_seconds
@@ -42,7 +42,9 @@ log = logging.getLogger("asyncproc")
 T = TypeVar("T")
 
 START_METHODS = ("forkserver", "fork", "spawn")
-_KILL_BOUND_S = _proctree.KILL_BOUND_S
+# After SIGKILL a process normally vanishes in microseconds; one in uninterruptible
+# sleep may take forever, and we will not hang with it.
+_KILL_BOUND_S = 2.0
 # After answering, a worker only flushes and ends what it started (itself bounded).
 _EXIT_BOUND_S = 5.0
 
@@ -215,11 +217,9 @@ class _OwnWorker(_Worker):
         self.fault_fd = self.pidfd = -1
 
 
-# The modules whose frames sit under the user's function in a worker; "<string>": the
-# `python -c` that starts a server or a "spawn" worker.
-_LOOP_FILES = tuple(f'File "{os.path.abspath(module.__file__ or "")}"' for module in (_worker, _server)) + (
-    'File "<string>"',
-)
+_LOOP_FILES = tuple(
+    f'File "{os.path.join(os.path.dirname(os.path.abspath(__file__)), name)}"' for name in ("_worker.py", "_server.py")
+) + ('File "<string>"',)
 
 
 def _user_frames(fault_log: str) -> str:

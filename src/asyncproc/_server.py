@@ -92,7 +92,7 @@ class Server:
     def _become_spare(self, keep_sock: int, keep_fault: int) -> None:
         # Drop every descriptor of the server: the caller's lifeline, other calls' sockets,
         # other spares' fault logs. A worker must hold nothing but its own.
-        _worker.reset_inherited_signals()
+        _worker._reset_inherited_signals()  # the same reset as a "fork" worker's
         if _worker_nofile is not None:
             resource.setrlimit(resource.RLIMIT_NOFILE, _worker_nofile)
         low, high = sorted((keep_sock, keep_fault))
@@ -293,7 +293,14 @@ class Server:
         adopted = [pid for pid in children if pid not in known]
         if not adopted:
             return
-        _proctree.kill_and_reap([t for pid in adopted for t in _proctree.process_and_descendants(pid)])
+        tree = [t for pid in adopted for t in _proctree.process_and_descendants(pid)]
+        _proctree.signal_tree(None, tree, signal.SIGKILL)
+        _proctree.wait_gone(tree, 2.0)
+        for proc in tree:
+            try:
+                os.waitpid(proc.pid, os.WNOHANG)  # ours once their parents died
+            except ChildProcessError:
+                pass
 
     # -- life -----------------------------------------------------------------------------
 
@@ -321,7 +328,7 @@ class Server:
             _proctree.signal_tree(job.pid, tree, signal.SIGKILL)
         self._end_adopted()
         deadline_fds = [fd for fd in (_proctree.pidfd_open(pid) for pid in self.jobs) if fd is not None]
-        _proctree.wait_fds(deadline_fds, _proctree.KILL_BOUND_S)
+        _proctree.wait_fds(deadline_fds, 2.0)
         for fd in deadline_fds:
             os.close(fd)
         self._reap_all()

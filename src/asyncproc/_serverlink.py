@@ -20,7 +20,7 @@ from collections.abc import Iterable
 
 import anyio
 
-from . import _proctree, _protocol, _server
+from . import _proctree, _protocol
 from ._server import encode_preload
 from ._worker import spawn_python
 
@@ -29,8 +29,10 @@ __all__ = ["ServerLink", "link"]
 log = logging.getLogger("asyncproc")
 
 _STOP_BOUND_S = 2.0
-# Idle workers the server keeps forked ahead of demand.
+# Idle workers the server keeps forked ahead of demand; from the environment when a
+# server starts (_start), not at import.
 _SPARES_ENV, _SPARES_DEFAULT = "ASYNCPROC_SPARES", 1
+_SPARES = _SPARES_DEFAULT
 # Workers already assigned to this caller and waiting for a call: a call is then a single
 # message to a process that is up, where going through the server would cost two more
 # wake-ups and a fork on the critical path.
@@ -101,13 +103,14 @@ class ServerLink:
         return dict(os.environ)
 
     def _start(self) -> None:
-        spares = _env_count(_SPARES_ENV, _SPARES_DEFAULT)
+        global _SPARES
+        _SPARES = _env_count(_SPARES_ENV, _SPARES_DEFAULT)
         self._reserve_size = _env_count(_RESERVE_ENV, _RESERVE_DEFAULT)
         ours, theirs = _protocol.seqpacket_pair()
-        code = f"from {_server.__name__} import main; main()"
+        code = "from asyncproc._server import main; main()"
         try:
             preload = encode_preload(self._preloads, sys.path).decode() if self._preloads else ""
-            self._pid = spawn_python(code, [str(spares), preload], {3: theirs.fileno()})
+            self._pid = spawn_python(code, [str(_SPARES), preload], {3: theirs.fileno()})
         finally:
             theirs.close()
         # Non-blocking: a stalled server (a long preload, a stopped process) must never

@@ -136,7 +136,7 @@ def prepare_process(fault_fd: int, parent_pid: int) -> None:
     faulthandler.enable(file=fault_fd, all_threads=True)
 
 
-def reset_inherited_signals() -> None:
+def _reset_inherited_signals() -> None:
     # A forked child must not write signal wake-ups into the caller's event loop pipe,
     # and must not run handlers the caller's event loop installed.
     signal.set_wakeup_fd(-1)
@@ -308,7 +308,7 @@ def run_one(data: socket.socket, job: Job | None = None, spec: CallSpec | None =
 def forked_main(data: socket.socket, fault_fd: int, parent_pid: int, job: Job, spec: CallSpec) -> NoReturn:
     """Entry of a "fork" child, still holding the caller's whole state."""
     try:
-        reset_inherited_signals()
+        _reset_inherited_signals()
         prepare_process(fault_fd, parent_pid)
         run_one(data, job, spec)
     finally:
