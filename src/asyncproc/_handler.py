@@ -35,7 +35,7 @@ import psutil
 
 from . import _guardian, _proctree
 from ._guardian_main import read_stat
-from ._validate import check_count, check_env, check_instance, check_path, check_redirect, check_seconds, check_signal
+from ._validate import check_count, check_env, check_path, check_redirect, check_seconds, check_signal
 
 __all__ = ["SubprocessHandler", "get_subprocess_handler", "DEFAULT_GRACE_S", "KILL_BOUND_S"]
 
@@ -80,10 +80,6 @@ class SubprocessHandler:
         check_redirect("stderr", stderr)
         check_count("local_rank_id", local_rank_id)
         check_count("local_world_size", local_world_size, minimum=1, allow_none=True)
-        if numa_options is not None:
-            from .numa import NumaOptions
-
-            check_instance("numa_options", numa_options, NumaOptions, allow_none=True)
         self.args: tuple[str, ...] = (os.fspath(entrypoint), *map(str, args))
         self.env = _merged_env(env)
         self.local_rank_id = local_rank_id

@@ -42,7 +42,7 @@ from . import _guardian, _proctree
 from ._errorfile import ENV_VARS, ErrorRecord, read_error_file
 from ._exceptions import LaunchFailed, describe_exitcode
 from ._handler import DEFAULT_GRACE_S, KILL_BOUND_S, StrPath, SubprocessHandler
-from ._validate import check_count, check_env, check_flag, check_instance, check_path, check_seconds, check_text
+from ._validate import check_count, check_env, check_flag, check_path, check_seconds, check_text
 
 log = logging.getLogger("asyncproc")
 
@@ -86,10 +86,6 @@ class LaunchConfig:
         check_count("nproc", self.nproc, minimum=1)
         check_path("log_dir", self.log_dir, allow_none=True)
         check_flag("tee", self.tee)
-        if self.numa_options is not None:
-            from .numa import NumaOptions
-
-            check_instance("numa_options", self.numa_options, NumaOptions)
         check_env("env", self.env)
         check_seconds("grace", self.grace)
         check_text("master_addr", self.master_addr)

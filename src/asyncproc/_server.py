@@ -92,7 +92,10 @@ class Server:
     def _become_spare(self, keep_sock: int, keep_fault: int) -> None:
         # Drop every descriptor of the server: the caller's lifeline, other calls' sockets,
         # other spares' fault logs. A worker must hold nothing but its own.
-        _worker._reset_inherited_signals()  # the same reset as a "fork" worker's
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         if _worker_nofile is not None:
             resource.setrlimit(resource.RLIMIT_NOFILE, _worker_nofile)
         low, high = sorted((keep_sock, keep_fault))

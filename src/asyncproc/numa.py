@@ -37,7 +37,7 @@ from . import _numa_memory
 from ._exceptions import NumaBindingError
 from ._numa_place import cpus_in_mode, slot_of, slots
 from ._numa_topology import Gpu, Topology, format_cpulist, parse_cpulist
-from ._validate import check_count, check_flag, check_instance
+from ._validate import check_count, check_flag
 
 # Defined below this module to keep the imports one-way; shown (and pickled) as public names.
 for _public in (Gpu, Topology):
@@ -67,6 +67,8 @@ class AffinityMode(str, Enum):
     A ``str`` enum: ``AffinityMode("core-complex")`` and ``NumaOptions("node")`` work too.
     """
 
+    __module__ = "asyncproc"  # re-exported there: shown and pickled as asyncproc.AffinityMode
+
     NODE = "node"
     """Every CPU of the NUMA node of the rank's GPU. If in doubt, use this."""
     SOCKET = "socket"
@@ -92,18 +94,16 @@ class NumaOptions:
     preferring them (the default, which spills to other nodes when they are full).
     """
 
+    __module__ = "asyncproc"  # re-exported there: shown and pickled as asyncproc.NumaOptions
+
     affinity_mode: AffinityMode
     should_fall_back_if_binding_fails: bool = False
     strict_memory: bool = field(default=False, kw_only=True)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "affinity_mode", _affinity_mode(self.affinity_mode))
-        check_flag("should_fall_back_if_binding_fails", self.should_fall_back_if_binding_fails)
-        check_flag("strict_memory", self.strict_memory)
-
-
-# Re-exported by the package: shown, pickled and documented as asyncproc.X.
-AffinityMode.__module__ = NumaOptions.__module__ = "asyncproc"
+        _check_bool("should_fall_back_if_binding_fails", self.should_fall_back_if_binding_fails)
+        _check_bool("strict_memory", self.strict_memory)
 
 
 def _affinity_mode(value: object) -> AffinityMode:
@@ -118,10 +118,18 @@ def _affinity_mode(value: object) -> AffinityMode:
         raise ValueError(f"affinity_mode must be one of {choices}, got {value!r}") from None
 
 
+def _check_bool(name: str, value: object) -> None:
+    check_flag(name, value)
+
+
+def _check_int(name: str, value: object, minimum: int) -> int:
+    return check_count(name, value, minimum=minimum)
+
+
 def _int_set(name: str, values: Iterable[int], *, allow_empty: bool) -> frozenset[int]:
     if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
         raise TypeError(f"{name} must be an iterable of ints, got {values!r}")
-    found = frozenset(check_count(f"each of {name}", value) for value in values)
+    found = frozenset(_check_int(f"each of {name}", value, 0) for value in values)
     if not found and not allow_empty:
         raise ValueError(f"{name} must not be empty")
     return found
@@ -147,8 +155,8 @@ class Binding:
     def __post_init__(self) -> None:
         object.__setattr__(self, "cpus", _int_set("cpus", self.cpus, allow_empty=False))
         object.__setattr__(self, "nodes", _int_set("nodes", self.nodes, allow_empty=True))
-        check_flag("strict_memory", self.strict_memory)
-        check_flag("should_fall_back_if_binding_fails", self.should_fall_back_if_binding_fails)
+        _check_bool("strict_memory", self.strict_memory)
+        _check_bool("should_fall_back_if_binding_fails", self.should_fall_back_if_binding_fails)
 
     def apply_to_current_thread(self) -> None:
         """Bind the calling thread, and every thread and child it starts afterwards.
@@ -309,13 +317,15 @@ def binding_for(
     None when it cannot be made and ``options.should_fall_back_if_binding_fails`` (a
     warning is logged): run unbound. Raises :class:`NumaBindingError` otherwise.
     """
-    check_instance("options", options, NumaOptions)
-    check_count("local_rank_id", local_rank_id)
+    if not isinstance(options, NumaOptions):
+        raise TypeError(f"options must be a NumaOptions, got {options!r}")
+    _check_int("local_rank_id", local_rank_id, 0)
     if local_world_size is not None:
-        check_count("local_world_size", local_world_size, minimum=1)
+        _check_int("local_world_size", local_world_size, 1)
         if local_rank_id >= local_world_size:
             raise ValueError(f"local_rank_id must be < local_world_size ({local_world_size}), got {local_rank_id}")
-    check_instance("topology", topology, Topology, allow_none=True)
+    if topology is not None and not isinstance(topology, Topology):
+        raise TypeError(f"topology must be a Topology or None, got {topology!r}")
     allowed_set = _allowed_set(allowed)
     try:
         topo = topology if topology is not None else system_topology()
