@@ -86,10 +86,21 @@ def test_safe_call_help_says_the_default_timeout_and_what_it_raises() -> None:
         assert error in doc
 
 
+def _all_modules() -> list[str]:
+    return [info.name for info in pkgutil.walk_packages(asyncproc.__path__, "asyncproc.")
+            if not info.name.endswith(".__main__")]  # that one runs the CLI
+
+
+def test_every_modules_all_lists_what_imports() -> None:
+    for name in _all_modules():
+        module = importlib.import_module(name)
+        missing = [item for item in getattr(module, "__all__", ()) if not hasattr(module, item)]
+        assert not missing, f"{name}.__all__ lists {missing}, which do not import"
+
+
 def test_every_public_error_is_defined_in_exceptions() -> None:
-    for info in pkgutil.walk_packages(asyncproc.__path__, "asyncproc."):
-        if not info.name.endswith(".__main__"):  # that one runs the CLI
-            importlib.import_module(info.name)
+    for name in _all_modules():
+        importlib.import_module(name)
     pending, seen = [asyncproc.AsyncprocError], []
     while pending:
         cls = pending.pop()

@@ -31,6 +31,8 @@ if TYPE_CHECKING:  # the fork server imports this module: no runtime typing, no 
     from typing import Any, NoReturn
 
     Job = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]
+else:
+    Job = tuple  # at run time too: __all__ names only what imports
 
 __all__ = ["CallSpec", "Job", "dumps", "encode_call", "prepare_process", "run_one", "spawn_main", "spare_main"]
 
