@@ -133,3 +133,50 @@ def crash_leaving_background_job() -> None:
 def pythonpath() -> str | None:
     return os.environ.get("PYTHONPATH")
 
+
+
+def start_pair_then_hang(pidfile: str) -> None:
+    """Start one grandchild in our group and one in a session of its own, record both pids
+    (one line), then hang."""
+    kept = subprocess.Popen(["sleep", "60"])
+    escaped = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    Path(pidfile + ".tmp").write_text(f"{kept.pid} {escaped.pid}")
+    os.rename(pidfile + ".tmp", pidfile)  # whole or absent: the test reads it when it exists
+    time.sleep(60)
+
+
+def setsid_children_then_crash(n: int, pidfile: str) -> None:
+    """Fork ``n`` children that each start a session of their own and wait; record their
+    pids; die without ending them (as a crashing call would)."""
+    pids = []
+    for _ in range(n):
+        pid = os.fork()
+        if pid == 0:
+            os.setsid()
+            signal.pause()
+            os._exit(0)
+        pids.append(pid)
+    Path(pidfile).write_text(" ".join(map(str, pids)))
+    os._exit(1)
+
+
+def raise_deep(depth: int) -> None:
+    if depth == 0:
+        raise ValueError("deep down")
+    raise_deep(depth - 1)
+
+
+def recurse_forever() -> None:
+    recurse_forever()
+
+
+def raise_on_sigusr1(pidfile: str) -> None:
+    """Record our pid, wait for SIGUSR1 (bounded), then raise."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR1])
+    Path(pidfile).write_text(str(os.getpid()))
+    signal.sigtimedwait([signal.SIGUSR1], LONG)
+    raise ValueError("raised on SIGUSR1")
+
+
+def hang() -> None:
+    time.sleep(LONG)

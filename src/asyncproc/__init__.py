@@ -26,17 +26,31 @@ if TYPE_CHECKING:
 
     from . import numa as numa  # the public submodule
     from ._errorfile import record
-    from ._exceptions import AsyncprocError, ChildCrashed, LaunchFailed, MemoryLimitExceeded, RemoteError
+    from ._exceptions import (
+        AsyncprocError,
+        ChildCrashed,
+        LaunchFailed,
+        MemoryLimitExceeded,
+        RemoteError,
+        SupervisorGaveUp,
+    )
     from ._handler import SubprocessHandler, get_subprocess_handler
     from ._isolated import Isolated, preload, safe_call, safe_call_sync
     from ._launcher import LaunchConfig, LaunchResult, RankResult, start_processes
+    from ._specs import Backoff, Call, ChildStatus, Command, Event, Task
+    from ._supervisor import Supervisor
     from .numa import AffinityMode, NumaOptions
 
 # public name -> the module that defines it
 _EXPORTS = {
     "AffinityMode": ".numa",
     "AsyncprocError": "._exceptions",
+    "Backoff": "._specs",
+    "Call": "._specs",
     "ChildCrashed": "._exceptions",
+    "ChildStatus": "._specs",
+    "Command": "._specs",
+    "Event": "._specs",
     "Isolated": "._isolated",
     "LaunchConfig": "._launcher",
     "LaunchFailed": "._exceptions",
@@ -46,6 +60,9 @@ _EXPORTS = {
     "RankResult": "._launcher",
     "RemoteError": "._exceptions",
     "SubprocessHandler": "._handler",
+    "Supervisor": "._supervisor",
+    "SupervisorGaveUp": "._exceptions",
+    "Task": "._specs",
     "get_subprocess_handler": "._handler",
     "preload": "._isolated",
     "record": "._errorfile",
@@ -57,7 +74,12 @@ _EXPORTS = {
 __all__ = [  # a literal, for linters and IDEs; tests/test_init.py keeps it equal to _EXPORTS
     "AffinityMode",
     "AsyncprocError",
+    "Backoff",
+    "Call",
     "ChildCrashed",
+    "ChildStatus",
+    "Command",
+    "Event",
     "Isolated",
     "LaunchConfig",
     "LaunchFailed",
@@ -67,6 +89,9 @@ __all__ = [  # a literal, for linters and IDEs; tests/test_init.py keeps it equa
     "RankResult",
     "RemoteError",
     "SubprocessHandler",
+    "Supervisor",
+    "SupervisorGaveUp",
+    "Task",
     "get_subprocess_handler",
     "preload",
     "record",

@@ -14,6 +14,14 @@ registered, with descendants, group and session, and exits. At interpreter exit 
 closes the lifeline itself and reaps the guardian, so it is never left behind: children the
 program leaked die then, as they would have with the program.
 
+Cgroups (``_cgroup``) and a launcher's temporary folder are registered too: the guardian
+kills and removes the cgroups, then removes the folders.
+
+A guardian that dies (someone SIGKILLs it) is noticed at once by a watcher thread blocked
+on its pidfd, which starts a new one already told the whole registry: children are never
+killed because their guardian was, and run unguarded only for the few milliseconds that
+takes.
+
 The write end is close-on-exec and closed in ``fork()``-ed children, so no descendant keeps
 the lifeline open after the parent is gone.
 """
@@ -23,14 +31,17 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import select
 import subprocess
 import sys
 import threading
 from pathlib import Path
 
-from . import _guardian_main
+from . import _guardian_main, _proctree
 
-__all__ = ["register", "unregister", "guardian_pid", "shutdown"]
+__all__ = ["register", "unregister", "register_cgroup", "register_folder", "unregister_folder",
+           "unregister_cgroup", "register_marker",
+           "guardian_pid", "shutdown"]
 
 log = logging.getLogger("asyncproc")
 
@@ -42,6 +53,8 @@ _proc: subprocess.Popen[bytes] | None = None
 _lifeline: int | None = None  # the write end; only this process holds it
 _starting_read: int | None = None  # the guardian's end, ours only while it starts
 _registered: dict[int, int] = {}  # pid -> start time, replayed to a restarted guardian
+_extra: dict[bytes, None] = {}  # cgroup and folder lines (an ordered set), replayed too
+_PIPE_CAPACITY = 65536  # Linux's default: a registry smaller than this is written before start
 _warned = False
 
 
@@ -62,40 +75,93 @@ def unregister(pid: int) -> None:
             _send(f"-{pid}\n".encode())
 
 
+def register_cgroup(path: str) -> None:
+    """Have everything in cgroup ``path`` killed, and the cgroup removed, when we die."""
+    _add(b"C" + os.fsencode(path).hex().encode())
+
+
+def unregister_cgroup(path: str) -> None:
+    """We removed cgroup ``path`` ourselves."""
+    _remove(b"C", b"c", path)
+
+
+def register_folder(path: str) -> None:
+    """Have folder ``path`` removed when we die (after every registered process is dead)."""
+    _add(b"D" + os.fsencode(path).hex().encode())
+
+
+def register_marker(entry: str) -> None:
+    """Have every process whose environment holds ``entry`` (``NAME=VALUE``) killed when we
+    die: how the descendants of our children are found where there are no cgroups."""
+    _add(b"E" + entry.encode().hex().encode())
+
+
+def unregister_folder(path: str) -> None:
+    """We removed ``path`` ourselves."""
+    _remove(b"D", b"d", path)
+
+
+def _remove(added: bytes, removed: bytes, path: str) -> None:
+    encoded = os.fsencode(path).hex().encode()
+    with _lock:
+        if _extra.pop(added + encoded, False) is not False:
+            _send(removed + encoded + b"\n")
+
+
+def _add(line: bytes) -> None:
+    with _lock:
+        if line not in _extra:
+            _extra[line] = None
+            _send(line + b"\n")
+
+
 def guardian_pid() -> int | None:
     """The running guardian's pid (for tests and diagnostics), or None."""
     with _lock:
         return _proc.pid if _proc is not None and _proc.poll() is None else None
 
 
+def _state() -> bytes:
+    """Everything registered, as protocol lines: what a new guardian must be told."""
+    return b"".join([*(f"+{pid} {start}\n".encode() for pid, start in _registered.items()),
+                     *(line + b"\n" for line in _extra)])
+
+
 def _send(message: bytes) -> None:
-    """Write one protocol line; start or restart the guardian when there is none.
+    """Write one protocol line (the caller has updated the registry and holds the lock);
+    start or restart the guardian, told the whole registry, when there is none.
 
     Lines are far below PIPE_BUF, so each write is atomic; the guardian drains the pipe
     in a tight loop, so the 64 KiB pipe buffer never fills in practice.
     """
-    for _ in range(2):
-        if _lifeline is None and not _start():
-            return
-        assert _lifeline is not None
-        try:
-            os.write(_lifeline, message)
-            return
-        except BrokenPipeError:
-            # Someone killed the guardian: start another and tell it everything again.
-            log.warning("asyncproc guardian (pid %s) died; starting a new one", _proc.pid if _proc else "?")
-            _drop()
-            message = b"".join(f"+{pid} {start}\n".encode() for pid, start in _registered.items())
+    if _lifeline is None:
+        if _registered or _extra:  # nothing to guard: no guardian needed (yet)
+            _start()
+        return
+    try:
+        os.write(_lifeline, message)
+    except BrokenPipeError:
+        # Someone killed the guardian (and its watcher has not restarted it yet).
+        log.warning("asyncproc guardian (pid %s) died; starting a new one", _proc.pid if _proc else "?")
+        _drop()
+        _start()
 
 
 def _start() -> bool:
-    """Start the guardian; False (and one warning) when it cannot be started."""
+    """Start a guardian told the whole registry; False (and one warning) when it cannot be
+    started."""
     global _proc, _lifeline, _starting_read, _warned
     read_end, write_end = os.pipe()  # both close-on-exec; Popen dup2s read_end onto 0
     # Known before Popen: a fork() from another thread meanwhile closes both in its child,
     # which would otherwise hold the lifeline open after we die.
     _lifeline, _starting_read = write_end, read_end
+    state = _state()
+    # Written before it exists: once its pid can be seen, it already holds the registry,
+    # so a SIGKILL of this process right after a restart still ends every child.
+    early = len(state) < _PIPE_CAPACITY
     try:
+        if early:
+            os.write(write_end, state)
         _proc = subprocess.Popen(
             [sys.executable, "-I", "-S", _MAIN],
             stdin=read_end,
@@ -116,7 +182,35 @@ def _start() -> bool:
     finally:
         os.close(read_end)
         _starting_read = None
+    if not early:
+        os.write(write_end, state)
+    _watch(_proc)
     return True
+
+
+def _watch(proc: subprocess.Popen[bytes]) -> None:
+    """Notice the guardian's death at once (someone SIGKILLed it): start another, told the
+    whole registry, so our children never run unguarded for longer than that takes."""
+    pidfd = _proctree.pidfd_open(proc.pid)
+    if pidfd is None:  # pragma: no cover - kernels before 5.3: noticed at the next write
+        return
+
+    def watch() -> None:
+        try:
+            poller = select.poll()  # not select(): the fd number may be above 1024
+            poller.register(pidfd, select.POLLIN)
+            poller.poll()
+        finally:
+            os.close(pidfd)
+        with _lock:
+            if _proc is not proc:  # shut down or replaced meanwhile: nothing to do
+                return
+            log.warning("asyncproc guardian (pid %d) died; starting a new one", proc.pid)
+            _drop()
+            if _registered or _extra:
+                _start()
+
+    threading.Thread(target=watch, name="asyncproc-guardian-watch", daemon=True).start()
 
 
 def _drop() -> None:
@@ -143,6 +237,7 @@ def shutdown(timeout: float = _EXIT_BOUND_S) -> None:
             os.close(_lifeline)
             _lifeline = None
         _registered.clear()
+        _extra.clear()
         if proc is None:
             return
         try:
@@ -167,6 +262,7 @@ def _forget_in_child() -> None:
         _proc.returncode = 0  # not our child: keep Popen from waiting on it or warning
         _proc = None
     _registered.clear()
+    _extra.clear()
 
 
 os.register_at_fork(after_in_child=_forget_in_child)

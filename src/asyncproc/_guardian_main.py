@@ -9,11 +9,19 @@ write end)::
 
     +PID STARTTIME\\n     a child was spawned (STARTTIME: field 22 of /proc/PID/stat)
     -PID\\n               that child was reaped; forget it
+    CHEXPATH\\n           a cgroup (path hex-encoded): kill everything in it, then remove it
+    cHEXPATH\\n           that cgroup was removed; forget it
+    DHEXPATH\\n           a folder (a launcher's temporary one) to remove once all is dead
+    dHEXPATH\\n           that folder was removed; forget it
+    EHEXENTRY\\n          an environment entry (NAME=VALUE) our children's descendants carry:
+                         kill every process that has it (where there are no cgroups)
 
 End of file means the parent is gone (died, or exited and closed the pipe): every still
 registered child, its descendants, its process group and its session are SIGKILLed, then the
 guardian exits. Data written before the parent died is still read before EOF, so a child
-registered a microsecond before a SIGKILL of the parent is covered too.
+registered a microsecond before a SIGKILL of the parent is covered too. Cgroups catch
+what the scans cannot: a descendant that double-forked and called ``setsid()`` (then
+re-parented to init or to a subreaper that is dying with the parent).
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from typing import NamedTuple
 
 COMM = "asyncproc-srv"  # the name the test suite's leak check accepts as long-lived
 MAX_SWEEPS = 10  # a fork bomb could outrun one sweep; stop retrying after this many
+CGROUP_EMPTY_BOUND_S = 2.0  # after cgroup.kill; only uninterruptible sleep takes longer
 
 
 class Stat(NamedTuple):
@@ -119,12 +128,31 @@ def kill_exactly(pid: int, starttime: int, sig: int = signal.SIGKILL) -> None:
         os.close(fd)
 
 
-def sweep(roots: dict[int, int]) -> None:
-    """SIGKILL everything that belongs to ``roots``, again until nothing new turns up
-    (a process may fork between our scan and our signal)."""
+def marked(markers: set[bytes], table: dict[int, Stat]) -> dict[int, int]:
+    """Processes of ``table`` whose environment holds one of ``markers`` (``NAME=VALUE``
+    entries): what the parent's children started inherits them, wherever it went since
+    (a double fork and ``setsid()`` leave no trace in the tree, the group or the session)."""
+    found: dict[int, int] = {}
+    if not markers:
+        return found
+    for pid, stat in table.items():
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                entries = f.read().split(b"\0")
+        except OSError:  # gone, or another user's
+            continue
+        if not stat.zombie and not markers.isdisjoint(entries):
+            found[pid] = stat.starttime
+    return found
+
+
+def sweep(roots: dict[int, int], markers: set[bytes] = frozenset()) -> None:  # type: ignore[assignment]
+    """SIGKILL everything that belongs to ``roots`` or carries one of ``markers``, again
+    until nothing new turns up (a process may fork between our scan and our signal)."""
     killed: set[tuple[int, int]] = set()
     for _ in range(MAX_SWEEPS):
-        found = set(family(roots, scan()).items()) - killed
+        table = scan()
+        found = (set(family(roots, table).items()) | set(marked(markers, table).items())) - killed
         if not found:
             return
         for pid, start in found:
@@ -132,9 +160,16 @@ def sweep(roots: dict[int, int]) -> None:
         killed |= found
 
 
-def read_registrations(fd: int) -> dict[int, int]:
-    """Follow the lifeline until EOF; the children still registered then."""
-    roots: dict[int, int] = {}
+class Registrations(NamedTuple):
+    roots: dict[int, int]  # pid -> start time
+    cgroups: dict[str, None]  # ordered sets
+    folders: dict[str, None]
+    markers: set[bytes]
+
+
+def read_registrations(fd: int) -> Registrations:
+    """Follow the lifeline until EOF; what is still registered then."""
+    reg = Registrations({}, {}, {}, set())
     pending = b""
     while True:
         try:
@@ -144,20 +179,59 @@ def read_registrations(fd: int) -> dict[int, int]:
         except OSError:
             chunk = b""
         if not chunk:
-            return roots
+            return reg
         pending += chunk
         *lines, pending = pending.split(b"\n")
         for line in lines:
-            apply(roots, line)
+            apply(reg, line)
 
 
-def apply(roots: dict[int, int], line: bytes) -> None:
-    """One protocol line: ``+PID STARTTIME`` registers, ``-PID`` forgets."""
-    if line.startswith(b"+"):
-        pid, start = line[1:].split()
-        roots[int(pid)] = int(start)
-    elif line.startswith(b"-"):
-        roots.pop(int(line[1:]), None)
+def apply(reg: Registrations, line: bytes) -> None:
+    """One protocol line: ``+PID STARTTIME`` registers, ``-PID`` forgets; ``C``/``D``/``d``
+    register a cgroup, register and forget a folder."""
+    kind, rest = line[:1], line[1:]
+    if kind == b"+":
+        pid, start = rest.split()
+        reg.roots[int(pid)] = int(start)
+    elif kind == b"-":
+        reg.roots.pop(int(rest), None)
+    elif kind == b"C":
+        reg.cgroups[os.fsdecode(bytes.fromhex(rest.decode()))] = None
+    elif kind == b"c":
+        reg.cgroups.pop(os.fsdecode(bytes.fromhex(rest.decode())), None)
+    elif kind == b"D":
+        reg.folders[os.fsdecode(bytes.fromhex(rest.decode()))] = None
+    elif kind == b"d":
+        reg.folders.pop(os.fsdecode(bytes.fromhex(rest.decode())), None)
+    elif kind == b"E":
+        reg.markers.add(bytes.fromhex(rest.decode()))
+
+
+def end_cgroups(paths: list[str]) -> None:
+    """``cgroup.kill`` each cgroup (its children too), wait (bounded) and remove them."""
+    if not paths:
+        return
+    import importlib.util  # only now: most guardians never see a cgroup
+
+    # Loaded by path: we run with -I -S, outside the package, and it needs only the stdlib.
+    spec = importlib.util.spec_from_file_location(
+        "_asyncproc_cgroup", os.path.join(os.path.dirname(os.path.abspath(__file__)), "_cgroup.py")
+    )
+    assert spec is not None and spec.loader is not None
+    cgroup = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cgroup)
+    for path in paths:
+        cgroup.kill(path)
+    for path in paths:
+        cgroup.wait_empty(path, CGROUP_EMPTY_BOUND_S)
+        cgroup.remove(path)
+
+
+def remove_folders(paths: list[str]) -> None:
+    import shutil
+
+    for path in paths:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def main() -> None:
@@ -170,7 +244,10 @@ def main() -> None:
     # (and we run in our own session, so a kill of the parent's group misses us).
     for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
-    sweep(read_registrations(sys.stdin.fileno()))
+    reg = read_registrations(sys.stdin.fileno())
+    sweep(reg.roots, reg.markers)
+    end_cgroups(list(reg.cgroups))
+    remove_folders(list(reg.folders))  # last: the processes writing into them are dead
 
 
 if __name__ == "__main__":

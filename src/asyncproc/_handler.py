@@ -2,13 +2,18 @@
 
 How a child is started and awaited -- the same code on asyncio, uvloop and trio:
 
-* ``subprocess.Popen(..., start_new_session=True)`` is called synchronously on the event
-  loop's thread. It takes CPython's vfork path (no ``preexec_fn``), about 1 ms whatever the
-  parent weighs. We do *not* go through ``anyio.open_process``: on uvloop it spawns through
-  libuv, which always forks (40 ms per spawn at 1 GB resident), and on trio it runs Popen on
-  a worker thread (a thread hop per spawn). See benchmarks/bench_spawn.py for the numbers.
-  Being synchronous also lets a NUMA binding set on *this* thread be inherited by the child
-  from its first instruction.
+* ``subprocess.Popen(..., start_new_session=True)`` is called synchronously on asyncproc's
+  one long-lived spawning thread (``_spawner``), never on the event loop's thread. It takes
+  CPython's vfork path (no ``preexec_fn``), about 1 ms whatever the parent weighs. We do
+  *not* go through ``anyio.open_process``: on uvloop it spawns through libuv, which always
+  forks (40 ms per spawn at 1 GB resident), and on trio it runs Popen on a short-lived
+  worker thread. See benchmarks/bench_spawn.py for the numbers. A NUMA binding set on the
+  spawning thread around the one spawn is inherited by the child from its first instruction.
+* Where asyncproc may create cgroups (``_cgroup``), the child is moved into a cgroup of its
+  own right after the spawn: ending the tree is then ``cgroup.kill``, which reaches a
+  descendant that double-forked and called ``setsid()``, and finding the tree reads
+  ``cgroup.procs`` instead of scanning /proc. Elsewhere the tree is the process group plus a
+  /proc scan, made on a worker thread so the event loop never waits for it.
 * Exit is awaited on a pidfd with ``anyio.wait_readable`` (an event, never a sleep loop) and
   the child is reaped with ``waitpid(WNOHANG)``; we set ``popen.returncode`` ourselves so
   Popen never reaps it a second time. Kernels without pidfd (< 5.3) wait in a worker thread
@@ -20,20 +25,23 @@ OS process API; no backend-specific code exists anywhere else.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
 import signal
 import subprocess
+import threading
 import weakref
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
-from typing import IO, Any, Union
+from typing import IO, Any, TypeVar, Union
 
 import anyio
 import psutil
+from anyio.lowlevel import RunVar
 
-from . import _guardian, _proctree
+from . import _cgroup, _guardian, _proctree, _spawner
 from ._guardian_main import read_stat
 from ._validate import check_count, check_env, check_path, check_redirect, check_seconds, check_signal
 
@@ -47,6 +55,8 @@ KILL_BOUND_S = _proctree.KILL_BOUND_S  # after SIGKILL; only a process in uninte
 StrPath = Union[str, "os.PathLike[str]"]
 # A file path (truncated), None/"" to inherit, or -- for callers that pipe -- an open fd.
 Redirect = Union[StrPath, int, None]
+_T = TypeVar("_T")
+_Table = dict[int, Any]  # pid -> _guardian_main.Stat
 
 
 class SubprocessHandler:
@@ -71,6 +81,7 @@ class SubprocessHandler:
         numa_options: Any = None,
         *,
         local_world_size: int | None = None,
+        cwd: StrPath | None = None,
     ) -> None:
         # Checked here, not at spawn: the error then points at the line that made the handler.
         check_path("entrypoint", entrypoint)
@@ -83,8 +94,9 @@ class SubprocessHandler:
         self.args: tuple[str, ...] = (os.fspath(entrypoint), *map(str, args))
         self.env = _merged_env(env)
         self.local_rank_id = local_rank_id
-        self.numa_options = numa_options
+        self.numa_options = _numa_options(numa_options)
         self.local_world_size = local_world_size
+        self.cwd = cwd
         self._stdout_target = stdout
         self._stderr_target = stderr
         self._stdout: IO[bytes] | None = None
@@ -93,6 +105,9 @@ class SubprocessHandler:
         self._pidfd: int | None = None
         self._pidfd_closer: weakref.finalize[Any, SubprocessHandler] | None = None
         self._wait_lock: anyio.Lock | None = None
+        self._cgroup: str | None = None  # this child's own cgroup, while it has one
+        self._cgroup_closer: weakref.finalize[Any, SubprocessHandler] | None = None
+        self._starttime = 0  # of the child, in clock ticks after boot: with the pid, unique
 
     # -- what a user reads --------------------------------------------------------------
 
@@ -117,15 +132,26 @@ class SubprocessHandler:
         if self.proc is not None:
             raise RuntimeError(f"{self!r} was already spawned; a handler runs one process")
         self._wait_lock = anyio.Lock()
+        await _spawner.run(self._spawn_here)
+
+    def _spawn_here(self) -> None:
+        """The spawn itself, on the spawning thread (see the module's docstring)."""
         self._stdout = _open_log(self._stdout_target)
         try:
             self._stderr = _open_log(self._stderr_target)
+            env = self.env if _cgroup.available() else {**self.env, **_marker()}
             with self._numa_binding():
-                self.proc = _popen(self.args, self.env, self._redirect(self._stdout, self._stdout_target),
-                                   self._redirect(self._stderr, self._stderr_target))
+                self.proc = _popen(self.args, env, self._redirect(self._stdout, self._stdout_target),
+                                   self._redirect(self._stderr, self._stderr_target), self.cwd)
         except BaseException:
             self._close_logs()
             raise
+        self._cgroup = _contain(self.proc.pid)
+        if self._cgroup is not None:  # dropped with its cgroup still there: removed later
+            self._cgroup_closer = weakref.finalize(self, _HANDLERS.abandon, self._cgroup)
+            self._cgroup_closer.atexit = False  # at exit, the whole cgroup goes anyway
+        stat = read_stat(self.proc.pid)
+        self._starttime = stat.starttime if stat is not None else 0
         _guardian.register(self.proc.pid)
         self._pidfd = _proctree.pidfd_open(self.proc.pid)
         if self._pidfd is not None:
@@ -159,23 +185,24 @@ class SubprocessHandler:
         self._started()
         if grace < 0:
             raise ValueError(f"grace must be >= 0 seconds, got {grace!r}")
-        tree = self._snapshot()
-        self._signal(sig, tree)
+        tree = await _off_loop(self._snapshot_and_signal, sig, await self._table())
         try:
             left = await self._wait_gone(tree, grace)
         except BaseException:
             # Cancelled during the grace: stopping waiting must not leave the child running.
-            await self._kill_now(self._left(tree))
+            with anyio.CancelScope(shield=True):
+                await self._kill_now(await _off_loop(self._left, tree, await self._table()))
             raise
         # The leader may be gone while members of its group live on (a SIGTERM-ignoring
         # background child): anything still there after the grace gets SIGKILL.
         if left or self.returncode is None:
             await self._kill_now(left)
+        self._drop_cgroup()
         return self.returncode
 
     async def _kill_now(self, tree: list[psutil.Process]) -> None:
         """SIGKILL the group and ``tree``, then reap; shielded, as it is bounded."""
-        self._signal(signal.SIGKILL, tree)
+        tree = await _off_loop(self._sigkill, tree)
         with anyio.CancelScope(shield=True):
             left = await self._wait_gone(tree, KILL_BOUND_S)
         if left or self.returncode is None:
@@ -200,6 +227,9 @@ class SubprocessHandler:
             # A task blocked in wait() owns the pidfd and will reap; never close it under it.
             if not self._wait_lock.locked():
                 self._try_reap()
+            self._drop_cgroup()
+            if self._cgroup is not None:  # something still runs in it (or we were signalled)
+                _HANDLERS.abandon(self._cgroup)
         self._close_logs()
 
     async def __aenter__(self) -> SubprocessHandler:
@@ -265,6 +295,38 @@ class SubprocessHandler:
             self._pidfd_closer()
         self._pidfd = self._pidfd_closer = None
         _guardian.unregister(self._started().pid)
+        self._drop_cgroup()
+
+    def _drop_cgroup(self) -> None:
+        """Remove our cgroup once nothing runs in it; while something does, it stays (and
+        the guardian, or our exit, kills it)."""
+        if self._cgroup is not None and _HANDLERS.drop_leaf(self._cgroup):
+            self._cgroup = None
+            if self._cgroup_closer is not None:
+                self._cgroup_closer.detach()
+
+    async def _table(self) -> _Table | None:
+        """The /proc table the fallback needs (None with a cgroup), shared with every
+        handler of this event loop that asks at the same time."""
+        if self._cgroup is not None or self._nothing_to_find():
+            return None
+        return await _per_loop(_SCANNER, _Scanner).table()
+
+    def _nothing_to_find(self) -> bool:
+        """Reaped, and its group is empty or no longer ours: no scan can find anything."""
+        pid = self._started().pid
+        return self.returncode is not None and (self._own_group() is None or not _group_exists(pid))
+
+    def _snapshot_and_signal(self, sig: int, table: _Table | None) -> list[psutil.Process]:
+        tree = self._snapshot(table)
+        self._signal(sig, tree)
+        return tree
+
+    def _sigkill(self, tree: list[psutil.Process]) -> list[psutil.Process]:
+        """SIGKILL, and what to wait for: with a cgroup, ``cgroup.kill`` also hit what was
+        forked since ``tree`` was taken, so those are read and awaited too."""
+        self._signal(signal.SIGKILL, tree)
+        return _unique([*tree, *self._snapshot()]) if self._cgroup is not None else tree
 
     def _own_group(self) -> int | None:
         """Our process group id if it is safe to signal it, else None.
@@ -278,33 +340,34 @@ class SubprocessHandler:
             return pid
         return None
 
-    def _snapshot(self) -> list[psutil.Process]:
+    def _snapshot(self, table: _Table | None = None) -> list[psutil.Process]:
         """Processes to end besides the group: the descendants, plus, once the leader has
         exited (zombie or reaped), the members its group and session left behind."""
         pid = self._started().pid
-        if self.returncode is None:
-            stat = read_stat(pid)
-            found = _proctree.descendants(pid)
-            # A zombie leader has no children left: its group's members were re-parented.
-            return found + _group_leftovers(pid) if stat is not None and stat.zombie else found
-        if self._own_group() is None or not _group_exists(pid):
+        if self._cgroup is not None:
+            return _cgroup_members(self._cgroup, pid)
+        if self._nothing_to_find():
             return []
-        return _group_leftovers(pid)
+        # A zombie or reaped leader has no children left: its group's and session's
+        # members were re-parented, and are found by their group and session ids.
+        return _proctree.family_of(pid, self._starttime, table or _proctree.shared_scan())
 
-    def _left(self, tree: list[psutil.Process]) -> list[psutil.Process]:
+    def _left(self, tree: list[psutil.Process], table: _Table | None = None) -> list[psutil.Process]:
         """What is still alive: of ``tree``, and of a fresh snapshot (unique by pid)."""
         living = {p.pid: p for p in tree if _is_alive(p)}
-        for proc in self._snapshot():
+        for proc in self._snapshot(table):
             living.setdefault(proc.pid, proc)
         return list(living.values())
 
     def _signal(self, sig: int, tree: list[psutil.Process]) -> None:
         _proctree.signal_tree(self._own_group(), tree, sig)
+        if sig == signal.SIGKILL and self._cgroup is not None:
+            _cgroup.kill(self._cgroup)
 
     async def _wait_gone(self, tree: list[psutil.Process], timeout: float) -> list[psutil.Process]:
         """Wait up to ``timeout`` for the child (reaped) and ``tree`` to end; what is left
         (recomputed: once the leader is reaped, its group's leftovers are found by scan)."""
-        fds = _pidfds(tree)
+        fds = await _off_loop(_pidfds, tree)
         try:
             with anyio.move_on_after(timeout):
                 async with anyio.create_task_group() as tg:
@@ -317,7 +380,7 @@ class SubprocessHandler:
         finally:
             for fd in fds:
                 os.close(fd)
-        return self._left(tree)
+        return await _off_loop(self._left, tree, await self._table())
 
     def _close_logs(self) -> None:
         for f in (self._stdout, self._stderr):
@@ -334,9 +397,22 @@ def get_subprocess_handler(
     stderr: Redirect,
     local_rank_id: int,
     numa_options: Any = None,
+    local_world_size: int | None = None,
 ) -> SubprocessHandler:
-    """Torch's factory: an unstarted ``SubprocessHandler``."""
-    return SubprocessHandler(entrypoint, args, env, stdout, stderr, local_rank_id, numa_options)
+    """Torch's factory: an unstarted ``SubprocessHandler``. ``numa_options`` may be torch's
+    own; ``local_world_size`` tells the NUMA binding how many local ranks share the node."""
+    return SubprocessHandler(
+        entrypoint, args, env, stdout, stderr, local_rank_id, numa_options, local_world_size=local_world_size
+    )
+
+
+def _numa_options(options: Any) -> Any:
+    """Ours, or torch's NumaOptions converted (a bad value raises here, before spawn)."""
+    if options is None:
+        return None
+    from . import numa  # lazily: the NUMA module is optional for everything else
+
+    return numa.as_numa_options(options, "numa_options")
 
 
 def _check_args(args: object) -> tuple[object, ...]:
@@ -372,9 +448,211 @@ def _open_log(target: Redirect) -> IO[bytes] | None:
     return open(target, "wb")
 
 
-def _popen(args: tuple[str, ...], env: dict[str, str], stdout: Any, stderr: Any) -> subprocess.Popen[bytes]:
+class _HandlersCgroup:
+    """This process's cgroup holding its handlers' cgroups: made with the first, registered
+    with the guardian (which kills and removes it, all our handlers' trees, if we die), and
+    removed with the last, so none is left between uses or after us.
+
+    A handler closed or dropped while something still ran in its cgroup *abandons* it: it
+    is removed later, at the next spawn or removal, once empty.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()  # the spawning thread adds, the loop's thread removes
+        self.owner = 0
+        self.path: str | None = None
+        self.live: set[str] = set()
+        self.abandoned: set[str] = set()
+
+    def new_leaf(self, name: str) -> str | None:
+        with self.lock:
+            if self.owner != os.getpid():  # a forked child: the cgroup is its parent's
+                self.owner, self.path, self.live, self.abandoned = os.getpid(), None, set(), set()
+            self._sweep()
+            if self.path is None and _cgroup.available():
+                self.path = _cgroup.create("handlers")
+                if self.path is not None:
+                    _guardian.register_cgroup(self.path)
+            leaf = _cgroup.create(name, parent=self.path) if self.path is not None else None
+            if leaf is not None:
+                self.live.add(leaf)
+            return leaf
+
+    def drop_leaf(self, leaf: str) -> bool:
+        """Remove an empty handler's cgroup (False while something runs in it), and ours
+        with the last."""
+        with self.lock:
+            if self.owner != os.getpid() or not _cgroup.remove(leaf):
+                return False
+            self.live.discard(leaf)
+            self.abandoned.discard(leaf)
+            self._sweep()
+            return True
+
+    def abandon(self, leaf: str) -> None:
+        with self.lock:
+            if leaf in self.live:
+                self.abandoned.add(leaf)
+                self._sweep()
+
+    def _sweep(self) -> None:
+        for leaf in list(self.abandoned):
+            if _cgroup.remove(leaf):
+                self.live.discard(leaf)
+                self.abandoned.discard(leaf)
+        if not self.live and self.path is not None:
+            with contextlib.suppress(OSError):  # EBUSY: never recursive, only if it holds nothing
+                os.rmdir(self.path)
+                _guardian.unregister_cgroup(self.path)
+                self.path = None
+
+    def end_at_exit(self) -> None:
+        """As the guardian would: what our handlers left running dies with us."""
+        if self.owner == os.getpid() and self.path is not None:
+            _cgroup.kill(self.path)
+            _cgroup.wait_empty(self.path, KILL_BOUND_S)
+            _cgroup.remove(self.path)
+
+
+_HANDLERS = _HandlersCgroup()
+atexit.register(_HANDLERS.end_at_exit)
+_marker_lock = threading.Lock()
+
+
+MARKER_VAR = "ASYNCPROC_GUARDED"
+_markers: dict[int, dict[str, str]] = {}  # our pid -> the entry (a forked child has its own)
+
+
+def _marker() -> dict[str, str]:
+    """Where there are no cgroups: an environment entry naming this process (pid and start
+    time), given to every child and inherited by what it starts. The guardian kills every
+    process that carries it when we die: a double-forked ``setsid()`` helper too, unless it
+    cleared its environment."""
+    pid = os.getpid()
+    with _marker_lock:
+        if pid not in _markers:
+            stat = read_stat(pid)
+            _markers.clear()
+            _markers[pid] = {MARKER_VAR: f"{pid}-{stat.starttime if stat is not None else 0}"}
+            _guardian.register_marker(f"{MARKER_VAR}={_markers[pid][MARKER_VAR]}")
+        return _markers[pid]
+
+
+def _contain(pid: int) -> str | None:
+    """Move our new child ``pid`` into a cgroup of its own, with what it already started
+    (it has exec'd: it may have forked before we got here); None where cgroups are not ours.
+    """
+    path = _HANDLERS.new_leaf(f"h{pid}")
+    if path is None:
+        return None
+    try:
+        _cgroup.attach(path, pid)
+    except OSError:  # refused (or gone already): the scans will do, as without cgroups
+        _HANDLERS.drop_leaf(path)
+        return None
+    pending = _proctree.children_of(pid)
+    while pending:
+        current = pending.pop()
+        with contextlib.suppress(OSError):  # it exited meanwhile
+            _cgroup.attach(path, current)
+        pending += _proctree.children_of(current)
+    return path
+
+
+def _cgroup_members(path: str, leader: int) -> list[psutil.Process]:
+    """The living processes in cgroup ``path`` (and below: a child of ours that runs
+    asyncproc nests its own) but the leader; read, never scanned."""
+    found = []
+    for folder, _, _ in os.walk(path):
+        try:
+            pids = _cgroup.procs(folder)
+        except OSError:  # ENODEV: removed while we read it
+            continue
+        for pid in pids:
+            if pid != leader:
+                with contextlib.suppress(psutil.Error):
+                    found.append(psutil.Process(pid))
+    return found
+
+
+async def _off_loop(fn: Callable[..., _T], *args: Any) -> _T:
+    """``fn(*args)`` on a worker thread: what a kill does per process (a read of /proc or of
+    a cgroup, a pidfd, a signal) is cheap, but 300 kills started at once run theirs in one
+    turn of the loop, which held it 150 ms; a /proc scan alone takes tens of milliseconds
+    with hundreds of processes. Shielded: it is bounded, and its result (pidfds) must not be
+    lost to a cancellation."""
+    with anyio.CancelScope(shield=True):
+        result = await anyio.to_thread.run_sync(fn, *args, limiter=_limiter())
+    return result
+
+
+class _Round:
+    def __init__(self) -> None:
+        self.done = anyio.Event()
+        self.table: _Table | None = None
+
+
+class _Scanner:
+    """One /proc scan for every handler of an event loop that needs one at the same time:
+    300 handlers stopping at once cost two scans (each tens of milliseconds), not 600.
+
+    A caller joins the round that has not started yet, or opens it and leads it: waits for
+    the round in progress (taken maybe before the caller's processes changed), then scans.
+    """
+
+    def __init__(self) -> None:
+        self._next: _Round | None = None
+        self._running: _Round | None = None
+
+    async def table(self) -> _Table:
+        if self._next is not None:
+            joined = self._next
+            await joined.done.wait()
+            return joined.table if joined.table is not None else await _off_loop(_proctree.shared_scan)
+        led = self._next = _Round()
+        table: _Table = {}
+        with anyio.CancelScope(shield=True):  # followers wait on us: bounded, never abandoned
+            try:
+                if self._running is not None:
+                    await self._running.done.wait()
+                self._next, self._running = None, led
+                table = await _off_loop(_proctree.shared_scan)
+                led.table = table
+            finally:
+                if self._next is led:
+                    self._next = None
+                if self._running is led:
+                    self._running = None
+                led.done.set()
+        return table
+
+
+_SCANNER: RunVar[_Scanner] = RunVar("asyncproc_scanner")
+_LIMITER: RunVar[anyio.CapacityLimiter] = RunVar("asyncproc_handler_threads")
+_THREADS = 4  # more only adds contention for the GIL, which the loop thread needs too
+
+
+def _limiter() -> anyio.CapacityLimiter:
+    return _per_loop(_LIMITER, lambda: anyio.CapacityLimiter(_THREADS))
+
+
+def _per_loop(var: RunVar[_T], make: Callable[[], _T]) -> _T:
+    """``var``'s value in this event loop, made on first use."""
+    try:
+        return var.get()
+    except LookupError:
+        value = make()
+        var.set(value)
+        return value
+
+
+def _unique(procs: list[psutil.Process]) -> list[psutil.Process]:
+    return list({proc.pid: proc for proc in procs}.values())
+
+
+def _popen(args: tuple[str, ...], env: dict[str, str], stdout: Any, stderr: Any, cwd: StrPath | None = None) -> subprocess.Popen[bytes]:
     """Start the child on this thread, through CPython's vfork path (no preexec_fn)."""
-    return subprocess.Popen(args, env=env, stdout=stdout, stderr=stderr, start_new_session=True)
+    return subprocess.Popen(args, env=env, stdout=stdout, stderr=stderr, start_new_session=True, cwd=cwd)
 
 
 async def _until_exited(pid: int, pidfd: int | None) -> None:
@@ -411,17 +689,6 @@ def _group_exists(pgid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def _group_leftovers(pgid: int) -> list[psutil.Process]:
-    """Living processes in the process group or session ``pgid`` (a /proc scan; rare)."""
-    found = []
-    for pid in psutil.pids():
-        stat = read_stat(pid)
-        if stat is not None and not stat.zombie and pgid in (stat.pgrp, stat.session):
-            with contextlib.suppress(psutil.Error):
-                found.append(psutil.Process(pid))
-    return found
 
 
 async def _until_readable(fd: int) -> None:

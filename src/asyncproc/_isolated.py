@@ -9,8 +9,10 @@ outcome.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import inspect
+import itertools
 import logging
 import math
 import os
@@ -27,7 +29,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import anyio
 import psutil
 
-from . import _proctree, _protocol, _worker
+from . import _cgroup, _proctree, _protocol, _worker
 from ._exceptions import AsyncprocError, ChildCrashed, MemoryLimitExceeded, RemoteError
 from ._serverlink import link
 from ._validate import check_choice, check_count, check_instance, check_seconds
@@ -45,7 +47,8 @@ START_METHODS = ("forkserver", "fork", "spawn")
 # After SIGKILL a process normally vanishes in microseconds; one in uninterruptible
 # sleep may take forever, and we will not hang with it.
 _KILL_BOUND_S = 2.0
-# After answering, a worker only flushes and ends what it started (itself bounded).
+# After answering, a worker only flushes and ends what it started (itself bounded); the
+# wait for that is also bounded by the call's own timeout.
 _EXIT_BOUND_S = 5.0
 
 
@@ -56,6 +59,13 @@ class _Exit:
     fault_log: str = ""
     note: str = ""  # when the status is unknown: why
     never_started: bool = False  # the fork server died before any worker got the call
+
+
+# Set by a supervisor's Call child, in its own task: told the worker once the call has one
+# (the supervisor reads the worker's pid from it for ChildStatus and its events).
+worker_started: contextvars.ContextVar[Callable[[_Worker], None] | None] = contextvars.ContextVar(
+    "asyncproc_worker_started", default=None
+)
 
 
 class _ServerLost(AsyncprocError):
@@ -100,11 +110,19 @@ class _Worker:
     def __init__(self, data: socket.socket):
         data.setblocking(False)
         self.data = data
+        self.ended = False  # end-of-stream seen on data
         _IN_FLIGHT.add(data)
 
     async def next_message(self) -> _protocol.Message | None:
         """The worker's next message, or None at end-of-stream (it is gone)."""
-        return await _recv(self.data)
+        msg = await _recv(self.data)
+        self.ended = msg is None
+        return msg
+
+    async def wait_gone(self) -> None:
+        """Until the worker and its tree are gone (the caller bounds the wait)."""
+        while await self.next_message() is not None:
+            pass
 
     def signal(self, sig: int) -> None:
         raise NotImplementedError
@@ -122,41 +140,120 @@ class _Worker:
 
 
 class _ServerWorker(_Worker):
-    """A worker forked by the fork server, which reaps it and reports on ``ctl``."""
+    """A worker forked by the fork server, which reaps it and reports on ``ctl``.
 
-    def __init__(self, data: socket.socket, ctl: socket.socket):
+    Once the server has told us the worker's cgroup (HELLO), we can end and watch the
+    worker's tree ourselves: a stopped, busy or dead server then delays nothing."""
+
+    def __init__(self, data: socket.socket, ctl: socket.socket, cgroup_root: str | None):
         super().__init__(data)
         ctl.setblocking(False)
         self.ctl = ctl
+        self.cgroup_root = cgroup_root
+        self.cgroup: str | None = None
+        self.exited: _protocol.Message | None = None
+        self.server_gone = False  # end-of-stream on ctl
         _IN_FLIGHT.add(ctl)
+
+    def _on_ctl(self, msg: _protocol.Message | None) -> None:
+        if msg is None:
+            self.server_gone = True
+        elif msg.tag == _protocol.HELLO:
+            pid, _, leaf = bytes(msg.body).decode().partition(" ")
+            self.pid = int(pid)
+            if leaf and self.cgroup_root is not None:
+                self.cgroup = os.path.join(self.cgroup_root, leaf)
+        elif msg.tag == _protocol.EXITED:
+            self.exited = msg
+
+    def _read_ctl_now(self) -> None:
+        """What the server has sent so far, without waiting."""
+        while self.exited is None and not self.server_gone:
+            try:
+                msg = _protocol.recv(self.ctl)
+            except BlockingIOError:
+                return
+            except OSError:
+                msg = None
+            self._on_ctl(msg)
 
     def signal(self, sig: int) -> None:
         try:
             _protocol.send(self.ctl, _protocol.TERM if sig == signal.SIGTERM else _protocol.KILL)
         except OSError:
             pass  # the server already closed: the worker is gone
+        # Ourselves too, through its cgroup: a stopped or busy server would take its time.
+        self._read_ctl_now()
+        if self.cgroup is not None and self.exited is None:
+            if sig == signal.SIGKILL:
+                _cgroup.kill(self.cgroup)
+            else:
+                _cgroup.signal(self.cgroup, sig)
+
+    async def wait_gone(self) -> None:
+        """End-of-stream on data (the server saw the tree end) or, sooner when the server
+        is stopped or busy, the worker's cgroup found empty."""
+        self._read_ctl_now()
+        if self.cgroup is None or self.ended:
+            await super().wait_gone()
+            return
+        async with anyio.create_task_group() as tg:
+
+            async def first(wait: Callable[[], Awaitable[object]]) -> None:
+                await wait()
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(first, super().wait_gone)
+            tg.start_soon(first, functools.partial(_cgroup.wait_empty_async, self.cgroup, math.inf))
 
     async def exit_status(self) -> _Exit:
-        exited = None
-        with anyio.move_on_after(_KILL_BOUND_S):
-            while (msg := await _recv(self.ctl)) is not None:
-                if msg.tag == _protocol.HELLO:
-                    self.pid = int(bytes(msg.body))
-                elif msg.tag == _protocol.EXITED:
-                    exited = msg
-                    break
+        if self.ended:  # the server queued EXITED before ending the stream, or died
+            with anyio.move_on_after(_KILL_BOUND_S):
+                while self.exited is None and not self.server_gone:
+                    self._on_ctl(await _recv(self.ctl))
+        else:  # gone by its cgroup: the server's report may still be on its way
+            self._read_ctl_now()
         self.close()
+        exited = self.exited
         if exited is None:
             if self.pid is None:
                 return _Exit(None, None, never_started=True)
+            if not self.server_gone:
+                return _Exit(self.pid, None, note=f"the asyncproc fork server did not report on worker {self.pid} in time")
+            await self._end_orphaned_tree()
             return _Exit(self.pid, None, note=f"the asyncproc fork server died while worker {self.pid} served this call")
         head, _, fault = bytes(exited.body).partition(b"\n")
-        pid, code = map(int, head.split())
-        return _Exit(pid, code, fault.decode(errors="replace"))
+        pid, code, *flags = head.split()
+        if b"unstarted" in flags:  # the worker died before reading the call: it never ran
+            return _Exit(None, None, never_started=True)
+        return _Exit(int(pid), int(code), fault.decode(errors="replace"))
+
+    async def _end_orphaned_tree(self) -> None:
+        """The server died (SIGKILL) while our worker ran: the worker died with it, but what
+        it started lives on, orphaned. With its cgroup, all of it ends at once; without,
+        its process group (setsid escapees are out of reach: see the README)."""
+        assert self.pid is not None
+        if self.cgroup is not None:
+            members = _cgroup.procs(self.cgroup)
+            _cgroup.kill(self.cgroup)
+            await _cgroup.wait_empty_async(self.cgroup, _KILL_BOUND_S)
+            _proctree.reap_each(members)  # re-parented to us if we are a subreaper
+        else:
+            # The group id stays reserved while any member lives, so this reaches only
+            # the worker's group (or, with the group empty, nothing of ours).
+            _proctree.signal_tree(self.pid, (), signal.SIGKILL)
+        link.check_server()  # reap the dead server, remove its cgroups
 
     def release(self) -> None:
         # Closing ctl tells the server the caller is done: it ends whatever is left.
         self.close()
+        # Refill the reserve only now, and only after a value: a request sent while the call
+        # runs would wake the server (and its fork) on the CPU the worker needs, and after
+        # any other outcome the server may be the trouble (the next call asks for itself).
+        try:
+            link.top_up()
+        except Exception as exc:  # refilling the reserve must never fail a call
+            log.debug("asyncproc: could not refill the worker reserve: %r", exc)
 
     def close(self) -> None:
         self.data.close()
@@ -168,16 +265,32 @@ class _OwnWorker(_Worker):
 
     pid: int  # always known: we forked or spawned it ourselves
 
-    def __init__(self, data: socket.socket, pid: int, fault_fd: int):
+    def __init__(self, data: socket.socket, pid: int, fault_fd: int, cgroup: str | None, guarded: bool):
         super().__init__(data)
         self.pid = pid
         self.fault_fd = fault_fd
         self.pidfd = _proctree.pidfd_open(pid)
+        self.cgroup = cgroup
+        self.guarded = guarded  # registered with the guardian: unregister once reaped
         self.reaped = False
         self.tree: list[psutil.Process] = []  # every descendant seen while signalling
+        self.members: set[int] = set()  # every pid seen in its cgroup while signalling
+
+    def _kill_cgroup(self, cgroup: str) -> None:
+        # Who was in it: those re-parented to us (if we are a subreaper) are ours to reap.
+        self.members.update(_cgroup.procs(cgroup))
+        _cgroup.kill(cgroup)
 
     def signal(self, sig: int) -> None:
         if self.reaped:  # until we reap it, its pid and group id cannot be reused
+            return
+        if self.cgroup is not None:  # the whole tree, without a scan of /proc
+            _proctree.signal_tree(self.pid, (), sig)
+            if sig == signal.SIGKILL:
+                self._kill_cgroup(self.cgroup)
+            else:
+                self.members.update(_cgroup.procs(self.cgroup))
+                _cgroup.signal(self.cgroup, sig)
             return
         known = {p.pid for p in self.tree}
         self.tree += [p for p in _proctree.descendants(self.pid) if p.pid not in known]
@@ -196,12 +309,22 @@ class _OwnWorker(_Worker):
         # then reap what its death re-parented to us (if we are a subreaper), leader last.
         _proctree.signal_tree(self.pid, self.tree, signal.SIGKILL)
         with anyio.move_on_after(_KILL_BOUND_S):
+            if self.cgroup is not None:
+                self._kill_cgroup(self.cgroup)
+                await _cgroup.wait_empty_async(self.cgroup, _KILL_BOUND_S)
+                _proctree.reap_each(self.members - {self.pid})
             await _proctree.reap_adopted(self.pid, self.tree)
+        if self.cgroup is not None and _cgroup.remove(self.cgroup):
+            self.cgroup = None
         code = _proctree.reap(self.pid)
         if code is None:
             log.warning("asyncproc: child %s did not exit after SIGKILL (uninterruptible sleep?); giving up on it", self.pid)
         else:
             self.reaped = True
+            if self.guarded:
+                from . import _guardian
+
+                _guardian.unregister(self.pid)
         fault = _protocol.read_text(self.fault_fd) if code else ""
         self.close()
         return _Exit(self.pid, code, fault)
@@ -257,22 +380,40 @@ async def _start_spawn(spec: _worker.CallSpec, job: _worker.Job) -> _Worker:
 
 
 async def _start_via_server(spec: _worker.CallSpec, job: _worker.Job, kind: bytes) -> _Worker:
-    call = _worker.encode_call(_with_context(spec, env=link.env_if_changed()), job)
+    try:
+        call = _worker.encode_call(_with_context(spec, env=link.env_if_changed()), job)
+    except Exception as exc:
+        raise _unpicklable_call(job, exc) from exc
     _learn_needs(call)
     for _ in range(3):
         data, ctl = await link.take(kind)
+        cgroup_root = link.cgroup  # of the server that gave us this worker
         try:
             _protocol.send(data, _protocol.CALL, call)
         except (BrokenPipeError, ConnectionResetError):
             data.close()  # the reserved worker died idle; the call never reached it
             ctl.close()
             continue
-        try:
-            link.top_up()
-        except Exception as exc:  # refilling the reserve must never fail a call already sent
-            log.debug("asyncproc: could not refill the worker reserve: %r", exc)
-        return _ServerWorker(data, ctl)
+        return _ServerWorker(data, ctl, cgroup_root)
     raise _ServerLost
+
+
+def _unpicklable_call(job: _worker.Job, exc: Exception) -> TypeError:
+    """Which part of the call could not be pickled, and what to do about it."""
+    func, args, kwargs = job
+    parts = [("the function", func), *((f"args[{i}]", a) for i, a in enumerate(args))]
+    parts += [(f"kwargs[{k!r}]", v) for k, v in kwargs.items()]
+    what, reason = "the call", f"{type(exc).__name__}: {exc}"
+    for name, value in parts:
+        try:
+            _worker.by_value_dumps(value)
+        except Exception as part_exc:
+            what, reason = f"{name} ({type(value).__name__})", f"{type(part_exc).__name__}: {part_exc}"
+            break
+    return TypeError(
+        f"{what} of {_describe(func)} cannot be pickled ({reason}); \"forkserver\" and \"spawn\" "
+        f"calls send it to the child by pickle: use start_method=\"fork\" to let the child inherit it"
+    )
 
 
 def _track_dynamic_classes(func: Callable[..., Any], depth: int = 3) -> None:
@@ -310,6 +451,7 @@ def _track_dynamic_classes(func: Callable[..., Any], depth: int = 3) -> None:
 # another thread would otherwise fork a child holding this call's worker end, and this call
 # would not see end-of-stream when its own worker dies, only when that sibling exits.
 _FORK_LOCK = threading.Lock()
+_FORK_NAMES = itertools.count()
 
 
 async def _start_fork(spec: _worker.CallSpec, job: _worker.Job) -> _Worker:
@@ -320,6 +462,9 @@ async def _start_fork(spec: _worker.CallSpec, job: _worker.Job) -> _Worker:
             stream.flush()
         except Exception:
             pass
+    from . import _guardian
+
+    cgroup = _cgroup.create(f"fork{next(_FORK_NAMES)}")
     with _FORK_LOCK:
         data, data_far = _protocol.seqpacket_pair()
         fault_fd = os.memfd_create("asyncproc-fault", os.MFD_CLOEXEC)
@@ -329,12 +474,23 @@ async def _start_fork(spec: _worker.CallSpec, job: _worker.Job) -> _Worker:
             for sock in (data, data_far):
                 sock.close()
             os.close(fault_fd)
+            if cgroup is not None:
+                _cgroup.remove(cgroup)
             raise
         if pid == 0:
             data.close()
-            _worker.forked_main(data_far, fault_fd, parent, job, spec)
+            _worker.forked_main(data_far, fault_fd, parent, job, spec, cgroup)
         data_far.close()
-    return _OwnWorker(data, pid, fault_fd)
+    # The guardian ends a "fork" worker's whole tree if we die (SIGKILL included): then
+    # the worker must have no parent-death signal, which would kill it first and orphan
+    # its tree, out of the guardian's sight. It waits for our go to learn which it is.
+    _guardian.register(pid)
+    guarded = _guardian.guardian_pid() is not None
+    try:
+        _protocol.send(data, _protocol.CALL, _worker.GUARDED if guarded else b"")  # go
+    except OSError:
+        pass  # it died already: its end-of-stream tells the caller
+    return _OwnWorker(data, pid, fault_fd, cgroup, guarded)
 
 
 _STARTERS: dict[str, Callable[[_worker.CallSpec, _worker.Job], Awaitable[_Worker]]] = {
@@ -351,11 +507,6 @@ def _with_context(spec: _worker.CallSpec, env: dict[str, str] | None) -> _worker
 
 
 # -- outcomes -----------------------------------------------------------------------------
-
-
-async def _drain_to_end(worker: _Worker) -> None:
-    while await worker.next_message() is not None:
-        pass
 
 
 async def _stop(worker: _Worker, grace: float) -> _Exit:
@@ -376,27 +527,25 @@ async def _stop(worker: _Worker, grace: float) -> _Exit:
 
 
 async def _stop_or_raise(worker: _Worker, grace: float) -> _Exit:
+    # grace, then the kill bound: the only waits (exit_status no longer waits once the
+    # kill bound has passed), whatever state the fork server is in.
     worker.signal(signal.SIGTERM)
-    ended = False
-    with anyio.move_on_after(grace):
-        await _drain_to_end(worker)
-        ended = True
-    if not ended:
+    with anyio.move_on_after(grace) as graceful:
+        await worker.wait_gone()
+    if graceful.cancelled_caught:
         worker.signal(signal.SIGKILL)
         with anyio.move_on_after(_KILL_BOUND_S):
-            await _drain_to_end(worker)
+            await worker.wait_gone()
     return await worker.exit_status()
 
 
-async def _finish(worker: _Worker) -> _Exit:
+async def _finish(worker: _Worker, deadline: float, grace: float) -> _Exit:
     """After an answer that is not a value: wait for the worker to end (it is already
-    ending), then the status."""
-    ended = False
-    with anyio.move_on_after(_EXIT_BOUND_S):
-        await _drain_to_end(worker)
-        ended = True
-    if not ended:
-        return await _stop(worker, 0)
+    ending) until the call's own deadline, then stop it as a timeout would; the status."""
+    with anyio.move_on_after(min(_EXIT_BOUND_S, max(0.0, deadline - anyio.current_time()))) as waited:
+        await worker.wait_gone()
+    if waited.cancelled_caught:
+        return await _stop(worker, grace)
     return await worker.exit_status()
 
 
@@ -425,7 +574,7 @@ def _loads_value(body: bytes | memoryview, pid: int | None) -> Any:
         ) from None
 
 
-async def _outcome(worker: _Worker, msg: _protocol.Message | None) -> Any:
+async def _outcome(worker: _Worker, msg: _protocol.Message | None, deadline: float, grace: float) -> Any:
     if msg is not None and msg.tag == _protocol.VALUE:
         value = _loads_value(msg.body, worker.pid)
         if isinstance(worker, _OwnWorker):
@@ -434,7 +583,7 @@ async def _outcome(worker: _Worker, msg: _protocol.Message | None) -> Any:
             worker.release()
         return value
     with anyio.CancelScope(shield=True):
-        end = await _finish(worker) if msg is not None else await worker.exit_status()
+        end = await _finish(worker, deadline, grace) if msg is not None else await worker.exit_status()
     if msg is None and end.never_started:
         raise _ServerLost
     if msg is None:
@@ -569,23 +718,36 @@ class Isolated:
     async def _call_once(self, func: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any]) -> T:
         worker: _Worker | None = None
         msg = None
+        deadline = anyio.current_time() + (math.inf if self.timeout is None else self.timeout)
         try:
             # The timeout covers the whole call, waiting for a busy fork server included.
-            with anyio.move_on_after(math.inf if self.timeout is None else self.timeout) as scope:
+            with anyio.CancelScope(deadline=deadline) as scope:
                 worker = await _STARTERS[self.start_method](self._spec, (func, args, kwargs))
+                if (hook := worker_started.get()) is not None:
+                    hook(worker)
                 msg = await worker.next_message()
             if scope.cancelled_caught:
+                started = worker is not None and _call_read(worker)
                 if worker is not None:
                     with anyio.CancelScope(shield=True):
                         await _stop(worker, self.grace)
-                raise TimeoutError(f"{_describe(func)} did not return within {self.timeout} s; its process was stopped")
+                raise TimeoutError(self._timeout_message(func, worker, started))
             assert worker is not None
-            return await _outcome(worker, msg)
+            return await _outcome(worker, msg, deadline, self.grace)
         except BaseException:
             if worker is not None and not _is_closed(worker):  # cancelled from outside while waiting
                 with anyio.CancelScope(shield=True):
                     await _stop(worker, self.grace)
             raise
+
+    def _timeout_message(self, func: Callable[..., Any], worker: _Worker | None, started: bool) -> str:
+        name = _describe(func)
+        if started:
+            return f"{name} did not return within {self.timeout} s; its process was stopped"
+        if worker is None:
+            return f"{name} did not start within {self.timeout} s: the asyncproc fork server was too busy (or stopped) to start its process"
+        why = "a new interpreter was still starting up" if self.start_method == "spawn" else "its process had not yet read the call"
+        return f"{name} did not start within {self.timeout} s ({why}); it never ran, and its process was stopped"
 
     def __call__(self, func: Callable[..., T]) -> Callable[..., Awaitable[T]]:
         """Decorator: a sync ``def`` becomes an ``async def`` that runs isolated."""
@@ -596,6 +758,21 @@ class Isolated:
             return await self.call(func, *args, **kwargs)
 
         return isolated
+
+
+def _call_read(worker: _Worker) -> bool:
+    """Whether the worker has read what we sent it (the call, or a "fork" worker's go):
+    a Unix socket counts sent bytes against the sender until the receiver reads them."""
+    import array
+    import fcntl
+    import termios
+
+    unread = array.array("i", [0])
+    try:
+        fcntl.ioctl(worker.data.fileno(), termios.TIOCOUTQ, unread)
+    except OSError:
+        return True  # cannot tell: say the usual
+    return unread[0] == 0
 
 
 def _is_closed(worker: _Worker) -> bool:

@@ -14,6 +14,7 @@ Shared by every part of asyncproc that ends processes. The rules it encodes:
 
 from __future__ import annotations
 
+import _thread
 import ctypes
 import os
 import select
@@ -25,6 +26,8 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (and re) 
 
 if TYPE_CHECKING:  # imported where used: the fork server and its workers stay lean
     import psutil
+
+    from ._guardian_main import Stat
 
 __all__ = [
     "KILL_BOUND_S",
@@ -41,11 +44,16 @@ __all__ = [
     "set_parent_death_signal",
     "signal_tree",
     "process_and_descendants",
+    "trees_of",
+    "shared_scan",
+    "family_of",
     "wait_fds",
     "has_exited",
     "own_children",
+    "children_of",
     "reap_exited_children",
     "reap_adopted",
+    "reap_each",
     "wait_exit",
     "wait_gone",
 ]
@@ -124,6 +132,73 @@ def descendants(pid: int) -> list[psutil.Process]:
         return []
 
 
+def trees_of(pids: Iterable[int]) -> list[psutil.Process]:
+    """Each of ``pids`` that lives and all their living descendants, from ONE scan of /proc
+    (a scan per process costs tens of milliseconds each with hundreds of processes)."""
+    import psutil
+
+    table = shared_scan()
+    children: dict[int, list[int]] = {}
+    for pid, stat in table.items():
+        children.setdefault(stat.ppid, []).append(pid)
+    found: list[psutil.Process] = []
+    seen: set[int] = set()
+    pending = [pid for pid in pids if pid in table]
+    while pending:
+        pid = pending.pop()
+        if pid in seen or table[pid].zombie:
+            continue
+        seen.add(pid)
+        try:
+            found.append(psutil.Process(pid))
+        except psutil.Error:
+            continue
+        pending += children.get(pid, ())
+    return found
+
+
+_scan_lock = _thread.allocate_lock()
+_latest_scan: tuple[float, dict[int, Stat]] | None = None
+
+
+def shared_scan() -> dict[int, Stat]:
+    """Every process's stat, from a scan of /proc that began after this call did.
+
+    Concurrent callers (300 handlers stopping at once, on worker threads) share scans: a
+    caller that finds a scan started after it asked takes that one, so a burst costs two
+    scans, not one per caller (each takes tens of milliseconds with hundreds of processes).
+    """
+    global _latest_scan
+    from ._guardian_main import scan
+
+    asked = time.monotonic()
+    with _scan_lock:
+        if _latest_scan is not None and _latest_scan[0] >= asked:
+            return _latest_scan[1]
+        started = time.monotonic()
+        table = scan()
+        _latest_scan = (started, table)
+        return table
+
+
+def family_of(pid: int, starttime: int, table: dict[int, Stat]) -> list[psutil.Process]:
+    """What belongs to our child ``pid`` besides itself, from one /proc ``table``: its
+    descendants and the members of the group or session it leads (see
+    ``_guardian_main.family``: after ``pid`` is reaped, only while its group id is ours)."""
+    import psutil
+
+    from ._guardian_main import family
+
+    found = []
+    for member in family({pid: starttime}, table):
+        if member != pid:
+            try:
+                found.append(psutil.Process(member))
+            except psutil.Error:
+                pass
+    return found
+
+
 def process_and_descendants(pid: int) -> list[psutil.Process]:
     """``pid`` itself and every live descendant; [] if it is gone."""
     import psutil
@@ -137,13 +212,18 @@ def process_and_descendants(pid: int) -> list[psutil.Process]:
 
 def signal_tree(pgid: int | None, procs: Iterable[psutil.Process], sig: int) -> None:
     """Signal a process group and every process of a snapshot; vanished ones are fine."""
-    import psutil
-
     if pgid is not None:
         try:
             os.killpg(pgid, sig)
         except (ProcessLookupError, PermissionError):
             pass
+    procs = list(procs)
+    if not procs:
+        # No psutil import for a group alone: the fork server signals a worker's group on
+        # every call, and each module it holds is copied into and torn down with every worker.
+        return
+    import psutil
+
     for proc in procs:
         try:
             # psutil checks the create time first, so a recycled pid is never hit.
@@ -277,17 +357,46 @@ def reap_exited_children() -> None:
             return
 
 
+def children_of(pid: int) -> list[int]:
+    """``pid``'s direct children, from /proc (no scan of every process); [] when gone."""
+    try:
+        return _task_children(str(pid))
+    except OSError:
+        return []
+
+
+def _task_children(pid: str) -> list[int]:
+    # Raw os calls, no file objects: the fork server and every worker run this once per
+    # call, and in a freshly forked process each object touched is a copy-on-write fault.
+    pids: list[int] = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        fd = os.open(f"/proc/{pid}/task/{tid}/children", os.O_RDONLY | os.O_CLOEXEC)
+        text = b""
+        try:
+            while chunk := os.read(fd, 65536):
+                text += chunk
+        finally:
+            os.close(fd)
+        pids += map(int, text.split())
+    return pids
+
+
+def reap_each(pids: Iterable[int]) -> None:
+    """Reap those of ``pids`` that are our exited children; skip the rest."""
+    for pid in pids:
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+
+
 def own_children() -> list[int] | None:
     """This process's direct children, from /proc (cheap: no scan of every process);
     None where the kernel does not list them (CONFIG_PROC_CHILDREN)."""
-    pids: list[int] = []
     try:
-        for tid in os.listdir("/proc/self/task"):
-            with open(f"/proc/self/task/{tid}/children") as f:
-                pids += map(int, f.read().split())
+        return _task_children("self")
     except FileNotFoundError:
         return None
-    return pids
 
 
 async def reap_adopted(leader: int, snapshot: Iterable[psutil.Process]) -> None:

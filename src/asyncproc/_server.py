@@ -6,11 +6,19 @@ call the caller sends SPAWN with two fresh descriptors: ``ctl`` (server <-> call
 ``data`` (worker <-> caller). The server hands ``data`` to a spare and keeps its own copy.
 
 When the worker exits the server (1) SIGKILLs the rest of the worker's process group while
-the unreaped worker still reserves the group id, (2) kills any process it adopted (workers
-are subreapers, so an orphan reaching the server can only come from a dead worker's tree),
-(3) reaps, (4) sends EXITED with the status and faulthandler's output on ``ctl``, and only
-then (5) shuts ``data`` down. The caller waits on ``data`` alone: at end-of-stream it knows
-EXITED is already queued on ``ctl`` and that everything is gone.
+the unreaped worker still reserves the group id, and the worker's cgroup when it has one,
+(2) kills any process it adopted (workers are subreapers, so an orphan reaching the server
+can only come from a dead worker's tree), (3) reaps, and lets the call *drain*: only once
+its cgroup is empty (or, without one, no adopted process is left; or the kill bound has
+passed) does it (4) send EXITED with the status and faulthandler's output on ``ctl``, and
+then (5) shut ``data`` down. The caller waits on ``data`` alone: at end-of-stream it knows
+EXITED is already queued on ``ctl`` and that everything is gone. Draining is a state, not
+a wait: the loop keeps serving other calls meanwhile, and each round costs one read of our
+own children list (no scan of /proc), so one call's thousand orphans never delay the others.
+
+Signals (SIGTERM, SIGHUP, SIGCHLD) only write a byte to a wake-up pipe and set a flag; the
+loop acts on them. A handler that raised would land in whatever code runs at that moment
+(logging's after-fork hook, say) and could be swallowed there.
 
 The channel is also the lifeline: at its end-of-stream (the caller exited or was killed)
 the server ends every worker's tree and exits. Spares die with the server
@@ -21,6 +29,7 @@ from __future__ import annotations
 
 import gc
 import importlib
+import itertools
 import os
 import pickle
 import resource
@@ -28,50 +37,79 @@ import selectors
 import signal
 import socket
 import sys
+import time
 
-from . import _proctree, _protocol, _worker
+from . import _cgroup, _proctree, _protocol, _worker
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
 
-class _Spare:
-    __slots__ = ("pid", "ctl", "fault_fd")
+# After SIGKILL a process normally vanishes in microseconds; one in uninterruptible sleep
+# may take forever: past this, a call is reported even if some of its tree lingers.
+_KILL_BOUND_S = 2.0
 
-    def __init__(self, pid: int, ctl: socket.socket, fault_fd: int):
+
+class _Spare:
+    __slots__ = ("pid", "ctl", "fault_fd", "cgroup")
+
+    def __init__(self, pid: int, ctl: socket.socket, fault_fd: int, cgroup: str | None):
         self.pid = pid
         self.ctl = ctl  # the spare waits on its end for ASSIGN
         self.fault_fd = fault_fd
+        self.cgroup = cgroup  # the worker's own cgroup (it attached itself), or None
 
 
 class _Job:
-    __slots__ = ("pid", "ctl", "data", "fault_fd")
+    __slots__ = ("pid", "ctl", "data", "fault_fd", "cgroup", "exitcode", "unstarted", "deadline")
 
-    def __init__(self, pid: int, ctl: socket.socket, data: socket.socket, fault_fd: int):
+    def __init__(self, pid: int, ctl: socket.socket, data: socket.socket, fault_fd: int, cgroup: str | None):
         self.pid = pid
         self.ctl = ctl  # to the caller
         self.data = data  # our copy of the worker's data socket; shut down at the end
         self.fault_fd = fault_fd
+        self.cgroup = cgroup
+        self.exitcode = 0
+        self.unstarted = False  # the worker died with the call unread: safe to retry
+        self.deadline = 0.0  # while draining: report by then, whatever is left
 
 
 class Server:
-    def __init__(self, channel: socket.socket, spares: int):
+    def __init__(self, channel: socket.socket, spares: int, cgroup_root: str | None = None):
         self.channel = channel
         self.target_spares = spares
         self.spares: list[_Spare] = []
         self.jobs: dict[int, _Job] = {}
+        self.draining: list[_Job] = []
         self.by_ctl: dict[int, _Job] = {}
         self.selector = selectors.DefaultSelector()
         self.pid = os.getpid()
+        # Created for us by the caller, who kills it whole if we die; a cgroup per worker below.
+        self.cgroup_root = cgroup_root
+        self.cgroup_names = itertools.count()
+        self.retired_cgroups: list[str | None] = []
+        self.killed: set[int] = set()  # adopted orphans SIGKILLed, not yet reaped
+        self.stop_signal = 0
         wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.wake_r = wake_r
-        signal.set_wakeup_fd(self.wake_w)
-        signal.signal(signal.SIGCHLD, lambda *_: None)  # a handler, so the wake-up fd fires
+        signal.set_wakeup_fd(self.wake_w)  # before the handlers: no signal can come unseen
+        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, self._note_signal)
         self.selector.register(channel, selectors.EVENT_READ, self._on_request)
-        self.selector.register(wake_r, selectors.EVENT_READ, self._on_sigchld)
+        self.selector.register(wake_r, selectors.EVENT_READ, self._on_signal)
+
+    def _note_signal(self, signum: int, frame: object) -> None:
+        # Never raise here: this runs between any two bytecodes of the server.
+        if signum != signal.SIGCHLD:
+            self.stop_signal = signum
 
     # -- spares ---------------------------------------------------------------------------
+
+    def _new_cgroup(self) -> str | None:
+        if self.cgroup_root is None:
+            return None
+        return _cgroup.create(str(next(self.cgroup_names)), parent=self.cgroup_root)
 
     def _fork_spare(self) -> _Spare:
         # Objects that exist now move to the permanent generation: a collection in the
@@ -79,23 +117,28 @@ class Server:
         gc.freeze()
         ours, theirs = _protocol.seqpacket_pair()
         fault_fd = os.memfd_create("asyncproc-fault", os.MFD_CLOEXEC)
-        pid = os.fork()
+        cgroup = self._new_cgroup()
+        try:
+            pid = os.fork()
+        except BaseException:
+            ours.close()
+            theirs.close()
+            os.close(fault_fd)
+            _remove_cgroup(cgroup)
+            raise
         if pid == 0:  # the spare
             try:
                 self._become_spare(theirs.fileno(), fault_fd)
-                _worker.spare_main(theirs, fault_fd, self.pid)
+                _worker.spare_main(theirs, fault_fd, self.pid, cgroup)
             finally:
                 os._exit(70)
         theirs.close()
-        return _Spare(pid, ours, fault_fd)
+        return _Spare(pid, ours, fault_fd, cgroup)
 
     def _become_spare(self, keep_sock: int, keep_fault: int) -> None:
         # Drop every descriptor of the server: the caller's lifeline, other calls' sockets,
         # other spares' fault logs. A worker must hold nothing but its own.
-        signal.set_wakeup_fd(-1)
-        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        _worker.reset_inherited_signals()
         if _worker_nofile is not None:
             resource.setrlimit(resource.RLIMIT_NOFILE, _worker_nofile)
         low, high = sorted((keep_sock, keep_fault))
@@ -111,6 +154,7 @@ class Server:
         for spare in self.spares:
             spare.ctl.close()  # end-of-stream: the spare exits by itself
             os.close(spare.fault_fd)
+            self.retired_cgroups.append(spare.cgroup)  # removed once the spare is gone
         self.spares.clear()
 
     # -- requests -------------------------------------------------------------------------
@@ -124,7 +168,7 @@ class Server:
             _complain("could not receive a request", exc)
             return
         if msg is None:
-            raise SystemExit(0)  # lifeline cut: the caller is gone
+            raise SystemExit(0)  # lifeline cut: the caller is gone (raised in the loop, not a handler)
         if msg.tag == _protocol.SPAWN:
             try:
                 kind = bytes(msg.body)
@@ -155,15 +199,15 @@ class Server:
         try:
             # Before ASSIGN: once the worker may have the call, the caller must know it, so
             # that it never retries a call that may have run (should we die from here on).
-            _protocol.send(ctl, _protocol.HELLO, str(spare.pid).encode())
+            _protocol.send(ctl, _protocol.HELLO, _hello(spare.pid, spare.cgroup))
         except OSError:
             pass
         try:
             _protocol.send(spare.ctl, _protocol.ASSIGN, b"", [data.fileno()])
         except OSError:
-            pass  # the spare died idle: the SIGCHLD path reports it as this call's crash
+            pass  # the spare died idle: the SIGCHLD path reports it (the call unread: a retry)
         spare.ctl.close()
-        self._register(_Job(spare.pid, ctl, data, spare.fault_fd))
+        self._register(_Job(spare.pid, ctl, data, spare.fault_fd, spare.cgroup))
         self._refill()  # off the critical path: the call is already on its way
 
     def _start_fresh(self, ctl: socket.socket, data: socket.socket, binding: Any) -> None:
@@ -172,20 +216,23 @@ class Server:
         A NUMA binding is set on our (only) thread around the spawn: the child has it from
         its first instruction, and posix_spawn keeps its vfork path."""
         fault_fd = os.memfd_create("asyncproc-fault", os.MFD_CLOEXEC)
+        cgroup = self._new_cgroup()  # the child attaches itself before it runs anything
         try:
             code = f"from {_worker.__name__} import spawn_main; spawn_main()"
             fds = {3: data.fileno(), 4: fault_fd}
+            argv = [str(self.pid), cgroup or ""]
             if binding is None:
-                pid = _worker.spawn_python(code, [str(self.pid)], fds)
+                pid = _worker.spawn_python(code, argv, fds)
             else:
                 with binding.on_this_thread():
-                    pid = _worker.spawn_python(code, [str(self.pid)], fds)
+                    pid = _worker.spawn_python(code, argv, fds)
         except BaseException:
             os.close(fault_fd)
+            _remove_cgroup(cgroup)
             raise
-        self._register(_Job(pid, ctl, data, fault_fd))
+        self._register(_Job(pid, ctl, data, fault_fd, cgroup))
         try:
-            _protocol.send(ctl, _protocol.HELLO, str(pid).encode())
+            _protocol.send(ctl, _protocol.HELLO, _hello(pid, cgroup))
         except OSError:
             pass
 
@@ -210,9 +257,14 @@ class Server:
             return
         if sig == signal.SIGKILL:
             # No tree walk (a scan of all of /proc): the worker is a subreaper, so once it
-            # is dead whatever escaped its group is re-parented to us, and _end_adopted
+            # is dead whatever escaped its group is re-parented to us, and _kill_adopted
             # finds it from our own children list.
             _proctree.signal_tree(job.pid, (), sig)
+            if job.cgroup is not None:
+                _cgroup.kill(job.cgroup)
+        elif job.cgroup is not None:  # the cgroup lists the whole tree: no scan of /proc
+            _proctree.signal_tree(job.pid, (), sig)
+            _cgroup.signal(job.cgroup, sig)
         else:  # a graceful stop must reach the escaped too, while they can still be found
             _proctree.signal_tree(job.pid, _proctree.descendants(job.pid), sig)
 
@@ -232,12 +284,14 @@ class Server:
 
     # -- exits ----------------------------------------------------------------------------
 
-    def _on_sigchld(self) -> None:
+    def _on_signal(self) -> None:
         try:
             while os.read(self.wake_r, 512):
                 pass
         except BlockingIOError:
             pass
+        if self.stop_signal:
+            raise SystemExit(128 + self.stop_signal)  # in the loop: shutdown() ends every tree
         self._reap_all()
 
     def _reap_all(self) -> None:
@@ -255,6 +309,7 @@ class Server:
                 self._finish_job(job, info)
             else:
                 self._forget_spare(info.si_pid)
+                self.killed.discard(info.si_pid)
                 os.waitpid(info.si_pid, 0)  # already exited: returns at once
 
     def _forget_spare(self, pid: int) -> None:
@@ -263,18 +318,62 @@ class Server:
                 self.spares.remove(spare)
                 spare.ctl.close()
                 os.close(spare.fault_fd)
+                self.retired_cgroups.append(spare.cgroup)
                 return
 
     def _finish_job(self, job: _Job, info: os.waitid_result) -> None:
+        # The worker is dead but unreaped: its pid still reserves its group id.
         _proctree.signal_tree(job.pid, (), signal.SIGKILL)
-        self._end_adopted(also_known=job.pid)
+        if job.cgroup is not None:
+            _cgroup.kill(job.cgroup)
+        job.unstarted = _call_unread(job.data)
         os.waitpid(job.pid, 0)
-        exitcode = info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
-        fault_log = _protocol.read_text(job.fault_fd) if exitcode != 0 else ""
+        job.exitcode = info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
+        job.deadline = time.monotonic() + _KILL_BOUND_S
+        self.draining.append(job)
+
+    def _kill_adopted(self) -> bool:
+        """SIGKILL every live child we did not fork: orphans of dead workers' trees (their
+        own children come to us when they die: the next round gets those). Whether any
+        was found. By pid and safely: an unreaped child's pid cannot be reused."""
+        known = {*self.jobs, *(s.pid for s in self.spares)}
+        children = _proctree.own_children()
+        if children is None:  # pragma: no cover - kernels without CONFIG_PROC_CHILDREN
+            children = [p.pid for p in _proctree.descendants(self.pid) if p.ppid() == self.pid]
+        found = False
+        for pid in children:
+            if pid not in known:
+                found = True
+                if pid not in self.killed:  # once each: a thousand orphans, a thousand kills
+                    self.killed.add(pid)
+                    _kill_quietly(pid)
+        return found
+
+    def _drain(self) -> float | None:
+        """Report the draining calls whose trees are gone (or out of time); the seconds
+        until the next deadline, or None when nothing drains."""
+        if not self.draining:
+            return None
+        self._reap_all()
+        # With cgroups, cgroup.kill has done it all; the children list is for the rest.
+        adopted = any(j.cgroup is None for j in self.draining) and self._kill_adopted()
+        now = time.monotonic()
+        waiting = []
+        for job in self.draining:
+            gone = not _cgroup.populated(job.cgroup) if job.cgroup is not None else not adopted
+            if gone or now >= job.deadline:
+                self._report(job)
+            else:
+                waiting.append(job)
+        self.draining = waiting
+        return min((j.deadline for j in waiting), default=now) - now if waiting else None
+
+    def _report(self, job: _Job) -> None:
+        fault_log = _protocol.read_text(job.fault_fd) if job.exitcode != 0 else ""
         os.close(job.fault_fd)
         try:
-            body = f"{job.pid} {exitcode}\n".encode() + fault_log.encode(errors="replace")
-            _protocol.send(job.ctl, _protocol.EXITED, body)
+            head = f"{job.pid} {job.exitcode}{' unstarted' if job.unstarted else ''}\n"
+            _protocol.send(job.ctl, _protocol.EXITED, head.encode() + fault_log.encode(errors="replace"))
         except OSError:
             pass  # the caller already left
         try:
@@ -286,32 +385,20 @@ class Server:
         if job.ctl.fileno() in self.selector.get_map():
             self.selector.unregister(job.ctl)
         job.ctl.close()
+        if job.cgroup is not None and not _cgroup.remove(job.cgroup):
+            self.retired_cgroups.append(job.cgroup)  # something in uninterruptible sleep
 
-    def _end_adopted(self, also_known: int = 0) -> None:
-        """Kill every child we did not fork: orphans of a dead worker's tree."""
-        known = {*self.jobs, *(s.pid for s in self.spares), also_known}
-        children = _proctree.own_children()
-        if children is None:  # pragma: no cover - kernels without CONFIG_PROC_CHILDREN
-            children = [p.pid for p in _proctree.descendants(self.pid) if p.ppid() == self.pid]
-        adopted = [pid for pid in children if pid not in known]
-        if not adopted:
-            return
-        tree = [t for pid in adopted for t in _proctree.process_and_descendants(pid)]
-        _proctree.signal_tree(None, tree, signal.SIGKILL)
-        _proctree.wait_gone(tree, 2.0)
-        for proc in tree:
-            try:
-                os.waitpid(proc.pid, os.WNOHANG)  # ours once their parents died
-            except ChildProcessError:
-                pass
+    def _remove_retired_cgroups(self) -> None:
+        self.retired_cgroups = [c for c in self.retired_cgroups if c is not None and not _cgroup.remove(c)]
 
     # -- life -----------------------------------------------------------------------------
 
     def serve_forever(self) -> None:
         self._refill()
+        timeout: float | None = None
         try:
             while True:
-                for key, _ in self.selector.select():
+                for key, _ in self.selector.select(timeout):
                     # A handler earlier in this batch may have closed this one's socket
                     # (a worker's exit finishes its call); its event is stale.
                     if self.selector.get_map().get(key.fd) is key:
@@ -321,20 +408,47 @@ class Server:
                             raise
                         except Exception as exc:  # one call's trouble must not end every call
                             _complain("unexpected error", exc)
+                if self.stop_signal:  # its wake-up byte may still be on its way
+                    raise SystemExit(128 + self.stop_signal)
+                timeout = self._drain()
+                if self.retired_cgroups:  # retired spares exit by themselves, soon
+                    self._remove_retired_cgroups()
         finally:
             self.shutdown()
 
     def shutdown(self) -> None:
+        """Every call's tree ends, and every caller hears how its call ended (the ones
+        whose worker never read its call hear so: they are retried on a new server)."""
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut this short
+        ours = [*self.jobs, *(s.pid for s in self.spares)]  # our unreaped children: safe to signal
         self._retire_spares()
-        for job in list(self.jobs.values()):
-            tree = [*_proctree.process_and_descendants(job.pid)]
-            _proctree.signal_tree(job.pid, tree, signal.SIGKILL)
-        self._end_adopted()
-        deadline_fds = [fd for fd in (_proctree.pidfd_open(pid) for pid in self.jobs) if fd is not None]
-        _proctree.wait_fds(deadline_fds, 2.0)
-        for fd in deadline_fds:
-            os.close(fd)
+        if self.cgroup_root is not None:
+            _cgroup.kill(self.cgroup_root)  # every worker and spare, and their trees, at once
+        else:  # one scan of /proc for all of them, not one per call
+            _proctree.signal_tree(None, _proctree.descendants(self.pid), signal.SIGKILL)
+        for pid in ours:
+            _proctree.signal_tree(pid, (), signal.SIGKILL)  # its group (workers lead theirs)
+            _kill_quietly(pid)
+        deadline = time.monotonic() + _KILL_BOUND_S
+        fds = [fd for fd in map(_proctree.pidfd_open, ours) if fd is not None]
+        try:
+            _proctree.wait_fds(fds, _KILL_BOUND_S)
+        finally:
+            for fd in fds:
+                os.close(fd)
         self._reap_all()
+        while time.monotonic() < deadline:
+            populated = self.cgroup_root is not None and _cgroup.populated(self.cgroup_root)
+            if not self._kill_adopted() and not populated:
+                break
+            _proctree.wait_fds([self.wake_r], 0.01)  # SIGCHLD: the next one died
+            self._reap_all()
+        for job in self.draining:
+            job.deadline = 0.0
+        self._drain()
+        _proctree.reap_exited_children()
+        if self.cgroup_root is not None:
+            _cgroup.remove(self.cgroup_root)
 
 
 # ASCII unit/record separators: never in a module name or a path, and allowed in argv
@@ -351,6 +465,29 @@ def _decode_preload(body: bytes) -> tuple[list[str], list[str]]:
     return [n for n in names.split(_UNIT) if n], path.split(_UNIT)
 
 
+def _hello(pid: int, cgroup: str | None) -> bytes:
+    """The caller learns the worker's pid, and its cgroup's name: with that it can end the
+    worker's tree itself should we die or stop."""
+    return f"{pid} {os.path.basename(cgroup) if cgroup else ''}".encode()
+
+
+def _call_unread(data: socket.socket) -> bool:
+    """After the worker died: whether its call still sits unread in its socket (so it never
+    ran, and the caller may safely retry it). Shut down first: a call the caller sends
+    from now on fails at its end instead of joining the queue we look at."""
+    try:
+        data.shutdown(socket.SHUT_RD)
+        return bool(data.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except OSError:
+        return False
+
+
+def _remove_cgroup(cgroup: str | None) -> None:
+    if cgroup is not None:
+        _cgroup.kill(cgroup)
+        _cgroup.remove(cgroup)
+
+
 def _hung_up(sock: socket.socket) -> bool:
     try:
         return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
@@ -362,6 +499,13 @@ def _hung_up(sock: socket.socket) -> bool:
 
 def _complain(what: str, exc: BaseException) -> None:
     print(f"asyncproc fork server (pid {os.getpid()}): {what}: {exc!r}", file=sys.stderr)
+
+
+def _kill_quietly(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def _close_quietly(fd: int) -> None:
@@ -382,12 +526,8 @@ def _raise_fd_limit() -> None:
 _worker_nofile: tuple[int, int] | None = None
 
 
-def _exit_on_signal(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
-
-
 def main() -> None:
-    """``python -c 'from asyncproc._server import main; main()' SPARES PRELOAD``; fd 3 is the channel."""
+    """``python -c 'from asyncproc._server import main; main()' SPARES PRELOAD CGROUP``; fd 3 is the channel."""
     try:
         os.setsid()  # Ctrl-C at the terminal is the caller's to handle, not ours
     except PermissionError:  # already a session leader (posix_spawn setsid=True)
@@ -395,11 +535,11 @@ def main() -> None:
     _proctree.set_comm("asyncproc-srv")
     _proctree.make_subreaper()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    for sig in (signal.SIGTERM, signal.SIGHUP):  # stopped from outside: end every call's tree first
-        signal.signal(sig, _exit_on_signal)
     _raise_fd_limit()
     channel = socket.socket(fileno=3)
-    server = Server(channel, spares=int(sys.argv[1]))
+    # Stopped from outside (SIGTERM, SIGHUP): Server turns that into an event of its loop,
+    # which ends every call's tree first.
+    server = Server(channel, spares=int(sys.argv[1]), cgroup_root=(sys.argv[3] if len(sys.argv) > 3 else "") or None)
     if len(sys.argv) > 2 and sys.argv[2]:
         server._preload(*_decode_preload(sys.argv[2].encode()))
     try:

@@ -20,7 +20,7 @@ from collections.abc import Iterable
 
 import anyio
 
-from . import _proctree, _protocol
+from . import _cgroup, _proctree, _protocol
 from ._server import encode_preload
 from ._worker import spawn_python
 
@@ -82,6 +82,9 @@ class ServerLink:
         self._lock = threading.Lock()
         self._chan: socket.socket | None = None
         self._pid: int | None = None
+        self._pidfd: int | None = None
+        self._cgroup: str | None = None  # the server's workers each get a cgroup below it
+        self._starts = 0
         self._env: dict[bytes, bytes] = {}
         self._preloads = _env_preloads()
         self._reserve_size = _RESERVE_DEFAULT  # from the environment when the server starts
@@ -90,6 +93,10 @@ class ServerLink:
     @property
     def pid(self) -> int | None:
         return self._pid
+
+    @property
+    def cgroup(self) -> str | None:
+        return self._cgroup
 
     @property
     def preloads(self) -> tuple[str, ...]:
@@ -108,11 +115,18 @@ class ServerLink:
         self._reserve_size = _env_count(_RESERVE_ENV, _RESERVE_DEFAULT)
         ours, theirs = _protocol.seqpacket_pair()
         code = "from asyncproc._server import main; main()"
+        # Ours, not the server's: should it die, we can still end every worker's tree at once.
+        self._starts += 1
+        self._cgroup = _cgroup.create(f"srv{self._starts}")
         try:
             preload = encode_preload(self._preloads, sys.path).decode() if self._preloads else ""
-            self._pid = spawn_python(code, [str(_SPARES), preload], {3: theirs.fileno()})
+            self._pid = spawn_python(code, [str(_SPARES), preload, self._cgroup or ""], {3: theirs.fileno()})
+        except BaseException:
+            self._end_cgroup()
+            raise
         finally:
             theirs.close()
+        self._pidfd = _proctree.pidfd_open(self._pid)
         # Non-blocking: a stalled server (a long preload, a stopped process) must never
         # freeze the caller's event loop in sendmsg; callers wait for room instead.
         ours.setblocking(False)
@@ -162,6 +176,7 @@ class ServerLink:
                 return data, ctl
             data.close()  # died idle (killed, or its server died): its call never started
             ctl.close()
+            self.check_server()
         while True:
             try:
                 return self._request(kind)
@@ -203,19 +218,40 @@ class ServerLink:
 
     def _stop_locked(self) -> None:
         self._drop_reserve()
-        chan, pid = self._chan, self._pid
-        self._chan = self._pid = None
+        chan, pid, fd = self._chan, self._pid, self._pidfd
+        self._chan = self._pid = self._pidfd = None
         if chan is not None:
             chan.close()  # end-of-stream on the lifeline: the server ends its workers and exits
         if pid is not None:
-            fd = _proctree.pidfd_open(pid)
-            if fd is not None:
-                try:
+            try:
+                if fd is not None:
                     _proctree.wait_fds([fd], _STOP_BOUND_S)
-                finally:
+            finally:
+                if fd is not None:
                     os.close(fd)
             if _proctree.reap(pid) is None:
                 log.warning("asyncproc: the fork server (pid %s) did not exit within %.0f s", pid, _STOP_BOUND_S)
+        self._end_cgroup()
+
+    def _end_cgroup(self) -> None:
+        """Whatever the server left (it was SIGKILLed, say) dies; the cgroups go."""
+        cgroup, self._cgroup = self._cgroup, None
+        if cgroup is not None:
+            members = _cgroup.procs(cgroup, recursive=True)
+            _cgroup.kill(cgroup)
+            _cgroup.wait_empty(cgroup, _STOP_BOUND_S)
+            _proctree.reap_each(members)  # re-parented to us if we are a subreaper
+            _cgroup.remove(cgroup)
+
+    def check_server(self) -> bool:
+        """Whether the server is still running; if it died, reap it (a zombie otherwise,
+        for the rest of our life), end what it left, and start afresh on the next call."""
+        with self._lock:
+            if self._pidfd is None or not select.select([self._pidfd], [], [], 0)[0]:
+                return self._chan is not None
+            log.warning("asyncproc: the fork server (pid %s) died; a new one starts with the next call", self._pid)
+            self._stop_locked()
+            return False
 
     def stop(self) -> None:
         with self._lock:
@@ -237,7 +273,10 @@ class ServerLink:
         self._reserve.clear()
         if self._chan is not None:
             self._chan.close()
-        self._chan = self._pid = None
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+        self._chan = self._pid = self._pidfd = None
+        self._cgroup = None
         self._lock = threading.Lock()
 
 

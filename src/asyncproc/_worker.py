@@ -13,6 +13,7 @@ Shared by the three start methods. A worker:
 
 from __future__ import annotations
 
+import _signal
 import faulthandler
 import os
 import pickle
@@ -34,7 +35,7 @@ if TYPE_CHECKING:  # the fork server imports this module: no runtime typing, no 
 else:
     Job = tuple  # at run time too: __all__ names only what imports
 
-__all__ = ["CallSpec", "Job", "dumps", "encode_call", "prepare_process", "run_one", "spawn_main", "spare_main"]
+__all__ = ["CallSpec", "Job", "dumps", "encode_call", "prepare_process", "reset_inherited_signals", "run_one", "spawn_main", "spare_main"]
 
 _SPEC_LEN = struct.Struct("<I")
 
@@ -67,16 +68,54 @@ def dumps(obj: Any) -> bytes:
     try:
         return pickle.dumps(obj, protocol=5)
     except Exception:
-        import cloudpickle  # by value: lambdas, closures, classes of a __main__ we don't share
-
-        return cloudpickle.dumps(obj, protocol=5)
+        return by_value_dumps(obj)  # lambdas, closures, classes of a __main__ we don't share
 
 
 def encode_call(spec: CallSpec, job: Job) -> bytes:
-    import cloudpickle
+    return _encode(spec, by_value_dumps(job))
 
+
+def _encode(spec: CallSpec, payload: bytes) -> bytes:
     head = pickle.dumps(spec, protocol=5)
-    return _SPEC_LEN.pack(len(head)) + head + cloudpickle.dumps(job, protocol=5)
+    return _SPEC_LEN.pack(len(head)) + head + payload
+
+
+_pickler_class: Any = None
+
+
+def by_value_dumps(obj: Any) -> bytes:
+    """cloudpickle, except that code keeps its file name: cloudpickle 3.1 replaces it with
+    "<dynamic-code>", and the child's traceback and crash stack would lose the caller's
+    file and source lines (linecache finds them by that name)."""
+    global _pickler_class
+    import io
+
+    if _pickler_class is None:
+        _pickler_class = _make_pickler_class()
+    buf = io.BytesIO()
+    _pickler_class(buf, protocol=5).dump(obj)
+    return buf.getvalue()
+
+
+def _make_pickler_class() -> Any:
+    import collections
+    import types
+
+    import cloudpickle
+    from cloudpickle import cloudpickle as cp
+
+    reduce_code = getattr(cp, "_code_reduce", None)
+    if reduce_code is None:  # pragma: no cover - another cloudpickle: keep its behaviour
+        return cloudpickle.Pickler
+
+    def reduce_keeping_filename(code: types.CodeType) -> Any:
+        rebuild, args = reduce_code(code)
+        return rebuild, tuple(code.co_filename if a == "<dynamic-code>" else a for a in args)
+
+    class Pickler(cloudpickle.Pickler):  # type: ignore[misc]
+        dispatch_table = collections.ChainMap({types.CodeType: reduce_keeping_filename}, cloudpickle.Pickler.dispatch_table)
+
+    return Pickler
 
 
 def _decode_call(body: bytes | memoryview) -> tuple[CallSpec, bytes | memoryview]:
@@ -125,26 +164,42 @@ def spawn_python(code: str, argv: list[str], fds: dict[int, int]) -> int:
 
 
 
-def prepare_process(fault_fd: int, parent_pid: int) -> None:
-    """Isolate this fresh child: own session, subreaper, dies with its parent, fault log."""
+def prepare_process(fault_fd: int, parent_pid: int, cgroup: str | None = None, die_with_parent: bool = True) -> None:
+    """Isolate this fresh child: own session, own cgroup, subreaper, dies with its parent
+    (unless someone else, the guardian, ends it with its tree), fault log."""
     try:
         os.setsid()
     except PermissionError:  # posix_spawn(setsid=True) already made us a leader
         pass
-    _proctree.set_parent_death_signal(signal.SIGKILL)
+    if cgroup:
+        _attach_cgroup(cgroup)
+    if die_with_parent:
+        _proctree.set_parent_death_signal(signal.SIGKILL)
     if os.getppid() != parent_pid:  # the parent died before the line above took effect
         os._exit(1)
     _proctree.make_subreaper()
     faulthandler.enable(file=fault_fd, all_threads=True)
 
 
-def _reset_inherited_signals() -> None:
-    # A forked child must not write signal wake-ups into the caller's event loop pipe,
-    # and must not run handlers the caller's event loop installed.
-    signal.set_wakeup_fd(-1)
-    for sig in (signal.SIGTERM, signal.SIGCHLD, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+def _attach_cgroup(path: str) -> None:
+    # Before anything of the call runs: every process it starts is born in the cgroup and
+    # ends with one cgroup.kill. Failing that (a racing removal), the scans still apply.
+    try:
+        with open(os.path.join(path, "cgroup.procs"), "w") as f:
+            f.write("0")
+    except OSError:
+        pass
+
+
+def reset_inherited_signals() -> None:
+    """In a forked child: no signal wake-ups into the parent's pipe (its event loop's, the
+    server's), none of the parent's handlers."""
+    # _signal, not signal: its wrappers turn every old handler into an enum member (or try
+    # and raise), and in a freshly forked process each object touched is a page copied.
+    _signal.set_wakeup_fd(-1)
+    for sig in (_signal.SIGTERM, _signal.SIGCHLD, _signal.SIGHUP):
+        _signal.signal(sig, _signal.SIG_DFL)
+    _signal.signal(_signal.SIGINT, _signal.default_int_handler)
 
 
 def _apply(spec: CallSpec) -> None:
@@ -208,13 +263,43 @@ def _encode_value(value: Any) -> tuple[bytes, bytes]:
         return _protocol.UNPICKLABLE, pickle.dumps((_type_name(type(value)), reason))
 
 
+# Pickling a traceback nests a few levels per frame: a deep one (a RecursionError, a
+# recursive parser) would exceed the recursion limit and lose the exception's type. Its
+# innermost frames are the ones that matter; the text keeps the whole story.
+_MAX_PICKLED_FRAMES = 100
+
+
+def _trim_tracebacks(exc: BaseException) -> None:
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        tb, depth = e.__traceback__, 0
+        while tb is not None:
+            depth, tb = depth + 1, tb.tb_next
+        tb = e.__traceback__
+        for _ in range(depth - _MAX_PICKLED_FRAMES):
+            assert tb is not None
+            tb = tb.tb_next
+        e.__traceback__ = tb
+        todo += [e.__cause__, e.__context__]
+
+
 def _encode_exception(exc: BaseException) -> tuple[bytes, bytes]:
     text = _format(exc)
+    data: bytes | None = None
     try:
         from tblib import pickling_support
 
         pickling_support.install(exc)  # traceback objects (and the chain) become picklable
-        data: bytes | None = dumps(exc)
+        try:
+            data = dumps(exc)
+        except Exception:  # RecursionError, or cloudpickle's PicklingError saying so
+            _trim_tracebacks(exc)
+            data = dumps(exc)
     except Exception:
         data = None
     try:
@@ -307,11 +392,24 @@ def run_one(data: socket.socket, job: Job | None = None, spec: CallSpec | None =
     _finish(data, tag, body)
 
 
-def forked_main(data: socket.socket, fault_fd: int, parent_pid: int, job: Job, spec: CallSpec) -> NoReturn:
-    """Entry of a "fork" child, still holding the caller's whole state."""
+GUARDED = b"g"  # the body of a "fork" worker's go: the caller's guardian will end our tree
+
+
+def forked_main(data: socket.socket, fault_fd: int, parent_pid: int, job: Job, spec: CallSpec, cgroup: str | None) -> NoReturn:
+    """Entry of a "fork" child, still holding the caller's whole state. It waits for the
+    caller's go (end-of-stream: the caller died first). GUARDED: the caller's guardian
+    ends our whole tree if the caller dies, so no parent-death signal, which would kill us
+    first and orphan our tree beyond the guardian's reach."""
     try:
-        _reset_inherited_signals()
-        prepare_process(fault_fd, parent_pid)
+        reset_inherited_signals()
+        prepare_process(fault_fd, parent_pid, cgroup, die_with_parent=False)
+        go = _protocol.recv(data)
+        if go is None:
+            os._exit(1)
+        if bytes(go.body) != GUARDED:
+            _proctree.set_parent_death_signal(signal.SIGKILL)
+            if os.getppid() != parent_pid:
+                os._exit(1)
         run_one(data, job, spec)
     finally:
         os._exit(70)  # never return into the caller's event loop
@@ -322,14 +420,26 @@ def spawn_main() -> NoReturn:
     fd 3 is the data socket, fd 4 the fault log."""
     for fd in (3, 4):  # posix_spawn's dup2 made them inheritable: not for what the call execs
         os.set_inheritable(fd, False)
-    prepare_process(4, int(sys.argv[1]))
+    prepare_process(4, int(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else None)
     run_one(socket.socket(fileno=3))
 
 
-def spare_main(ctl: socket.socket, fault_fd: int, server_pid: int) -> NoReturn:
+def _warm_up() -> None:
+    """Serve a dummy call while idle. In a forked process every first write to a page it
+    shares with the server is a copy-on-write fault (about 4 us each here); taking them now
+    keeps them off the real call's critical path."""
+    spec, payload = _decode_call(_encode(CallSpec(), pickle.dumps((abs, (0,), {}), protocol=5)))
+    _apply(spec)
+    func, args, kwargs = pickle.loads(payload)
+    _encode_value(func(*args, **kwargs))
+    _flush_stdio()
+
+
+def spare_main(ctl: socket.socket, fault_fd: int, server_pid: int, cgroup: str | None = None) -> NoReturn:
     """Entry of a spare forked by the server: wait to be assigned a call, then serve it."""
-    prepare_process(fault_fd, server_pid)
+    prepare_process(fault_fd, server_pid, cgroup)
     _proctree.set_comm("asyncproc-idle")
+    _warm_up()
     try:
         msg = _protocol.recv(ctl)
     except OSError:
