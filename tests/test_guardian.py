@@ -23,9 +23,9 @@ from _helpers import gone, wait_gone_and_reap
 
 BACKENDS = ("asyncio", "uvloop", "trio")
 
-# The parent: spawns a child through a handler; the child starts a grandchild. It prints
-# "child PID", "guardian PID", "ready", then waits (or exits); the grandchild's line,
-# "grandchild PID", comes through the same stdout whenever the child gets to it.
+# The parent: spawns a child through a handler; the child starts a grandchild and says so
+# on a pipe the parent reads. It prints "child PID", "grandchild PID", "guardian PID",
+# "ready", then waits (or exits).
 PARENT = textwrap.dedent(
     """
     import os, sys, anyio, subprocess
@@ -38,9 +38,13 @@ PARENT = textwrap.dedent(
     )
 
     async def main():
-        handler = get_subprocess_handler(sys.executable, ["-c", CHILD], {}, None, None, 0)
+        read_end, write_end = os.pipe()
+        handler = get_subprocess_handler(sys.executable, ["-c", CHILD], {}, write_end, None, 0)
         await handler.spawn()
+        os.close(write_end)
         print("child", handler.pid, flush=True)
+        with os.fdopen(read_end) as child_out:  # until the grandchild runs
+            print(child_out.readline().strip(), flush=True)
         if fork_sibling and os.fork() == 0:  # holds no lifeline: must not keep the guardian waiting
             os.execv("/bin/sleep", ["sleep", "30"])
         print("guardian", _guardian.guardian_pid(), flush=True)

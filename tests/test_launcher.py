@@ -151,7 +151,6 @@ def test_bad_config_is_named(kwargs: dict, match: str) -> None:
     ("kwargs", "match"),
     [({"nproc": True}, "nproc must be an int, got True"), ({"nproc": 1, "grace": True}, "grace must be a number"),
      ({"nproc": 1, "master_port": True}, "master_port must be an int or None, got True"),
-     ({"nproc": 1, "tee": 1}, "tee must be a bool, got 1"),
      ({"nproc": 1, "env": {"A": 1}}, r"env\['A'\] must be a str or None, got 1")],
 )
 def test_config_of_the_wrong_type_is_named(kwargs: dict, match: str) -> None:
