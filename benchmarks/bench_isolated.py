@@ -585,7 +585,7 @@ def _targets(sizes: list[dict[str, Any]]) -> list[dict[str, Any]]:
         methods = size["methods"]
         default = f"asyncproc {size['default_start_method']}"
 
-        def med(name: str) -> float | None:
+        def med(name: str, methods: dict[str, Any] = methods) -> float | None:
             m = methods.get(name)
             if not m or m["error"] or not m["samples_s"]:
                 return None

@@ -11,8 +11,8 @@ threads do not leak into the next.
 from __future__ import annotations
 
 import argparse
-import os
 import json
+import os
 import statistics
 import subprocess
 import sys

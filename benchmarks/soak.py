@@ -117,7 +117,7 @@ async def one_call(kind: str, x: int, tally: Tally) -> None:
     except TimeoutError:
         outcome = "timeout" if kind == "timeout" else f"timeout for a {kind} call"
     except Exception as exc:  # noqa: BLE001 - counted, not hidden
-        inner = f" {exc.exceptions!r}" if isinstance(exc, BaseExceptionGroup) else ""
+        inner = f" {exc.exceptions!r}" if hasattr(exc, "exceptions") else ""  # an exception group
         where = "".join(traceback.format_exception(exc)[-6:]) if os.environ.get("SOAK_TRACEBACKS") else ""
         outcome = f"{type(exc).__name__}: {exc}{inner} for a {kind} call{where}"
     tally.calls += 1

@@ -28,7 +28,6 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-from typing import Any
 
 # module -> functions wrapped (Class.method allowed); missing ones are skipped
 _WRAP = {

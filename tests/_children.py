@@ -15,9 +15,10 @@ import time
 from pathlib import Path
 
 import psutil
-import pytest
 
 from asyncproc import Isolated
+
+from _helpers import alive, assert_gone  # noqa: F401 - assert_gone: imported from here too
 
 LONG = 30.0
 
@@ -103,20 +104,7 @@ def sleep_ignoring_sigterm(seconds: float) -> None:
     time.sleep(seconds)
 
 
-def running(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def assert_gone(pid: int) -> None:
-    """Neither running nor an unreaped zombie."""
-    try:
-        status = psutil.Process(pid).status()
-    except psutil.NoSuchProcess:
-        return
-    pytest.fail(f"process {pid} is still there: {status}")
+running = alive  # the tests of isolated calls import these two from here
 
 
 def _server_tree() -> set[int]:

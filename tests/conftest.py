@@ -15,13 +15,28 @@ import psutil
 import pytest
 
 from asyncproc import _proctree
+from asyncproc._serverlink import link
 
 # Long-lived by design: the fork server and the workers a caller keeps in reserve. A worker that is
 # running a call renames itself, so it is *not* in this set and counts as a leak.
 LONG_LIVED = {"asyncproc-srv", "asyncproc-idle"}
 SETTLE_S = 3.0  # background clean-up after a returned value is promised within 1 s
 
+# What the library preloads into the fork server by itself, once a call needs it: process
+# state it keeps on purpose, not a leak.
+LEARNED_PRELOADS = {"cloudpickle", "tblib.pickling_support", "asyncproc.numa"}
+
 _proctree.make_subreaper()
+
+
+@pytest.fixture(autouse=True)
+def no_preload_leaks() -> Iterator[None]:
+    """A test that preloads modules gets a fresh fork-server link afterwards: the next test
+    must not run on a server that imports what this one asked for."""
+    before = set(link.preloads)
+    yield
+    if set(link.preloads) - before - LEARNED_PRELOADS:
+        link.reset()
 
 
 @pytest.fixture(

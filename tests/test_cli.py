@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import subprocess
 import sys
 from pathlib import Path
@@ -27,3 +28,8 @@ def test_console_script_matches_module() -> None:
     script = Path(sys.executable).parent / "asyncproc"  # installed next to this interpreter
     exe = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
     assert exe.returncode == 0 and "demo" in exe.stdout
+
+
+def test_version() -> None:
+    out = run("--version")
+    assert out.returncode == 0 and out.stdout.strip() == f"asyncproc {importlib.metadata.version('asyncproc')}"

@@ -8,13 +8,16 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
 import anyio
 import psutil
 import pytest
+
+import asyncproc
+from asyncproc import ChildCrashed, Isolated, _cgroup
+
 from _children import (
     add,
     assert_gone,
@@ -26,9 +29,6 @@ from _children import (
     setsid_children_then_crash,
     start_pair_then_hang,
 )
-
-import asyncproc
-from asyncproc import ChildCrashed, Isolated, _cgroup
 
 pytestmark = pytest.mark.anyio
 

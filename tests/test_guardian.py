@@ -2,7 +2,7 @@
 SIGKILLed (or exits); its child and grandchild must go, on every backend.
 
 The test process is a child subreaper, so the orphans come to us: we reap them here.
-``test_slow_*`` waits 11 s (deselect with ``-k "not slow"``).
+``test_slow_*`` waits 11 s: marked ``slow``, run by CI, deselect locally with ``-m "not slow"``.
 """
 
 from __future__ import annotations
@@ -19,10 +19,13 @@ import pytest
 
 from asyncproc import _guardian
 
+from _helpers import gone, wait_gone_and_reap
+
 BACKENDS = ("asyncio", "uvloop", "trio")
 
-# The parent: spawns a child through a handler; the child starts a grandchild. It prints
-# "child PID", "grandchild PID", "guardian PID", "ready", then waits (or exits).
+# The parent: spawns a child through a handler; the child starts a grandchild and says so
+# on a pipe the parent reads. It prints "child PID", "grandchild PID", "guardian PID",
+# "ready", then waits (or exits).
 PARENT = textwrap.dedent(
     """
     import os, sys, anyio, subprocess
@@ -35,12 +38,15 @@ PARENT = textwrap.dedent(
     )
 
     async def main():
-        handler = get_subprocess_handler(sys.executable, ["-c", CHILD], {}, None, None, 0)
+        read_end, write_end = os.pipe()
+        handler = get_subprocess_handler(sys.executable, ["-c", CHILD], {}, write_end, None, 0)
         await handler.spawn()
+        os.close(write_end)
         print("child", handler.pid, flush=True)
+        with os.fdopen(read_end) as child_out:  # until the grandchild runs
+            print(child_out.readline().strip(), flush=True)
         if fork_sibling and os.fork() == 0:  # holds no lifeline: must not keep the guardian waiting
             os.execv("/bin/sleep", ["sleep", "30"])
-        await anyio.sleep(0.3)
         print("guardian", _guardian.guardian_pid(), flush=True)
         print("ready", flush=True)
         await anyio.sleep(wait_s)
@@ -58,34 +64,17 @@ def start_parent(backend: str, wait_s: float, fork_sibling: bool = False) -> tup
     )
     assert parent.stdout is not None
     pids: dict[str, int] = {}
-    for line in parent.stdout:
+    ready = False
+    for line in parent.stdout:  # until every line is in, in whatever order they came
         if line.strip() == "ready":
+            ready = True
+        else:
+            key, pid = line.split()
+            pids[key] = int(pid)
+        if ready and len(pids) == 3:
             break
-        key, pid = line.split()
-        pids[key] = int(pid)
-    assert set(pids) == {"child", "grandchild", "guardian"}, pids
+    assert ready and set(pids) == {"child", "grandchild", "guardian"}, pids
     return parent, pids
-
-
-def gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
-def wait_gone_and_reap(pids: list[int], timeout: float) -> list[int]:
-    """Wait for ``pids`` to die (reaping those re-parented to us); the ones still alive."""
-    deadline = time.monotonic() + timeout
-    while not all(gone(pid) for pid in pids) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    alive = [pid for pid in pids if not gone(pid)]
-    for pid in pids:
-        try:
-            os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
-    return alive
 
 
 def kill_parent_and_check(parent: subprocess.Popen[str], pids: dict[str, int]) -> None:
@@ -104,6 +93,7 @@ def test_sigkilled_parent_takes_child_and_grandchild_along(backend: str) -> None
     kill_parent_and_check(parent, pids)
 
 
+@pytest.mark.slow
 def test_slow_die_with_parent_after_trio_spawn_thread_would_have_exited() -> None:
     """PR_SET_PDEATHSIG would fire when trio's spawn thread exits after 10 s idle (killing
     the child too early) and never when the parent dies later. We wait past that on all
@@ -119,7 +109,8 @@ def test_slow_die_with_parent_after_trio_spawn_thread_would_have_exited() -> Non
 
 def test_forked_sibling_does_not_hold_the_lifeline() -> None:
     parent, pids = start_parent("asyncio", wait_s=60, fork_sibling=True)
-    sibling = [p.pid for p in psutil.Process(parent.pid).children() if p.name() == "sleep"]
+    # The forked sibling (it may not have exec'd "sleep" yet): the child that is neither.
+    sibling = [p.pid for p in psutil.Process(parent.pid).children() if p.pid not in (pids["child"], pids["guardian"])]
     try:
         kill_parent_and_check(parent, pids)
     finally:

@@ -18,6 +18,8 @@ import pytest
 import asyncproc
 from asyncproc import SubprocessHandler, get_subprocess_handler
 
+from _helpers import alive
+
 pytestmark = pytest.mark.anyio
 
 PY = sys.executable
@@ -25,13 +27,6 @@ PY = sys.executable
 
 def python(code: str, stdout: object = None, stderr: object = None, env: dict | None = None) -> SubprocessHandler:
     return get_subprocess_handler(PY, ["-c", textwrap.dedent(code)], env or {}, stdout, stderr, 0)
-
-
-def alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 async def read_pids(path: Path, count: int) -> list[int]:
@@ -216,6 +211,10 @@ async def test_spawn_twice_and_wait_before_spawn_are_errors(anyio_backend: objec
         ((), {"env": ["A=1"]}, "env must be a mapping"),
         ((), {"env": {"A": 1}}, r"env\['A'\] must be a str or None"),
         ((), {"local_rank_id": "0"}, "local_rank_id must be an int"),
+        ((), {"stdout": sys.stdout}, r"stdout must be a file path, None or '' \(inherit\), or a file descriptor \(pass"),
+        ((), {"stderr": True}, "stderr must be a file path, .* got True"),
+        ((), {"args": [None]}, r"args\[0\] must be a str, path or number, got None"),
+        ((), {"entrypoint": b"/bin/true"}, "entrypoint must be a str or path, got b'/bin/true'"),
     ],
 )
 def test_bad_arguments_are_named(args: tuple, kwargs: dict, match: str) -> None:
@@ -223,6 +222,33 @@ def test_bad_arguments_are_named(args: tuple, kwargs: dict, match: str) -> None:
     call.update(kwargs)
     with pytest.raises(TypeError, match=match):
         SubprocessHandler(**call)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"local_rank_id": -1}, "local_rank_id must be >= 0, got -1"), ({"stdout": -2}, "stdout .* must be >= 0, got -2"),
+     ({"entrypoint": ""}, "entrypoint must not be empty")],
+)
+def test_bad_values_are_named(kwargs: dict, match: str) -> None:
+    call = {"entrypoint": PY, "args": (), "env": {}, "stdout": None, "stderr": None, "local_rank_id": 0, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        SubprocessHandler(**call)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [({"grace": float("nan")}, ValueError, "grace must be >= 0 seconds, got nan"),
+     ({"grace": "2"}, TypeError, "grace must be a number of seconds, got '2'"),
+     ({"grace": -1}, ValueError, "grace must be >= 0 seconds, got -1"),
+     ({"sig": "TERM"}, TypeError, "sig must be a signal number"), ({"sig": 0}, ValueError, "sig must be a valid")],
+)
+async def test_bad_kill_arguments_are_named_and_leave_the_child_running(
+    anyio_backend: object, kwargs: dict, error: type[Exception], match: str
+) -> None:
+    async with python("import time; time.sleep(60)") as handler:
+        with pytest.raises(error, match=match):
+            await handler.kill(**kwargs)
+        assert handler.returncode is None and alive(handler.pid)  # type: ignore[arg-type]
 
 
 def test_exported() -> None:

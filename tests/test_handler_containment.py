@@ -74,7 +74,7 @@ def wait_dead_and_reap(fds: dict[int, int], timeout: float) -> list[int]:
         ready, _, _ = select.select(list(pending.values()), [], [], left)
         for pid in [pid for pid, fd in pending.items() if fd in ready]:
             pending.pop(pid)
-    for pid, fd in fds.items():
+    for fd in fds.values():
         try:
             os.waitid(os.P_PIDFD, fd, os.WEXITED | os.WNOHANG)
         except ChildProcessError:

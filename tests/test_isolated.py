@@ -16,15 +16,36 @@ from pathlib import Path
 import anyio
 import psutil
 import pytest
-from _children import (
-    LONG, CustomError, _server_tree, add, allocate, assert_gone, big_return, big_value, cpus_and_policy,
-    crash_abort, crash_killed, crash_leaving_background_job, crash_os_exit, crash_segfault, crash_sys_exit,
-    deep_in_child, pythonpath, raise_custom, raise_unpicklable, return_lock, runner, running, sleep_ignoring_sigterm,
-    start_then,
-)
 
 import asyncproc
 from asyncproc import ChildCrashed, Isolated, MemoryLimitExceeded, RemoteError
+
+from _children import (
+    LONG,
+    CustomError,
+    _server_tree,
+    add,
+    allocate,
+    assert_gone,
+    big_return,
+    big_value,
+    cpus_and_policy,
+    crash_abort,
+    crash_killed,
+    crash_leaving_background_job,
+    crash_os_exit,
+    crash_segfault,
+    crash_sys_exit,
+    deep_in_child,
+    pythonpath,
+    raise_custom,
+    raise_unpicklable,
+    return_lock,
+    runner,
+    running,
+    sleep_ignoring_sigterm,
+    start_then,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -118,6 +139,9 @@ async def test_segfault_message_shows_the_child_python_stack(method: str) -> Non
     message = str(info.value)
     assert "Segmentation fault" in message and "crash_segfault" in message
     assert "crash_segfault" in info.value.fault_log
+    # asyncproc's own frames under the user's function are trimmed: the user debugs theirs.
+    assert "_worker.py" not in info.value.fault_log and "_server.py" not in info.value.fault_log
+    assert 'File "<string>"' not in info.value.fault_log
 
 
 async def test_memory_limit(method: str) -> None:
@@ -211,8 +235,17 @@ async def test_crash_ends_grandchildren(method: str, tmp_path: Path) -> None:
         ({"grace": -0.5}, ValueError, "grace must be >= 0"),
         ({"grace": float("inf")}, ValueError, "grace must be finite"),
         ({"start_method": "thread"}, ValueError, "start_method must be one of"),
-        ({"memory_limit": 0}, ValueError, "memory_limit must be > 0 bytes, got 0"),
-        ({"memory_limit": 1.5}, TypeError, "memory_limit must be a number of bytes"),
+        ({"memory_limit": 0}, ValueError, "memory_limit must be >= 1, got 0"),
+        ({"memory_limit": 1.5}, TypeError, "memory_limit must be an int or None, got 1.5"),
+        ({"timeout": float("nan")}, ValueError, "timeout must be >= 0 seconds, got nan"),
+        ({"timeout": True}, TypeError, "timeout must be a number of seconds or None, got True"),
+        ({"grace": float("nan")}, ValueError, "grace must be >= 0 seconds, got nan"),
+        ({"grace": "1"}, TypeError, "grace must be a number of seconds, got '1'"),
+        ({"memory_limit": True}, TypeError, "memory_limit must be an int or None, got True"),
+        ({"local_rank_id": -1}, ValueError, "local_rank_id must be >= 0, got -1"),
+        ({"local_rank_id": True}, TypeError, "local_rank_id must be an int or None, got True"),
+        ({"local_world_size": 0}, ValueError, "local_world_size must be >= 1, got 0"),
+        ({"numa_options": "node", "local_rank_id": 0}, TypeError, "numa_options must be a NumaOptions, got 'node'"),
     ],
 )
 def test_bad_options_raise_at_once(options: dict[str, object], error: type[Exception], words: str) -> None:

@@ -3,25 +3,29 @@
 
 from __future__ import annotations
 
-import os
+import fcntl
 import json
+import os
 import re
 import signal
 import subprocess
 import sys
+import termios
 import textwrap
 import time
 from pathlib import Path
 
 import anyio
-import psutil
 import pytest
 
 from asyncproc import LaunchConfig, LaunchFailed, start_processes
 
+from _helpers import alive, assert_gone, gone
+
 PY = sys.executable
 
 LAUNCHER = [PY, "-m", "asyncproc", "run"]
+F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)  # Linux; in fcntl from Python 3.10
 
 
 def rank_code(code: str) -> list[str]:
@@ -91,10 +95,38 @@ async def test_first_failure_stops_the_others_at_once(anyio_backend: object, tmp
 
 
 @pytest.mark.anyio
-async def test_cancelling_the_caller_stops_every_rank(anyio_backend: object) -> None:
-    with anyio.move_on_after(0.5):
-        await start_processes(rank_code("import time; time.sleep(60)"), LaunchConfig(nproc=3, grace=1))
-    # the autouse leak check asserts that no rank is left
+async def test_cancelling_the_caller_stops_every_rank(anyio_backend: object, tmp_path: Path) -> None:
+    # Each rank writes its pid once it runs, and "stopped" when SIGTERM comes: a rank that
+    # died by itself, or never started, would fail this test.
+    code = """
+        import os, signal, sys, time
+        path = os.path.join(sys.argv[1], os.environ["RANK"])
+        def stopped(signum, frame):
+            open(path, "a").write("stopped\\n")
+            sys.exit(0)
+        signal.signal(signal.SIGTERM, stopped)
+        open(path, "w").write(f"{os.getpid()}\\n")
+        time.sleep(60)
+        """
+    command = [*rank_code(code), str(tmp_path)]
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(start_processes, command, LaunchConfig(nproc=3, grace=10))
+            await read_lines([tmp_path / str(rank) for rank in range(3)], 1)  # all three run
+            tg.cancel_scope.cancel()
+    for rank in range(3):
+        pid, status = (tmp_path / str(rank)).read_text().split()
+        assert status == "stopped"  # by the launcher's SIGTERM
+        assert_gone(int(pid))
+
+
+async def read_lines(paths: list[Path], count: int) -> list[list[str]]:
+    """The first ``count`` complete lines each of ``paths`` gets, once they are all there."""
+    while True:
+        texts = [path.read_text() if path.exists() else "" for path in paths]
+        if all(len(text.splitlines()) >= count and text.endswith("\n") for text in texts):
+            return [text.splitlines()[:count] for text in texts]
+        await anyio.sleep(0.01)
 
 
 @pytest.mark.anyio
@@ -105,11 +137,24 @@ async def test_missing_command_raises_and_starts_nothing(anyio_backend: object, 
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"nproc": 0}, "nproc must be an int >= 1"), ({"nproc": 1, "grace": -1}, "grace must be"),
-     ({"nproc": 1, "master_port": 70000}, "master_port")],
+    [({"nproc": 0}, "nproc must be >= 1, got 0"), ({"nproc": 1, "grace": -1}, "grace must be"),
+     ({"nproc": 1, "master_port": 70000}, "master_port"),
+     ({"nproc": 1, "grace": float("nan")}, "grace must be >= 0 seconds, got nan"),
+     ({"nproc": 1, "grace": float("inf")}, "grace must be finite")],
 )
 def test_bad_config_is_named(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
+        LaunchConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"nproc": True}, "nproc must be an int, got True"), ({"nproc": 1, "grace": True}, "grace must be a number"),
+     ({"nproc": 1, "master_port": True}, "master_port must be an int or None, got True"),
+     ({"nproc": 1, "env": {"A": 1}}, r"env\['A'\] must be a str or None, got 1")],
+)
+def test_config_of_the_wrong_type_is_named(kwargs: dict, match: str) -> None:
+    with pytest.raises(TypeError, match=match):
         LaunchConfig(**kwargs)
 
 
@@ -200,7 +245,7 @@ def test_signal_to_launcher_stops_every_rank(sig: signal.Signals, backend: str) 
     _, err = launcher.communicate(timeout=15)
     assert launcher.returncode == 128 + sig
     assert f"interrupted by {sig.name}" in err
-    assert not [pid for pid in ranks if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
+    assert not [pid for pid in ranks if alive(pid)]
 
 
 def test_numa_exclusive_launch_binds_each_rank_before_its_first_instruction() -> None:
@@ -227,11 +272,7 @@ if os.environ["RANK"] == "0":
 
 
 def _gone(path: Path) -> bool:
-    pid = int(path.read_text())
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
+    return gone(int(path.read_text()))
 
 
 @pytest.mark.anyio
@@ -304,8 +345,10 @@ def test_a_second_signal_kills_the_ranks_now_and_still_summarizes(sig: signal.Si
     command = rank_code(
         """
         import os, signal, time
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        def got(signum, frame):  # says so (the launcher has taken the first signal), lives on
+            print("got", signal.Signals(signum).name, flush=True)
+        signal.signal(signal.SIGINT, got)
+        signal.signal(signal.SIGTERM, got)
         print(os.getpid(), flush=True)
         time.sleep(60)
         """
@@ -317,14 +360,15 @@ def test_a_second_signal_kills_the_ranks_now_and_still_summarizes(sig: signal.Si
     assert launcher.stdout is not None
     rank = int(launcher.stdout.readline().split(": ")[1])
     launcher.send_signal(sig)
-    time.sleep(0.5)
+    # Forwarded to the rank: the launcher has taken the first signal; now the second.
+    assert launcher.stdout.readline().split(": ")[1].strip() == f"got {sig.name}"
     started = time.monotonic()
     launcher.send_signal(sig)
     _, err = launcher.communicate(timeout=20)
     assert time.monotonic() - started < 10  # not the 30 s grace
     assert launcher.returncode == 128 + sig, err
     assert f"interrupted by {sig.name}" in err and "Traceback" not in err
-    assert not (psutil.pid_exists(rank) and psutil.Process(rank).status() != "zombie")
+    assert not alive(rank)
 
 
 def test_a_console_reader_that_goes_away_does_not_crash_the_launch(tmp_path: Path) -> None:
@@ -343,6 +387,16 @@ def test_a_console_reader_that_goes_away_does_not_crash_the_launch(tmp_path: Pat
     assert len((tmp_path / "r" / "attempt_0" / "0" / "stdout.log").read_text().splitlines()) == 20000
 
 
+def wait_until_full(read_end: int, timeout: float = 20) -> None:
+    """Until the pipe holds all it can: its writer (the launcher's console) is then blocked,
+    or waiting for room, and it got that far with its signal handling set up."""
+    capacity = fcntl.fcntl(read_end, F_GETPIPE_SZ)
+    deadline = time.monotonic() + timeout
+    while int.from_bytes(fcntl.ioctl(read_end, termios.FIONREAD, b"\0" * 4), sys.byteorder) < capacity:
+        assert time.monotonic() < deadline, "the console pipe never filled up"
+        time.sleep(0.01)
+
+
 def test_a_console_nobody_reads_does_not_block_the_launcher(tmp_path: Path) -> None:
     # The console pipe fills up; the launcher must still take SIGTERM and stop the rank.
     pid_file = tmp_path / "pid"
@@ -357,11 +411,7 @@ def test_a_console_nobody_reads_does_not_block_the_launcher(tmp_path: Path) -> N
         [*LAUNCHER, "-n", "1", "--grace", "1", "--", *rank_code(code)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
     try:
-        deadline = time.monotonic() + 20
-        while not pid_file.exists() or not pid_file.read_text().endswith("\n"):
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        time.sleep(1)  # the launcher is now stuck writing to its console, if it blocks
+        wait_until_full(launcher.stdout.fileno())  # the launcher is stuck writing, if it blocks
         launcher.send_signal(signal.SIGTERM)
         assert launcher.wait(timeout=20) == 128 + signal.SIGTERM
         assert _gone(pid_file)

@@ -20,6 +20,7 @@ import pytest
 import asyncproc
 from asyncproc import AffinityMode, NumaOptions
 from asyncproc.numa import Binding, NumaBindingError, Topology, binding_for, cpus_for, format_cpulist, parse_cpulist
+
 from numa_sysfs import ACCELERATOR, AMD, DGX_GPUS, DISPLAY_OTHER, Pci, build_sysfs, gpus
 
 NODE, SOCKET, EXCLUSIVE, CORE_COMPLEX = (NumaOptions(mode) for mode in AffinityMode)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 from pathlib import Path
 
 import pytest
 
 from asyncproc import _cli, _numa_cli
+
 from numa_sysfs import DGX_GPUS, build_sysfs, gpus
 
 
@@ -32,7 +34,7 @@ def dgx_tree(tmp_path: Path) -> Path:
 
 
 def test_the_command_is_wired_into_the_cli() -> None:
-    assert _cli._COMMANDS["numa"][0] == "asyncproc._numa_cli"
+    assert importlib.import_module(_cli._COMMANDS["numa"][0], "asyncproc") is _numa_cli
 
 
 def test_shows_topology_and_every_mode_per_gpu(capsys: pytest.CaptureFixture[str], dgx_tree: Path) -> None:

@@ -22,8 +22,17 @@ def test_readme_opens_with_demo_and_test_commands() -> None:
 
 
 def test_ci_runs_the_readme_test_command() -> None:
+    """.ci/run makes the README's venv with the lint extra added, lints, then runs the
+    README's pytest command: what passes in CI passes for a newcomer, and the reverse."""
     _, tests = _commands()
-    assert tests in (ROOT / ".ci" / "run").read_text().splitlines()
+    venv, install, pytest_command = tests.split(" && ")
+    lines = (ROOT / ".ci" / "run").read_text().splitlines()
+    setup = venv + " && " + install.replace("'.[test]'", "'.[test,lint]'")
+    assert setup in lines
+    assert pytest_command in lines
+    checks = [".venv/bin/ruff check .", ".venv/bin/mypy"]
+    assert all(lines.index(setup) < lines.index(check) < lines.index(pytest_command) for check in checks)
+    assert "set -euo pipefail" in lines  # a finding fails the run
 
 
 def test_demo_runs(tmp_path: Path) -> None:

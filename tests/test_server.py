@@ -13,10 +13,11 @@ from pathlib import Path
 import anyio
 import psutil
 import pytest
-from _children import add, assert_gone, runner, start_then
 
 import asyncproc
 from asyncproc import ChildCrashed, Isolated
+
+from _children import add, assert_gone, runner, start_then
 
 pytestmark = pytest.mark.anyio
 
@@ -191,3 +192,53 @@ async def test_a_stopped_server_never_freezes_the_event_loop() -> None:
     # Served once the backlog is cleared (about 2 s here): a generous bound, not a timing.
     assert await Isolated(timeout=30).call(add, 2) == 2
 
+
+
+def test_a_preload_does_not_outlive_its_test_with_the_fixture() -> None:
+    # The autouse fixture in conftest resets the link after a test that preloads; here,
+    # the reset itself: no server, the preloads back to $ASYNCPROC_PRELOAD's.
+    from asyncproc._serverlink import link
+
+    assert asyncproc.safe_call_sync(add, 1) == 1
+    asyncproc.preload("json")
+    assert "json" in link.preloads and link.pid is not None
+    old = link.pid
+    link.reset()
+    assert link.pid is None and "json" not in link.preloads
+    assert_gone(old)
+    assert asyncproc.safe_call_sync(add, 2) == 2  # a new server starts on demand
+
+
+@pytest.mark.parametrize("var", ["ASYNCPROC_RESERVE"])
+def test_a_bad_environment_variable_fails_the_first_call_naming_it(var: str) -> None:
+    # Read when first needed: importing and looking up asyncproc.safe_call still work.
+    code = (
+        "import asyncproc, operator\n"
+        "call = asyncproc.safe_call_sync\n"
+        "try:\n"
+        "    call(operator.add, 1, 2)\n"
+        "except ValueError as exc:\n"
+        "    print('ValueError:', exc)\n"
+    )
+    env = {**os.environ, var: "two"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == f"ValueError: ${var} must be a whole number (at least 1), got 'two'"
+
+
+def test_constructing_isolated_does_no_io() -> None:
+    # An audit hook sees every open, spawn and socket: constructing a runner (NUMA binding
+    # included: it reads /sys on the first call) must do none of them.
+    code = (
+        "import sys, asyncproc\n"
+        "from asyncproc import _isolated, numa\n"
+        "events = []\n"
+        "sys.addaudithook(lambda event, args: events.append(event)"
+        " if event.startswith(('open', 'os.', 'socket.', 'subprocess.')) else None)\n"
+        "asyncproc.Isolated(timeout=3, numa_options=asyncproc.NumaOptions('node'), local_rank_id=0)\n"
+        "asyncproc.Isolated(start_method='spawn', memory_limit=2**30)\n"
+        "print(events)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

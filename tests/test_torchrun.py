@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import enum
-import errno
 import json
 import os
 import resource
@@ -20,8 +19,7 @@ from typing import Any
 import pytest
 
 import asyncproc
-from asyncproc import LaunchConfig, start_processes
-from asyncproc import _runcli
+from asyncproc import LaunchConfig, _runcli, start_processes
 
 PY = sys.executable
 LAUNCHER = [PY, "-m", "asyncproc", "run"]
@@ -467,7 +465,7 @@ def test_torchrun_spellings_and_defaults() -> None:
      ({"nproc": 2, "tee": 1}, "tee=1 needs log_dir"),
      ({"nproc": 2, "log_dir": "/tmp", "redirects": {2: 1}}, "redirects must map local ranks in 0..1"),
      ({"nproc": 2, "local_ranks_filter": frozenset({3})}, "local_ranks_filter must name local ranks in 0..1"),
-     ({"nproc": 1, "max_restarts": -1}, "max_restarts must be an int >= 0"),
+     ({"nproc": 1, "max_restarts": -1}, "max_restarts must be >= 0, got -1"),
      ({"nproc": 1, "run_id": "a/b"}, "run_id must be a non-empty name without '/'"),
      ({"nproc": 1, "signals": (signal.SIGKILL,)}, "signals cannot include SIGKILL"),
      ({"nproc": 1, "signals": ("TERM",)}, "signals must be signal numbers or signal.Signals")],

@@ -12,10 +12,8 @@ import select
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -308,7 +306,7 @@ def _read_pty(fd: int, until: re.Pattern[bytes] | None, timeout: float = BOUND_S
 
 
 def test_live_view_under_a_pty(tmp_path: Path, sock: Path) -> None:
-    file = _system(tmp_path, web=f"command = {program(SLEEPER)}\nreplicas = 2\nshutdown = 2",
+    _system(tmp_path, web=f"command = {program(SLEEPER)}\nreplicas = 2\nshutdown = 2",
                    db=f"command = {program(SLEEPER)}\nshutdown = 2")
     pid, fd = pty.fork()
     if pid == 0:  # pragma: no cover - child

@@ -12,6 +12,13 @@ forks (measured here: a worker's exit takes 0.7 ms from an 11 MB server and 1.5 
 from __future__ import annotations
 
 import importlib
+import sys
+
+# Linux only (pidfds, prctl, /proc, set_mempolicy): say so on import, not with an
+# AttributeError from deep inside the first call.
+if sys.platform != "linux":
+    raise ImportError(f"asyncproc runs on Linux only (it needs pidfds, prctl and /proc); this is {sys.platform!r}")
+
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (and re) at run time
 
 if TYPE_CHECKING:
@@ -19,15 +26,20 @@ if TYPE_CHECKING:
 
     from . import numa as numa  # the public submodule
     from ._errorfile import record
-    from ._exceptions import AsyncprocError, ChildCrashed, LaunchFailed, MemoryLimitExceeded, RemoteError, SupervisorGaveUp
+    from ._exceptions import (
+        AsyncprocError,
+        ChildCrashed,
+        LaunchFailed,
+        MemoryLimitExceeded,
+        RemoteError,
+        SupervisorGaveUp,
+    )
     from ._handler import SubprocessHandler, get_subprocess_handler
     from ._isolated import Isolated, preload, safe_call, safe_call_sync
     from ._launcher import LaunchConfig, LaunchResult, RankResult, start_processes
     from ._specs import Backoff, Call, ChildStatus, Command, Event, Task
     from ._supervisor import Supervisor
     from .numa import AffinityMode, NumaOptions
-
-__version__ = "0.1.0"
 
 # public name -> the module that defines it
 _EXPORTS = {
@@ -92,6 +104,8 @@ __all__ = [  # a literal, for linters and IDEs; tests/test_init.py keeps it equa
 def __getattr__(name: str) -> Any:
     if name == "numa":
         return importlib.import_module(".numa", __name__)
+    if name == "__version__":
+        return _version()
     try:
         module = _EXPORTS[name]
     except KeyError:
@@ -103,3 +117,14 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted([*__all__, "numa", "__version__"])
+
+
+def _version() -> str:
+    """The installed distribution's version: pyproject.toml is its one source. Read on
+    first use (importlib.metadata is heavy, and the fork server imports this package)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("asyncproc")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "0+unknown"

@@ -11,6 +11,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+import asyncproc
+
 # command -> (module, one-line help)
 _COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("asyncproc._demo", "show isolated calls surviving a segfault, a timeout and an exception"),
@@ -26,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="asyncproc",
         description="Async-first process supervision: isolated calls, local-rank launcher, NUMA binding.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {asyncproc.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in _COMMANDS.items():
         module = importlib.import_module(module_name)

@@ -205,3 +205,7 @@ def _int(value: object) -> int:
         return int(value)  # type: ignore[call-overload]
     except (TypeError, ValueError):
         return 0
+
+
+# Shown, pickled and documented under the name users import it by (asyncproc.X).
+record.__module__ = "asyncproc"

@@ -8,10 +8,15 @@ The tree::
      │    │                                    .signal, .fault_log (child's Python stack)
      │    └── MemoryLimitExceeded              ... because it went over memory_limit;
      │                                         also a builtin MemoryError
+     ├── NumaBindingError                      a NUMA binding cannot be made or applied;
+     │                                         also a builtin ValueError
+     │                                         (public as ``asyncproc.numa.NumaBindingError``)
      ├── RemoteError                           the child's exception or return value could
      │                                         not be carried back; .type_name, .traceback_text
      ├── LaunchFailed                          a local rank of ``start_processes`` failed
      │                                         (``LaunchResult.check()``); .result
+     ├── ConfigError                           an ``asyncproc up`` file cannot be used; also a
+     │                                         builtin ValueError
      └── SupervisorGaveUp                      a ``Supervisor``'s children failed more often
                                                than its intensity allows; .child, and
                                                __cause__ = that child's last failure
@@ -29,9 +34,11 @@ from typing import Any
 
 __all__ = [
     "AsyncprocError",
+    "ConfigError",
     "ChildCrashed",
     "LaunchFailed",
     "MemoryLimitExceeded",
+    "NumaBindingError",
     "RemoteError",
     "SupervisorGaveUp",
     "describe_exitcode",
@@ -60,7 +67,13 @@ def describe_exitcode(exitcode: int | None) -> str:
 
 
 class AsyncprocError(Exception):
-    """Base of every asyncproc error; carries the process it is about, like psutil's."""
+    """Base of every asyncproc error; carries the process it is about, like psutil's.
+
+    ``pid`` and ``exitcode`` (``Popen.returncode`` style: negative for a signal) are None
+    when unknown. Catch this to catch every error asyncproc itself raises.
+    """
+
+    __module__ = "asyncproc"  # shown and pickled as the name users import (and below)
 
     def __init__(self, message: str = "", *, pid: int | None = None, exitcode: int | None = None):
         super().__init__(message)
@@ -90,6 +103,8 @@ class ChildCrashed(AsyncprocError):
     wrote in the child when a fatal signal hit it: the Python stack of every thread.
     """
 
+    __module__ = "asyncproc"
+
     def __init__(
         self,
         message: str | None = None,
@@ -108,7 +123,12 @@ class ChildCrashed(AsyncprocError):
 
 
 class MemoryLimitExceeded(ChildCrashed, MemoryError):
-    """The child went over ``memory_limit``; catchable as ``MemoryError`` too."""
+    """The child went over ``Isolated(memory_limit=...)``; catchable as ``MemoryError`` too.
+
+    The message names the limit and carries the child's traceback when it had one.
+    """
+
+    __module__ = "asyncproc"
 
 
 class RemoteError(AsyncprocError):
@@ -117,6 +137,8 @@ class RemoteError(AsyncprocError):
     ``type_name`` is the qualified name of the type, ``traceback_text`` the child's
     formatted traceback (empty for an unpicklable return value).
     """
+
+    __module__ = "asyncproc"
 
     def __init__(
         self,
@@ -135,6 +157,17 @@ class RemoteError(AsyncprocError):
         super().__init__(full, pid=pid, exitcode=exitcode)
 
 
+class NumaBindingError(AsyncprocError, ValueError):
+    """A NUMA binding cannot be made: the topology cannot be read, the mode cannot be
+    satisfied on this machine, or the kernel refused to apply it.
+
+    Also a ``ValueError``. Raised unless ``NumaOptions.should_fall_back_if_binding_fails``,
+    which logs it to the ``asyncproc.numa`` logger and runs unbound instead.
+    """
+
+    __module__ = "asyncproc.numa"  # where users import it from
+
+
 class LaunchFailed(AsyncprocError):
     """A launch of local ranks did not succeed: a rank failed, or a signal stopped them.
 
@@ -142,6 +175,8 @@ class LaunchFailed(AsyncprocError):
     exit code or signal, its log file, its recorded error); ``result`` is the
     ``LaunchResult``; ``pid``/``exitcode`` are those of the first rank that failed.
     """
+
+    __module__ = "asyncproc"
 
     def __init__(self, message: str, *, result: Any, pid: int | None = None, exitcode: int | None = None):
         self.result = result
@@ -154,6 +189,12 @@ class SupervisorGaveUp(AsyncprocError):
     last; ``__cause__`` is that failure (the Task's or Call's exception, or a
     ``ChildCrashed`` for a Command)."""
 
+    __module__ = "asyncproc"
+
     def __init__(self, message: str, *, child: str, pid: int | None = None, exitcode: int | None = None):
         self.child = child
         super().__init__(message, pid=pid, exitcode=exitcode)
+
+
+class ConfigError(AsyncprocError, ValueError):
+    """The file cannot be used; the message says where and what was expected."""

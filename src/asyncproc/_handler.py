@@ -43,13 +43,14 @@ from anyio.lowlevel import RunVar
 
 from . import _cgroup, _guardian, _proctree, _spawner
 from ._guardian_main import read_stat
+from ._validate import check_count, check_env, check_path, check_redirect, check_seconds, check_signal
 
 __all__ = ["SubprocessHandler", "get_subprocess_handler", "DEFAULT_GRACE_S", "KILL_BOUND_S"]
 
 log = logging.getLogger("asyncproc")
 
 DEFAULT_GRACE_S = 5.0  # SIGTERM -> SIGKILL, as trio.run_process
-KILL_BOUND_S = 2.0  # after SIGKILL; only a process in uninterruptible sleep takes longer
+KILL_BOUND_S = _proctree.KILL_BOUND_S  # after SIGKILL; only a process in uninterruptible sleep takes longer
 
 StrPath = Union[str, "os.PathLike[str]"]
 # A file path (truncated), None/"" to inherit, or -- for callers that pipe -- an open fd.
@@ -61,7 +62,12 @@ _Table = dict[int, Any]  # pid -> _guardian_main.Stat
 class SubprocessHandler:
     """One child process: its own session and process group, its log files, its reaping.
 
-    Constructed unstarted; ``await spawn()`` (or ``async with``) starts it.
+    Constructed unstarted; ``await spawn()`` (or ``async with``) starts it. The command is
+    ``(entrypoint, *map(str, args))``; its environment is ``os.environ`` overlaid by ``env``
+    (None removes a variable); ``stdout``/``stderr`` are file paths (truncated), None or
+    ``""`` to inherit, or an open file descriptor. Arguments are checked here:
+    ``TypeError``/``ValueError`` naming the argument. The child dies with this process,
+    however it dies (a guardian process kills it).
     """
 
     def __init__(
@@ -77,14 +83,14 @@ class SubprocessHandler:
         local_world_size: int | None = None,
         cwd: StrPath | None = None,
     ) -> None:
-        if not isinstance(entrypoint, (str, os.PathLike)) or not os.fspath(entrypoint):
-            raise TypeError(f"entrypoint must be a non-empty str or path, got {entrypoint!r}")
-        if isinstance(args, (str, bytes)) or not isinstance(args, Iterable):
-            raise TypeError(f"args must be a sequence of arguments (not a string), got {args!r}")
-        if env is not None and not isinstance(env, Mapping):
-            raise TypeError(f"env must be a mapping of str to str or None, got {type(env).__name__}")
-        if isinstance(local_rank_id, bool) or not isinstance(local_rank_id, int):
-            raise TypeError(f"local_rank_id must be an int, got {local_rank_id!r}")
+        # Checked here, not at spawn: the error then points at the line that made the handler.
+        check_path("entrypoint", entrypoint)
+        args = _check_args(args)
+        check_env("env", env)
+        check_redirect("stdout", stdout)
+        check_redirect("stderr", stderr)
+        check_count("local_rank_id", local_rank_id)
+        check_count("local_world_size", local_world_size, minimum=1, allow_none=True)
         self.args: tuple[str, ...] = (os.fspath(entrypoint), *map(str, args))
         self.env = _merged_env(env)
         self.local_rank_id = local_rank_id
@@ -107,6 +113,7 @@ class SubprocessHandler:
 
     @property
     def pid(self) -> int | None:
+        """The child's pid; None until spawned."""
         return self.proc.pid if self.proc is not None else None
 
     @property
@@ -173,6 +180,8 @@ class SubprocessHandler:
         it can no longer be found). Returns the exit code; None only if the child outlived
         SIGKILL by ``KILL_BOUND_S`` (uninterruptible sleep), which is logged.
         """
+        check_signal("sig", sig)
+        check_seconds("grace", grace)
         self._started()
         if grace < 0:
             raise ValueError(f"grace must be >= 0 seconds, got {grace!r}")
@@ -211,6 +220,7 @@ class SubprocessHandler:
     def close(self, death_sig: int | None = None) -> None:
         """Torch's ``close``: signal the process group (SIGTERM by default), close the log
         files. Synchronous and non-blocking; reaps the child if it has already exited."""
+        check_signal("death_sig", death_sig, allow_none=True)
         if self.proc is not None:
             self._signal(death_sig or signal.SIGTERM, [])
             assert self._wait_lock is not None
@@ -403,6 +413,18 @@ def _numa_options(options: Any) -> Any:
     from . import numa  # lazily: the NUMA module is optional for everything else
 
     return numa.as_numa_options(options, "numa_options")
+
+
+def _check_args(args: object) -> tuple[object, ...]:
+    """A sequence of str, path or number arguments: each becomes ``str(arg)`` on the child's
+    command line, so None (or any other object) would run as the word "None"."""
+    if isinstance(args, (str, bytes)) or not isinstance(args, Iterable):
+        raise TypeError(f"args must be a sequence of arguments (not a string), got {args!r}")
+    items = tuple(args)  # an iterator is read once, here
+    for i, arg in enumerate(items):
+        if isinstance(arg, bool) or not isinstance(arg, (str, os.PathLike, int, float)):
+            raise TypeError(f"args[{i}] must be a str, path or number, got {arg!r}")
+    return items
 
 
 def _merged_env(env: Mapping[str, str | None] | None) -> dict[str, str]:
@@ -635,42 +657,18 @@ def _popen(args: tuple[str, ...], env: dict[str, str], stdout: Any, stderr: Any,
 
 async def _until_exited(pid: int, pidfd: int | None) -> None:
     """Return once our child ``pid`` has exited (not reaped: the caller reaps)."""
-    if pidfd is not None:
-        await anyio.wait_readable(pidfd)
-        return
-    # No pidfd (kernel < 5.3): block a worker thread in waitid(WNOWAIT), which reports the
-    # exit without reaping. Abandoned on cancel; it returns by itself when the child exits.
-    await anyio.to_thread.run_sync(
-        lambda: os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT), abandon_on_cancel=True
-    )
+    await _proctree.wait_exit(pid, pidfd)
 
 
 def _pidfds(procs: list[psutil.Process]) -> list[int]:
     """pidfds of the processes of a snapshot that are still those processes."""
-    fds = []
-    for proc in procs:
-        fd = _proctree.pidfd_open(proc.pid)
-        if fd is None:
-            continue
-        running = False
-        # Checked after pidfd_open, by create time: the pid may have been recycled
-        # between the snapshot and pidfd_open. Zombies stay: they may be ours to reap.
-        with contextlib.suppress(psutil.Error):
-            running = proc.is_running()
-        if running:
-            fds.append(fd)
-        else:
-            os.close(fd)
-    return fds
+    return list(_proctree.pidfds_of(procs)[0])
 
 
 def _reap_adopted(fds: list[int]) -> None:
     """Reap those of ``fds`` that exited and were re-parented to us (when this process is
     a child subreaper), or they would stay zombies; other parents reap their own."""
-    for fd in fds:
-        with contextlib.suppress(ChildProcessError):  # not ours to reap
-            # P_PIDFD: exactly the process the pidfd names, never a recycled pid.
-            os.waitid(os.P_PIDFD, fd, os.WEXITED | os.WNOHANG)
+    _proctree.reap_pidfds(fds)
 
 
 def _is_alive(proc: psutil.Process) -> bool:
@@ -695,3 +693,7 @@ def _group_exists(pgid: int) -> bool:
 
 async def _until_readable(fd: int) -> None:
     await anyio.wait_readable(fd)
+
+
+# Shown, pickled and documented under the name users import it by (asyncproc.X).
+SubprocessHandler.__module__ = get_subprocess_handler.__module__ = "asyncproc"

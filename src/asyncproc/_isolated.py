@@ -22,9 +22,9 @@ import socket
 import sys
 import threading
 import weakref
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 import psutil
@@ -32,6 +32,7 @@ import psutil
 from . import _cgroup, _proctree, _protocol, _worker
 from ._exceptions import AsyncprocError, ChildCrashed, MemoryLimitExceeded, RemoteError
 from ._serverlink import link
+from ._validate import check_choice, check_count, check_instance, check_seconds
 
 if TYPE_CHECKING:
     from .numa import Binding, NumaOptions
@@ -626,25 +627,23 @@ async def _outcome(worker: _Worker, msg: _protocol.Message | None, deadline: flo
 # -- the public API -----------------------------------------------------------------------
 
 
-def _check_number(name: str, value: object, *, allow_none: bool, finite: bool = False) -> None:
-    if value is None and allow_none:
+def _check_numa(options: NumaOptions | None, local_rank_id: int | None) -> None:
+    """Both or neither; checked at construction (the binding itself is worked out later)."""
+    if options is None:
+        if local_rank_id is not None:
+            raise ValueError(f"local_rank_id picks a NUMA binding and needs numa_options too; got local_rank_id={local_rank_id!r} and numa_options=None")
         return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number of seconds{' or None' if allow_none else ''}, got {value!r}")
-    if math.isnan(value) or value < 0:
-        raise ValueError(f"{name} must be >= 0 seconds, got {value!r}")
-    if finite and math.isinf(value):
-        raise ValueError(f"{name} must be finite (every wait is bounded), got {value!r}")
+    if local_rank_id is None:
+        raise ValueError(f"numa_options needs local_rank_id (which local rank to bind), got numa_options={options!r} and local_rank_id=None")
+    from .numa import NumaOptions
+
+    check_instance("numa_options", options, NumaOptions)
 
 
 def _numa_binding(options: NumaOptions | None, local_rank_id: int | None, local_world_size: int | None) -> Binding | None:
     """The binding each call's child gets, worked out once, before any process starts."""
-    if options is None:
-        if local_rank_id is not None:
-            raise ValueError(f"local_rank_id picks a NUMA binding and needs numa_options too; got local_rank_id={local_rank_id!r} and numa_options=None")
+    if options is None or local_rank_id is None:
         return None
-    if local_rank_id is None:
-        raise ValueError(f"numa_options needs local_rank_id (which local rank to bind), got numa_options={options!r} and local_rank_id=None")
     from .numa import binding_for
 
     return binding_for(options, local_rank_id, local_world_size)
@@ -681,25 +680,29 @@ class Isolated:
         local_rank_id: int | None = None,
         local_world_size: int | None = None,
     ):
-        _check_number("timeout", timeout, allow_none=True)
-        _check_number("grace", grace, allow_none=False, finite=True)
-        if start_method not in START_METHODS:
-            raise ValueError(f"start_method must be one of {', '.join(map(repr, START_METHODS))}, got {start_method!r}")
-        if memory_limit is not None:
-            if isinstance(memory_limit, bool) or not isinstance(memory_limit, int):
-                raise TypeError(f"memory_limit must be a number of bytes (int) or None, got {memory_limit!r}")
-            if memory_limit <= 0:
-                raise ValueError(f"memory_limit must be > 0 bytes, got {memory_limit!r}")
-        binding = _numa_binding(numa_options, local_rank_id, local_world_size)
-        if binding is not None and start_method != "fork":
-            link.preload(["asyncproc.numa"])  # or every bound worker imports it to unpickle
+        check_seconds("timeout", timeout, allow_none=True, allow_inf=True)  # inf: no limit, as None
+        check_seconds("grace", grace)
+        check_choice("start_method", start_method, START_METHODS)
+        check_count("memory_limit", memory_limit, minimum=1, allow_none=True)  # bytes
+        check_count("local_rank_id", local_rank_id, allow_none=True)
+        check_count("local_world_size", local_world_size, minimum=1, allow_none=True)
+        _check_numa(numa_options, local_rank_id)
         self.timeout = timeout
         self.grace = grace
         self.start_method = start_method
         self.memory_limit = memory_limit
         self.numa_options = numa_options
         self.local_rank_id = local_rank_id
-        self._spec = _worker.CallSpec(memory_limit=memory_limit, binding=binding)
+        self.local_world_size = local_world_size
+
+    @functools.cached_property
+    def _spec(self) -> _worker.CallSpec:
+        # Worked out on the first call, not in __init__, which does no I/O: the binding
+        # reads /sys, and preloading talks to the fork server.
+        binding = _numa_binding(self.numa_options, self.local_rank_id, self.local_world_size)
+        if binding is not None and self.start_method != "fork":
+            link.preload(["asyncproc.numa"])  # or every bound worker imports it to unpickle
+        return _worker.CallSpec(memory_limit=self.memory_limit, binding=binding)
 
     def __repr__(self) -> str:
         numa = f", numa_options={self.numa_options!r}, local_rank_id={self.local_rank_id!r}" if self.numa_options else ""
@@ -709,7 +712,10 @@ class Isolated:
         )
 
     async def call(self, func: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
-        """``func(*args, **kwargs)`` in a new child process; its value or its exception."""
+        """``func(*args, **kwargs)`` in a new child process; its value or its exception.
+
+        Raises what ``safe_call`` raises (see there), with this runner's options.
+        """
         _check_callable(func, "Isolated.call()")
         try:
             return await self._call_once(func, args, kwargs)
@@ -794,7 +800,26 @@ _default = Isolated()
 
 
 async def safe_call(func: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
-    """``func(*args, **kwargs)`` in a fresh child process with ``Isolated()``'s defaults."""
+    """Run ``func(*args, **kwargs)`` in a fresh child process and return its value.
+
+    Uses ``Isolated()``'s defaults: ``timeout=5.0`` seconds for the whole call, ``grace=1.0``
+    second between SIGTERM and SIGKILL when it must be stopped, ``start_method="forkserver"``.
+    For other options use ``await asyncproc.Isolated(timeout=..., ...).call(func, ...)``.
+    ``func`` may be a lambda, a closure or a function defined in ``__main__``.
+
+    Raises, in the caller, once the child and everything it started are gone and reaped:
+
+    * the exception ``func`` raised, as itself, with the child's traceback attached;
+    * ``TimeoutError`` when the call runs past the timeout (the child's tree is stopped);
+    * ``asyncproc.ChildCrashed`` when the child dies without answering (a segfault,
+      ``os._exit``, ``sys.exit``, a signal): ``.exitcode``, ``.signal``, ``.fault_log``;
+    * ``asyncproc.MemoryLimitExceeded`` (only with a ``memory_limit``);
+    * ``asyncproc.RemoteError`` when the exception or value cannot be pickled back;
+    * ``TypeError`` at once, starting nothing, when ``func`` is not a callable or is an
+      ``async def``, or its arguments cannot be pickled.
+
+    Cancelling the caller stops the child's tree and lets the cancellation through.
+    """
     return await _default.call(func, *args, **kwargs)
 
 
@@ -815,7 +840,11 @@ def preload(*modules: str) -> None:
 
 
 def safe_call_sync(func: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
-    """``safe_call`` for code with no event loop (runs one on asyncio for the call)."""
+    """``safe_call`` for code with no event loop: runs one on asyncio for the call.
+
+    Same defaults (5 s timeout), value and exceptions as ``safe_call``. Raises
+    ``RuntimeError`` when called inside a running event loop: use ``await safe_call`` there.
+    """
     _check_callable(func, "safe_call_sync()")
     import sniffio
 
@@ -824,3 +853,7 @@ def safe_call_sync(func: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
     except sniffio.AsyncLibraryNotFoundError:
         return anyio.run(functools.partial(_default.call, func, *args, **kwargs))
     raise RuntimeError(f"safe_call_sync() was called inside a running {library} event loop; use 'await asyncproc.safe_call(...)' there")
+
+
+# Shown, pickled and documented under the name users import it by (asyncproc.X).
+Isolated.__module__ = preload.__module__ = safe_call.__module__ = safe_call_sync.__module__ = "asyncproc"

@@ -22,17 +22,16 @@ one (``_Run``), up to that many times.
 from __future__ import annotations
 
 import collections
-import contextlib
+import itertools
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
 import stat
-import sys
-import itertools
-import secrets
 import string
+import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -43,10 +42,11 @@ from typing import IO, Any, Union
 import anyio
 import anyio.abc
 
+from . import _guardian, _proctree
 from ._errorfile import ENV_VARS, ErrorRecord, read_error_file
 from ._exceptions import LaunchFailed, describe_exitcode
-from . import _guardian, _proctree
 from ._handler import DEFAULT_GRACE_S, KILL_BOUND_S, StrPath, SubprocessHandler
+from ._validate import check_count, check_env, check_flag, check_path, check_seconds, check_text
 
 log = logging.getLogger("asyncproc")
 
@@ -119,16 +119,23 @@ class LaunchConfig:
     virtual_local_rank: bool = False
 
     def __post_init__(self) -> None:
-        _check_count("nproc", self.nproc, 1)
-        _check_count("nnodes", self.nnodes, 1)
-        _check_count("node_rank", self.node_rank, 0)
-        _check_count("max_restarts", self.max_restarts, 0)
+        check_count("nproc", self.nproc, minimum=1)
+        check_count("nnodes", self.nnodes, minimum=1)
+        check_count("node_rank", self.node_rank)
+        check_count("max_restarts", self.max_restarts)
         if self.node_rank >= self.nnodes:
             raise ValueError(f"node_rank must be < nnodes ({self.nnodes}), got {self.node_rank!r}")
-        if isinstance(self.grace, bool) or not isinstance(self.grace, (int, float)) or self.grace < 0:
-            raise ValueError(f"grace must be a number of seconds >= 0, got {self.grace!r}")
-        if self.master_port is not None and not 0 < self.master_port < 65536:
-            raise ValueError(f"master_port must be in 1..65535, got {self.master_port!r}")
+        check_path("log_dir", self.log_dir, allow_none=True)
+        check_env("env", self.env)
+        check_seconds("grace", self.grace)
+        check_text("master_addr", self.master_addr)
+        port = check_count("master_port", self.master_port, minimum=1, allow_none=True)
+        if port is not None and port > 65535:
+            raise ValueError(f"master_port must be in 1..65535, got {port!r}")
+        check_flag("handle_signals", self.handle_signals)
+        check_flag("reap_orphans", self.reap_orphans)
+        check_flag("virtual_local_rank", self.virtual_local_rank)
+        check_text("role", self.role)
         if self.nnodes > 1 and self.master_port is None:
             raise ValueError("master_port must be given when nnodes > 1: every node must use the same one")
         if self.run_id is not None and (not self.run_id or "/" in self.run_id or self.run_id in (".", "..")):
@@ -153,6 +160,7 @@ class LaunchConfig:
 
     @property
     def world_size(self) -> int:
+        """Ranks in the whole job: ``nnodes * nproc``."""
         return self.nnodes * self.nproc
 
     def std_of(self, local_rank: int) -> tuple[int, int]:
@@ -164,11 +172,6 @@ class LaunchConfig:
             redirected = _std_of(self.redirects, local_rank) & ~tee
         shown = self.local_ranks_filter is None or local_rank in self.local_ranks_filter
         return redirected | tee, (BOTH & ~redirected) if shown else 0
-
-
-def _check_count(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
 def _check_std(name: str, spec: object, nproc: int) -> None:
@@ -213,13 +216,15 @@ class RankResult:
 
     @property
     def failed(self) -> bool:
+        """It failed by itself: a non-zero exit the launcher did not cause."""
         return self.exitcode != 0 and not self.stopped
 
 
 @dataclass(frozen=True)
 class LaunchResult:
     """Every rank's result in the last attempt; ``failure`` is its first rank that failed,
-    if one did; ``restarts``: how many times the whole group was restarted before it."""
+    if one did; ``restarts``: how many times the whole group was restarted before it.
+    ``exit_code`` is what ``asyncproc run`` exits with; ``check()`` raises ``LaunchFailed``."""
 
     ranks: tuple[RankResult, ...]
     failure: RankResult | None
@@ -902,3 +907,7 @@ async def start_processes(command: Sequence[StrPath], config: LaunchConfig) -> L
     if config.reap_orphans:
         _proctree.make_subreaper()
     return await _Run(list(command), config).run()
+
+
+# Shown, pickled and documented under the name users import it by (asyncproc.X).
+LaunchConfig.__module__ = LaunchResult.__module__ = RankResult.__module__ = start_processes.__module__ = "asyncproc"

@@ -12,18 +12,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .numa import (
-    AffinityMode,
-    NumaBindingError,
-    Topology,
-    _cpus_in_mode,
-    _Slot,
-    _slot_of,
-    _slots,
-    _visible_gpus,
-    format_cpulist,
-    parse_cpulist,
-)
+from ._exceptions import NumaBindingError
+from ._numa_place import Slot, cpus_in_mode, slot_of, slots, visible_gpus
+from ._numa_topology import Topology, format_cpulist, parse_cpulist
+from .numa import AffinityMode
 
 __all__ = ["cli", "configure_parser"]
 
@@ -125,14 +117,14 @@ def _describe_topology(topology: Topology) -> list[str]:
 def _describe_ranks(
     topology: Topology, allowed: frozenset[int], nproc: int | None, modes: Sequence[AffinityMode]
 ) -> tuple[list[str], bool]:
-    has_gpus = bool(_visible_gpus(topology))
-    slots = _slots(topology, allowed, None if has_gpus else nproc)
-    count = nproc if nproc is not None else len(slots)
+    has_gpus = bool(visible_gpus(topology))
+    placed = slots(topology, allowed, None if has_gpus else nproc)
+    count = nproc if nproc is not None else len(placed)
     notes: list[str] = []  # the error messages, numbered by first appearance
     rows = []
     for rank in range(count):
         try:
-            slot: _Slot | None = _slot_of(rank, slots)
+            slot: Slot | None = slot_of(rank, placed)
         except NumaBindingError as err:
             slot, cells = None, [_note(notes, str(err))] * len(modes)
         if slot is not None:
@@ -145,9 +137,9 @@ def _describe_ranks(
     return lines, bool(notes)
 
 
-def _cell(mode: AffinityMode, slot: _Slot, topology: Topology, allowed: frozenset[int], notes: list[str]) -> str:
+def _cell(mode: AffinityMode, slot: Slot, topology: Topology, allowed: frozenset[int], notes: list[str]) -> str:
     try:
-        return format_cpulist(_cpus_in_mode(mode, slot, topology, allowed))
+        return format_cpulist(cpus_in_mode(mode, slot, topology, allowed))
     except NumaBindingError as err:
         return _note(notes, str(err))
 
@@ -172,4 +164,4 @@ def _count(number: int, noun: str) -> str:
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     widths = [max(len(row[column]) for row in [header, *rows]) for column in range(len(header))]
-    return ["  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]]
+    return ["  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]]

@@ -15,6 +15,8 @@ import platform
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from . import _proctree
+
 __all__ = ["MemoryPolicy", "bind", "current", "prefer", "restore"]
 
 logger = logging.getLogger("asyncproc.numa")
@@ -41,9 +43,6 @@ _MAX_NODES = 1024  # the kernel's largest MAX_NUMNODES (NODES_SHIFT 10)
 _ULONG_BITS = ctypes.sizeof(ctypes.c_ulong) * 8
 _NodeMask = ctypes.c_ulong * (_MAX_NODES // _ULONG_BITS)
 
-_libc: ctypes.CDLL | None = None
-
-
 @dataclass(frozen=True)
 class MemoryPolicy:
     """A thread's policy as get_mempolicy reports it: mode (with its flags) and nodes."""
@@ -53,14 +52,12 @@ class MemoryPolicy:
 
 
 def _syscall(index: int, *args: object) -> None:
-    global _libc
     numbers = _SYSCALLS.get(platform.machine())
     if numbers is None:
         raise OSError(errno.ENOSYS, f"memory policy syscalls are not known on {platform.machine()}")
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-        _libc.syscall.restype = ctypes.c_long
-    if _libc.syscall(ctypes.c_long(numbers[index]), *args) != 0:
+    syscall = _proctree.libc().syscall
+    syscall.restype = ctypes.c_long
+    if syscall(ctypes.c_long(numbers[index]), *args) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
 

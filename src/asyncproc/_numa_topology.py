@@ -25,11 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
-from ._exceptions import AsyncprocError
+from ._exceptions import NumaBindingError
 
 __all__ = [
     "Gpu",
-    "NumaBindingError",
     "Topology",
     "format_cpulist",
     "parse_cpulist",
@@ -46,15 +45,6 @@ _GPU_VENDORS: Mapping[int, str] = MappingProxyType({0x10DE: "NVIDIA", 0x1002: "A
 _PCI_ADDRESS = re.compile(r"^([0-9a-f]{4,}):([0-9a-f]{2}):([0-9a-f]{2})\.([0-7])$")
 _NODE_DIR = re.compile(r"^node(\d+)$")
 _CACHE_DIR = re.compile(r"^index(\d+)$")
-
-
-class NumaBindingError(AsyncprocError, ValueError):
-    """A NUMA binding cannot be made: the topology cannot be read, the mode cannot be
-    satisfied on this machine, or the kernel refused to apply it.
-
-    Also a ``ValueError``. Raised unless ``NumaOptions.should_fall_back_if_binding_fails``,
-    which logs it to the ``asyncproc.numa`` logger and runs unbound instead.
-    """
 
 
 def parse_cpulist(text: str) -> frozenset[int]:

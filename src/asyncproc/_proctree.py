@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import _thread
 import ctypes
-import errno
 import os
 import select
 import signal
 import time
 from collections.abc import Iterable
+
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (and re) at run time
 
 if TYPE_CHECKING:  # imported where used: the fork server and its workers stay lean
@@ -30,6 +30,11 @@ if TYPE_CHECKING:  # imported where used: the fork server and its workers stay l
     from ._guardian_main import Stat
 
 __all__ = [
+    "KILL_BOUND_S",
+    "kill_and_reap",
+    "libc",
+    "pidfds_of",
+    "reap_pidfds",
     "descendants",
     "exitcode_of",
     "make_subreaper",
@@ -38,7 +43,6 @@ __all__ = [
     "set_comm",
     "set_parent_death_signal",
     "signal_tree",
-    "kill_tree_sync",
     "process_and_descendants",
     "trees_of",
     "shared_scan",
@@ -59,14 +63,24 @@ _PR_SET_PDEATHSIG = 1
 _PR_SET_NAME = 15
 _PR_SET_CHILD_SUBREAPER = 36
 
+# After SIGKILL a process normally vanishes in microseconds; one in uninterruptible sleep
+# may take forever, and no wait of ours may hang with it: every wait after a SIGKILL is
+# bounded by this.
+KILL_BOUND_S = 2.0
+
 _libc: ctypes.CDLL | None = None
 
 
-def _prctl(option: int, arg: int) -> None:
+def libc() -> ctypes.CDLL:
+    """The C library (errno kept for ctypes.get_errno), loaded once per process."""
     global _libc
     if _libc is None:
         _libc = ctypes.CDLL(None, use_errno=True)
-    if _libc.prctl(option, ctypes.c_ulong(arg), 0, 0, 0) != 0:
+    return _libc
+
+
+def _prctl(option: int, arg: int) -> None:
+    if libc().prctl(option, ctypes.c_ulong(arg), 0, 0, 0) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
 
@@ -83,11 +97,8 @@ def make_subreaper() -> None:
 
 def set_comm(name: str) -> None:
     """Set the name ``ps`` and ``/proc/PID/comm`` show (15 bytes at most)."""
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
     # PR_SET_NAME: one syscall, where writing /proc/self/comm takes three.
-    _libc.prctl(_PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
+    libc().prctl(_PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
 
 
 def exitcode_of(wait_status: int) -> int:
@@ -244,19 +255,59 @@ def wait_fds(fds: Iterable[int], timeout: float) -> set[int]:
     return ready
 
 
-def wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
-    """Wait (event-driven, on pidfds) up to ``timeout`` for ``procs`` to exit; the living."""
+def pidfds_of(procs: Iterable[psutil.Process]) -> tuple[dict[int, psutil.Process], list[psutil.Process]]:
+    """pidfds of the processes of a snapshot that are still those processes, and those
+    still running that have none (a kernel without pidfds).
+
+    Checked after pidfd_open, by create time: the pid may have been recycled between the
+    snapshot and pidfd_open, and once the pidfd is open it can no longer be. Zombies stay:
+    they may be ours to reap.
+    """
     import psutil
 
     fds: dict[int, psutil.Process] = {}
-    alive: list[psutil.Process] = []
+    unwatched: list[psutil.Process] = []
     for proc in procs:
         fd = pidfd_open(proc.pid)
-        if fd is None:
-            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
-                alive.append(proc)
-            continue
-        fds[fd] = proc
+        running = False
+        try:
+            running = proc.is_running()
+            if fd is None and running and proc.status() != psutil.STATUS_ZOMBIE:
+                unwatched.append(proc)
+        except psutil.Error:
+            pass
+        if fd is not None and running:
+            fds[fd] = proc
+        elif fd is not None:
+            os.close(fd)
+    return fds, unwatched
+
+
+def reap_pidfds(fds: Iterable[int]) -> None:
+    """Reap those of ``fds`` that exited and are our children (re-parented to us when we
+    are a child subreaper), or they would stay zombies; other parents reap their own."""
+    for fd in fds:
+        try:  # P_PIDFD: exactly the process the pidfd names, never a recycled pid
+            os.waitid(os.P_PIDFD, fd, os.WEXITED | os.WNOHANG)
+        except ChildProcessError:  # not ours to reap
+            pass
+
+
+def kill_and_reap(procs: list[psutil.Process]) -> None:
+    """SIGKILL a snapshot, wait (``KILL_BOUND_S`` at most) for it to vanish, and reap those
+    that are our children (adopted orphans, when we are a subreaper)."""
+    signal_tree(None, procs, signal.SIGKILL)
+    wait_gone(procs, KILL_BOUND_S)
+    for proc in procs:
+        try:
+            os.waitpid(proc.pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+
+
+def wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Wait (event-driven, on pidfds) up to ``timeout`` for ``procs`` to exit; the living."""
+    fds, alive = pidfds_of(procs)
     try:
         ready = wait_fds(fds, timeout)
         alive += [p for fd, p in fds.items() if fd not in ready]
@@ -266,47 +317,30 @@ def wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Proces
     return alive
 
 
-def kill_tree_sync(pid: int, *, grace: float = 1.0, is_child: bool = True, bound: float = 2.0) -> int | None:
-    """SIGTERM ``pid``'s group and descendants, SIGKILL after ``grace``, reap if our child.
-
-    Blocks at most ``grace + bound`` seconds in all; returns the returncode if reaped.
-    """
-    import psutil
-
-    try:
-        leader = psutil.Process(pid)
-    except psutil.NoSuchProcess:
-        return reap(pid) if is_child else None
-    tree = [leader, *descendants(pid)]
-    signal_tree(_pgid_led_by(pid), tree, signal.SIGTERM)
-    alive = wait_gone(tree, grace) if grace > 0 else tree
-    if alive:
-        tree = alive + [p for p in descendants(pid) if p not in alive]
-        signal_tree(_pgid_led_by(pid), tree, signal.SIGKILL)
-        wait_gone(tree, bound)
-    if not is_child:
-        return None
-    fd = pidfd_open(pid)
-    if fd is not None:
-        try:
-            wait_fds([fd], bound)
-        finally:
-            os.close(fd)
-    return reap(pid)
-
-
 async def wait_exit(pid: int, pidfd: int | None) -> None:
-    """Until ``pid`` (our child) has exited; event-driven on its pidfd."""
+    """Until ``pid`` (our child) has exited, not reaped (the caller reaps); event-driven.
+
+    On its pidfd; without one (kernel < 5.3), a worker thread blocks in waitid(WNOWAIT),
+    which reports the exit without reaping. Abandoned on cancel; that thread returns by
+    itself when the child exits.
+    """
     import anyio
 
     if pidfd is not None:
         await anyio.wait_readable(pidfd)
         return
-    while not _has_exited(pid):  # pragma: no cover - kernels before 5.3 have no pidfd
-        await anyio.sleep(0.005)
+    await anyio.to_thread.run_sync(_block_until_exited, pid, abandon_on_cancel=True)
 
 
-def _has_exited(pid: int) -> bool:
+def _block_until_exited(pid: int) -> None:
+    try:
+        os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+    except ChildProcessError:  # reaped already: nothing left to wait for
+        pass
+
+
+def has_exited(pid: int) -> bool:
+    """Whether our child ``pid`` has exited, without reaping it."""
     try:
         return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
     except ChildProcessError:
@@ -406,25 +440,8 @@ async def reap_adopted(leader: int, snapshot: Iterable[psutil.Process]) -> None:
             pass
 
 
-def has_exited(pid: int) -> bool:
-    """Whether our child ``pid`` has exited, without reaping it."""
-    return _has_exited(pid)
-
-
 def _pgid_of(pid: int) -> int | None:
     try:
         return os.getpgid(pid)
     except OSError:
         return None
-
-
-def _pgid_led_by(pid: int) -> int | None:
-    """``pid`` if it leads its own process group (we never signal a group we don't own)."""
-    try:
-        return pid if os.getpgid(pid) == pid else None
-    except ProcessLookupError:
-        return None
-    except OSError as exc:  # pragma: no cover - EPERM across sessions on some kernels
-        if exc.errno == errno.EPERM:
-            return None
-        raise

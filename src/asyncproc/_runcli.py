@@ -199,10 +199,10 @@ def _nproc(option: str, value: str) -> int:
 
 def _gpu_count() -> int:
     """GPUs as the NUMA code finds them (PCI devices, in CUDA_VISIBLE_DEVICES' order)."""
-    from . import numa
+    from . import _numa_place, numa
 
     try:
-        return len(numa._visible_gpus(numa.system_topology()))
+        return len(_numa_place.visible_gpus(numa.system_topology()))
     except numa.NumaBindingError:  # UUIDs or MIG names: the list itself says how many
         visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
         return len([e for e in visible.split(",") if e.strip()])

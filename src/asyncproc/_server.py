@@ -218,7 +218,7 @@ class Server:
         fault_fd = os.memfd_create("asyncproc-fault", os.MFD_CLOEXEC)
         cgroup = self._new_cgroup()  # the child attaches itself before it runs anything
         try:
-            code = "from asyncproc._worker import spawn_main; spawn_main()"
+            code = f"from {_worker.__name__} import spawn_main; spawn_main()"
             fds = {3: data.fileno(), 4: fault_fd}
             argv = [str(self.pid), cgroup or ""]
             if binding is None:

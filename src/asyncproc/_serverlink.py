@@ -31,15 +31,30 @@ log = logging.getLogger("asyncproc")
 _STOP_BOUND_S = 2.0
 # Workers already forked for this caller and waiting for a call: a call is then a single
 # message to a process that is up, where going through the server would put a wake-up
-# and a fork on the critical path.
-_RESERVE = max(1, int(os.environ.get("ASYNCPROC_RESERVE", "6")))
-# Refilled in batches, when half is used: the server forks a batch back to back, and every
-# page it writes between two forks is copied again after the next (see _server): per call,
-# 175 pages copied in the server one at a time, 108 in twos, 85 in threes. Six also leave
-# a worker the time of three calls to get ready (its cgroup attach can wait milliseconds
-# for an RCU grace period).
-_REFILL_AT = _RESERVE // 2
+# and a fork on the critical path. From the environment when a server starts (_start), not
+# at import. Refilled in batches, when half is used: the server forks a batch back to back,
+# and every page it writes between two forks is copied again after the next (see _server):
+# per call, 175 pages copied in the server one at a time, 108 in twos, 85 in threes. Six
+# also leave a worker the time of three calls to get ready (its cgroup attach can wait
+# milliseconds for an RCU grace period).
+_RESERVE_ENV, _RESERVE_DEFAULT = "ASYNCPROC_RESERVE", 6
 _PRELOAD_ENV = "ASYNCPROC_PRELOAD"
+
+
+def _env_count(name: str, default: int) -> int:
+    """``$name`` as a count (at least 1), read when first needed (when the server starts),
+    not at import: a bad value then fails the first call with a message that names it."""
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    try:
+        return max(1, int(text))
+    except ValueError:
+        raise ValueError(f"${name} must be a whole number (at least 1), got {text!r}") from None
+
+
+def _env_preloads() -> list[str]:
+    return [m for m in os.environ.get(_PRELOAD_ENV, "").split(",") if m]
 
 
 async def _room_on(chan: socket.socket | None) -> None:
@@ -72,7 +87,8 @@ class ServerLink:
         self._cgroup: str | None = None  # the server's workers each get a cgroup below it
         self._starts = 0
         self._env: dict[bytes, bytes] = {}
-        self._preloads: list[str] = [m for m in os.environ.get(_PRELOAD_ENV, "").split(",") if m]
+        self._preloads = _env_preloads()
+        self._reserve_size = _RESERVE_DEFAULT  # from the environment when the server starts
         self._reserve: collections.deque[tuple[socket.socket, socket.socket]] = collections.deque()
 
     @property
@@ -95,6 +111,7 @@ class ServerLink:
         return dict(os.environ)
 
     def _start(self) -> None:
+        self._reserve_size = _env_count(_RESERVE_ENV, _RESERVE_DEFAULT)
         ours, theirs = _protocol.seqpacket_pair()
         code = "from asyncproc._server import main; main()"
         # Ours, not the server's: should it die, we can still end every worker's tree at once.
@@ -168,9 +185,9 @@ class ServerLink:
     def top_up(self) -> None:
         """Refill the reserve; called after a call is on its way, off its critical path.
         Gives up quietly when the server is behind: the next call asks for itself."""
-        if len(self._reserve) > _REFILL_AT:
+        if len(self._reserve) > self._reserve_size // 2:
             return
-        while len(self._reserve) < _RESERVE:
+        while len(self._reserve) < self._reserve_size:
             try:
                 self._reserve.append(self._request())
             except BlockingIOError:
@@ -259,6 +276,14 @@ class ServerLink:
     def stop(self) -> None:
         with self._lock:
             self._stop_locked()
+
+    def reset(self) -> None:
+        """Back to how a fresh process starts: no server (stopped and reaped), and only the
+        preloads ``$ASYNCPROC_PRELOAD`` asks for; the environment is read again on the next
+        start. For tests, so that one test's preloads never reach the next."""
+        with self._lock:
+            self._stop_locked()
+            self._preloads = _env_preloads()
 
     def forget_after_fork(self) -> None:
         """In a forked child: the server belongs to the parent; never talk to it or wait on it."""

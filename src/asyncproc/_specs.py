@@ -228,7 +228,7 @@ class Call(_Spec):
 def _is_async_function(fn: object) -> bool:
     while hasattr(fn, "func") and not inspect.isfunction(fn):  # functools.partial
         fn = fn.func
-    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None))
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None))  # noqa: B004 - the method itself
 
 
 @dataclass(frozen=True)
@@ -253,3 +253,10 @@ class Event:
     error: BaseException | None = None
     restarts: int = 0
     delay: float | None = None  # for "restarting": seconds until the restart
+
+
+# Re-exported by the package: shown, pickled and documented as asyncproc.X. Set after the
+# classes are made (dataclass resolves its string annotations in the defining module).
+for _public in (Backoff, Command, Task, Call, ChildStatus, Event):
+    _public.__module__ = "asyncproc"
+del _public

@@ -448,6 +448,7 @@ class Supervisor:
     gives up past ``max_restarts`` restarts within ``max_seconds``, stops them in reverse
     order. See the README's "Supervision" section."""
 
+    __module__ = "asyncproc"  # re-exported there: shown and pickled as asyncproc.Supervisor
     id: str
     restart = "permanent"  # as the child of another supervisor
     shutdown = math.inf  # as a child: stopping it stops its children, each bounded

@@ -22,14 +22,18 @@ import signal
 import socket
 import struct
 import sys
-TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (and re) at run time
 
 from . import _proctree, _protocol
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (and re) at run time
+
 if TYPE_CHECKING:  # the fork server imports this module: no runtime typing, no dataclasses
-    from typing import Any, Callable, NoReturn
+    from collections.abc import Callable
+    from typing import Any, NoReturn
 
     Job = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]
+else:
+    Job = tuple  # at run time too: __all__ names only what imports
 
 __all__ = ["CallSpec", "Job", "dumps", "encode_call", "prepare_process", "reset_inherited_signals", "run_one", "spawn_main", "forked_from_server", "hello"]
 
@@ -339,9 +343,7 @@ def _end_descendants() -> None:
     children = _proctree.own_children()
     if children == []:
         return
-    tree = _proctree.descendants(os.getpid())
-    _proctree.signal_tree(None, tree, signal.SIGKILL)
-    _proctree.wait_gone(tree, 2.0)
+    _proctree.kill_and_reap(_proctree.descendants(os.getpid()))
     _proctree.reap_exited_children()
 
 

@@ -28,17 +28,19 @@ import errno
 import functools
 import logging
 import os
-import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
 
 from . import _numa_memory
-from ._numa_topology import Gpu, NumaBindingError, Topology, format_cpulist, parse_cpulist
+from ._exceptions import NumaBindingError
+from ._numa_place import cpus_in_mode, slot_of, slots
+from ._numa_topology import Gpu, Topology, format_cpulist, parse_cpulist
+from ._validate import check_count, check_flag
 
 # Defined below this module to keep the imports one-way; shown (and pickled) as public names.
-for _public in (Gpu, NumaBindingError, Topology):
+for _public in (Gpu, Topology):
     _public.__module__ = __name__
 del _public
 
@@ -61,7 +63,12 @@ logger = logging.getLogger("asyncproc.numa")
 
 
 class AffinityMode(str, Enum):
-    """Which CPUs near its GPU (or its node) a local rank gets."""
+    """Which CPUs near its GPU (or its node) a local rank gets; see each member.
+
+    A ``str`` enum: ``AffinityMode("core-complex")`` and ``NumaOptions("node")`` work too.
+    """
+
+    __module__ = "asyncproc"  # re-exported there: shown and pickled as asyncproc.AffinityMode
 
     NODE = "node"
     """Every CPU of the NUMA node of the rank's GPU. If in doubt, use this."""
@@ -87,6 +94,8 @@ class NumaOptions:
     chosen CPUs (``MPOL_BIND``: an allocation they cannot satisfy fails) instead of
     preferring them (the default, which spills to other nodes when they are full).
     """
+
+    __module__ = "asyncproc"  # re-exported there: shown and pickled as asyncproc.NumaOptions
 
     affinity_mode: AffinityMode
     should_fall_back_if_binding_fails: bool = False
@@ -126,17 +135,11 @@ def _affinity_mode(value: object) -> AffinityMode:
 
 
 def _check_bool(name: str, value: object) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {value!r}")
+    check_flag(name, value)
 
 
 def _check_int(name: str, value: object, minimum: int) -> int:
-    # bool is an int subclass, but True as a rank is a mistake, not a 1.
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
+    return check_count(name, value, minimum=minimum)
 
 
 def _int_set(name: str, values: Iterable[int], *, allow_empty: bool) -> frozenset[int]:
@@ -341,8 +344,8 @@ def binding_for(
     allowed_set = _allowed_set(allowed)
     try:
         topo = topology if topology is not None else system_topology()
-        slot = _slot_of(local_rank_id, _slots(topo, allowed_set, local_world_size))
-        cpus = _cpus_in_mode(options.affinity_mode, slot, topo, allowed_set)
+        slot = slot_of(local_rank_id, slots(topo, allowed_set, local_world_size))
+        cpus = cpus_in_mode(options.affinity_mode, slot, topo, allowed_set)
     except NumaBindingError as err:
         if not options.should_fall_back_if_binding_fails:
             raise
@@ -358,140 +361,3 @@ def _allowed_set(allowed: Iterable[int] | None) -> frozenset[int]:
     if allowed is None:
         return frozenset(os.sched_getaffinity(0))
     return _int_set("allowed", allowed, allow_empty=False)
-
-
-# -- where each local rank lives -------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Slot:
-    """A local rank's place before a mode narrows it: its node, who shares that node
-    (``peers``, in order, itself included) and what put it there (``label``)."""
-
-    label: str
-    node: int
-    peers: tuple[str, ...]
-
-    @property
-    def index_on_node(self) -> int:
-        return self.peers.index(self.label)
-
-
-def _slots(topology: Topology, allowed: frozenset[int], local_world_size: int | None) -> list[_Slot]:
-    """One slot per local rank: near its GPU when there are GPUs, else laid over the nodes."""
-    gpus = _visible_gpus(topology)
-    if gpus:
-        placed = [(f"GPU {gpu.pci_address}", gpu.node) for gpu in gpus]
-    else:
-        nodes = [node for node, cpus in topology.nodes.items() if cpus & allowed]
-        if not nodes:
-            raise NumaBindingError(
-                f"no NUMA node under {topology.root!r} has a CPU in the allowed set {format_cpulist(allowed)}"
-            )
-        size = _default_world_size(local_world_size, len(nodes))
-        # Contiguous blocks: ranks 0..k-1 on the first node, and so on, as GPUs usually are.
-        placed = [(f"local rank {rank}", nodes[rank * len(nodes) // size]) for rank in range(size)]
-    return [
-        _Slot(label, node, tuple(other for other, other_node in placed if other_node == node)) for label, node in placed
-    ]
-
-
-def _slot_of(local_rank_id: int, slots: Sequence[_Slot]) -> _Slot:
-    if local_rank_id < len(slots):
-        return slots[local_rank_id]
-    if slots[0].label.startswith("GPU"):
-        raise NumaBindingError(
-            f"local rank {local_rank_id} is bound near GPU {local_rank_id}, "
-            f"but only {len(slots)} GPU(s) are visible: {', '.join(slot.label for slot in slots)}"
-        )
-    raise ValueError(
-        f"local_rank_id must be < the local world size ({len(slots)}, from $LOCAL_WORLD_SIZE or the number of "
-        f"NUMA nodes with allowed CPUs when local_world_size is not given), got {local_rank_id}"
-    )
-
-
-def _default_world_size(given: int | None, node_count: int) -> int:
-    if given is not None:
-        return given
-    text = os.environ.get("LOCAL_WORLD_SIZE")
-    if text is None:
-        return node_count  # one rank per node
-    if not text.strip().isdigit() or int(text) < 1:
-        raise ValueError(f"$LOCAL_WORLD_SIZE must be a positive integer, got {text!r}")
-    return int(text)
-
-
-def _visible_gpus(topology: Topology) -> tuple[Gpu, ...]:
-    """The topology's GPUs as CUDA numbers them: all of them in PCI address order, or
-    those that ``$CUDA_VISIBLE_DEVICES`` lists by index, in its order."""
-    text = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if text is None:
-        return topology.gpus
-    return tuple(topology.gpus[index] for index in _visible_indices(text, topology))
-
-
-def _visible_indices(text: str, topology: Topology) -> list[int]:
-    indices: list[int] = []
-    for entry in (part.strip() for part in text.split(",")) if text.strip() else ():
-        if not re.fullmatch(r"-?\d+", entry):
-            raise NumaBindingError(
-                f"CUDA_VISIBLE_DEVICES={text!r} names GPU {entry!r}, which is not an index; without the GPU "
-                "driver asyncproc cannot tell which PCI device a UUID or MIG name is. List the GPUs by index."
-            )
-        index = int(entry)
-        if index < 0:
-            break  # as CUDA does: a negative index ends the list
-        if index >= len(topology.gpus) or index in indices:
-            problem = "twice" if index in indices else f"but {topology.root!r} has {len(topology.gpus)} GPU(s)"
-            raise NumaBindingError(f"CUDA_VISIBLE_DEVICES={text!r} lists GPU {index} {problem}")
-        indices.append(index)
-    return indices
-
-
-# -- the modes --------------------------------------------------------------------------------
-
-
-def _cpus_in_mode(mode: AffinityMode, slot: _Slot, topology: Topology, allowed: frozenset[int]) -> frozenset[int]:
-    """The CPUs ``mode`` gives the rank in ``slot``; raises :class:`NumaBindingError`."""
-    node_cpus = _allowed_node_cpus(slot, topology, allowed)
-    if mode is AffinityMode.NODE:
-        return node_cpus
-    if mode is AffinityMode.SOCKET:
-        socket = topology.socket_of_node(slot.node)
-        assert socket is not None  # the node has allowed CPUs: checked above
-        return frozenset().union(*(topology.nodes[node] for node in topology.nodes_on_socket(socket))) & allowed
-    if mode is AffinityMode.EXCLUSIVE:
-        return _exclusive_slice(topology.core_groups(node_cpus), slot)
-    groups = topology.cache_groups(node_cpus)
-    return groups[slot.index_on_node % len(groups)]
-
-
-def _allowed_node_cpus(slot: _Slot, topology: Topology, allowed: frozenset[int]) -> frozenset[int]:
-    if slot.node not in topology.nodes:
-        raise NumaBindingError(
-            f"{slot.label} is on NUMA node {slot.node}, but {topology.root!r} lists only nodes "
-            f"{format_cpulist(topology.nodes)}"
-        )
-    cpus = topology.nodes[slot.node] & allowed
-    if not cpus:
-        raise NumaBindingError(
-            f"{slot.label} is on NUMA node {slot.node}, but none of that node's CPUs "
-            f"({format_cpulist(topology.nodes[slot.node]) or 'none'}) is in the allowed set {format_cpulist(allowed)}"
-        )
-    return cpus
-
-
-def _exclusive_slice(cores: list[frozenset[int]], slot: _Slot) -> frozenset[int]:
-    sharers = len(slot.peers)
-    if len(cores) < sharers:
-        raise NumaBindingError(
-            f"exclusive mode needs a physical core for each of the {sharers} ranks on NUMA node {slot.node} "
-            f"({', '.join(slot.peers)}), but it has only {len(cores)} physical core(s) among the allowed CPUs "
-            f"({format_cpulist(frozenset().union(*cores))})"
-        )
-    per_rank, extra = divmod(len(cores), sharers)
-    # The lowest `extra` ranks on the node take one core more, so every core is used.
-    index = slot.index_on_node
-    start = index * per_rank + min(index, extra)
-    end = start + per_rank + (1 if index < extra else 0)
-    return frozenset().union(*cores[start:end])

@@ -147,9 +147,9 @@ class UpApp:
     # -- running -----------------------------------------------------------------------
 
     async def run(self) -> int:
-        from .._launcher import _Console
-
         import asyncproc
+
+        from .._launcher import _Console
 
         listener = await control.open_listener(self.socket_path)  # a second `up` on this socket: refused before anything starts
         console = _Console.of_this_process()

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .._exceptions import AsyncprocError
+from .._exceptions import ConfigError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -50,10 +50,6 @@ _UNITS = {
 }
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*")
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
-
-
-class ConfigError(AsyncprocError, ValueError):
-    """The file cannot be used; the message says where and what was expected."""
 
 
 @dataclass(frozen=True)
