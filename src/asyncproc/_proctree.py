@@ -50,6 +50,7 @@ __all__ = [
     "reap_exited_children",
     "reap_adopted",
     "reap_each",
+    "group_members",
     "wait_exit",
     "wait_gone",
 ]
@@ -345,6 +346,21 @@ def _task_children(pid: str) -> list[int]:
             os.close(fd)
         pids += map(int, text.split())
     return pids
+
+
+def group_members(pgid: int) -> list[psutil.Process]:
+    """Every live process of group ``pgid``: one pass over /proc with a getpgid() each
+    (a syscall, no file read)."""
+    import psutil
+
+    members = []
+    for name in os.listdir("/proc"):
+        if name.isdigit() and _pgid_of(int(name)) == pgid:
+            try:
+                members.append(psutil.Process(int(name)))
+            except psutil.Error:
+                pass
+    return members
 
 
 def reap_each(pids: Iterable[int]) -> None:
