@@ -130,14 +130,14 @@ def test_launcher_summary_shows_the_recorded_error_and_traceback(tmp_path: Path)
         """
     )
     done = subprocess.run(
-        [*LAUNCHER, "-n", "2", "--grace", "1", "--log-dir", str(tmp_path), "--", sys.executable, "-c", rank],
+        [*LAUNCHER, "-n", "2", "--grace", "1", "--log-dir", str(tmp_path), "--run-id", "r", "--", sys.executable, "-c", rank],
         capture_output=True, text=True, timeout=60,
     )
     assert done.returncode == 1
     summary = done.stderr[done.stderr.index("asyncproc run: rank 1"):]
     assert "error      : ValueError: rank 1 cannot parse its shard" in summary
     assert "in parse" in summary.split("traceback  :")[1]
-    assert (tmp_path / "1" / "error.json").exists()
+    assert (tmp_path / "r" / "attempt_0" / "1" / "error.json").exists()
 
 
 @pytest.mark.parametrize(

@@ -28,8 +28,12 @@ def rank_code(code: str) -> list[str]:
     return [PY, "-c", textwrap.dedent(code)]
 
 
+# Set, so the launcher's OMP_NUM_THREADS notice (tested in test_torchrun.py) stays off the console.
+QUIET_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
 def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*LAUNCHER, *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([*LAUNCHER, *args], capture_output=True, text=True, timeout=timeout, env=QUIET_ENV)
 
 
 # -- the Python API ------------------------------------------------------------------------
@@ -46,17 +50,18 @@ async def test_every_rank_gets_its_variables_and_logs(anyio_backend: object, tmp
         print("err line", file=sys.stderr)
         """
     )
-    result = await start_processes(command, LaunchConfig(nproc=3, log_dir=tmp_path, env={"EXTRA": "x"}))
+    result = await start_processes(command, LaunchConfig(nproc=3, log_dir=tmp_path, env={"EXTRA": "x"}, run_id="r"))
     assert result.exit_code == 0 and result.failure is None
     assert [r.exitcode for r in result.ranks] == [0, 0, 0]
     for rank in result.ranks:
-        assert rank.stdout_log == tmp_path / str(rank.rank) / "stdout.log"
+        rank_dir = tmp_path / "r" / "attempt_0" / str(rank.rank)
+        assert rank.stdout_log == rank_dir / "stdout.log"
         seen = json.loads(rank.stdout_log.read_text())
         assert seen["LOCAL_RANK"] == seen["RANK"] == str(rank.rank)
         assert seen["LOCAL_WORLD_SIZE"] == seen["WORLD_SIZE"] == "3"
-        assert seen["ASYNCPROC_ERROR_FILE"] == seen["TORCHELASTIC_ERROR_FILE"] == str(tmp_path / str(rank.rank) / "error.json")
+        assert seen["ASYNCPROC_ERROR_FILE"] == seen["TORCHELASTIC_ERROR_FILE"] == str(rank_dir / "error.json")
         assert seen["MASTER_ADDR"] == "127.0.0.1" and int(seen["MASTER_PORT"]) > 0 and seen["EXTRA"] == "x"
-        assert (tmp_path / str(rank.rank) / "stderr.log").read_text() == "err line\n"
+        assert (rank_dir / "stderr.log").read_text() == "err line\n"
     assert "all 3 ranks succeeded" in result.summary()
 
 
@@ -140,15 +145,15 @@ def test_32_ranks_thousands_of_lines_never_split_or_interleaved() -> None:
 
 def test_log_dir_with_and_without_tee(tmp_path: Path) -> None:
     command = rank_code("import os, sys; print('hello', os.environ['RANK']); print('oops', file=sys.stderr)")
-    quiet = run_cli("-n", "2", "--log-dir", str(tmp_path / "quiet"), "--", *command)
+    quiet = run_cli("-n", "2", "--log-dir", str(tmp_path / "quiet"), "--run-id", "r", "--", *command)
     assert quiet.returncode == 0 and quiet.stdout == "" and quiet.stderr == ""
-    teed = run_cli("-n", "2", "--log-dir", str(tmp_path / "teed"), "--tee", "--", *command)
+    teed = run_cli("-n", "2", "--log-dir", str(tmp_path / "teed"), "--run-id", "r", "--tee", "--", *command)
     assert sorted(teed.stdout.splitlines()) == ["[rank0]: hello 0", "[rank1]: hello 1"]
     assert sorted(teed.stderr.splitlines()) == ["[rank0]: oops", "[rank1]: oops"]
     for mode in ("quiet", "teed"):
         for rank in (0, 1):
-            assert (tmp_path / mode / str(rank) / "stdout.log").read_text() == f"hello {rank}\n"
-            assert (tmp_path / mode / str(rank) / "stderr.log").read_text() == "oops\n"
+            assert (tmp_path / mode / "r" / "attempt_0" / str(rank) / "stdout.log").read_text() == f"hello {rank}\n"
+            assert (tmp_path / mode / "r" / "attempt_0" / str(rank) / "stderr.log").read_text() == "oops\n"
 
 
 def test_failure_summary_names_rank_code_log_and_stderr(tmp_path: Path) -> None:
@@ -161,10 +166,10 @@ def test_failure_summary_names_rank_code_log_and_stderr(tmp_path: Path) -> None:
         time.sleep(60)
         """
     )
-    done = run_cli("-n", "3", "--log-dir", str(tmp_path), "--grace", "1", "--", *command)
+    done = run_cli("-n", "3", "--log-dir", str(tmp_path), "--run-id", "r", "--grace", "1", "--", *command)
     assert done.returncode == 5
     assert "rank 1 (pid" in done.stderr and "failed: it exited with code 5" in done.stderr
-    assert f"stderr log : {tmp_path / '1' / 'stderr.log'}" in done.stderr
+    assert f"stderr log : {tmp_path / 'r' / 'attempt_0' / '1' / 'stderr.log'}" in done.stderr
     assert "about to fail" in done.stderr
     assert "2 other rank(s) were stopped" in done.stderr
 
@@ -287,9 +292,9 @@ async def test_a_launch_that_fails_to_start_leaks_no_fd_and_no_folder(
     with pytest.raises(TypeError):
         await start_processes([b"/bin/true"], LaunchConfig(nproc=2))  # type: ignore[list-item]
     # Rank 1 cannot open its log (a folder is in the way): rank 0 already runs.
-    (tmp_path / "logs" / "1" / "stdout.log").mkdir(parents=True)
+    (tmp_path / "logs" / "r" / "attempt_0" / "1" / "stdout.log").mkdir(parents=True)
     with pytest.raises(IsADirectoryError):
-        await start_processes(rank_code("import time; time.sleep(60)"), LaunchConfig(nproc=2, log_dir=tmp_path / "logs", grace=0.5))
+        await start_processes(rank_code("import time; time.sleep(60)"), LaunchConfig(nproc=2, log_dir=tmp_path / "logs", grace=0.5, run_id="r"))
     assert _fds_and_temp_dirs(temp) == before == (before[0], [])
 
 
@@ -326,7 +331,7 @@ def test_a_console_reader_that_goes_away_does_not_crash_the_launch(tmp_path: Pat
     # `asyncproc run ... | head -1`: the console pipe breaks; the launch goes on, logged.
     code = "import sys\nfor i in range(20000): print('x' * 100, i)\nsys.stdout.flush()"
     launcher = subprocess.Popen(
-        [*LAUNCHER, "-n", "1", "--log-dir", str(tmp_path), "--tee", "--", *rank_code(code)],
+        [*LAUNCHER, "-n", "1", "--log-dir", str(tmp_path), "--run-id", "r", "--tee", "--", *rank_code(code)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
     assert launcher.stdout is not None and launcher.stderr is not None
@@ -335,7 +340,7 @@ def test_a_console_reader_that_goes_away_does_not_crash_the_launch(tmp_path: Pat
     err = launcher.stderr.read().decode()
     assert launcher.wait(timeout=60) == 0, err
     assert "Traceback" not in err
-    assert len((tmp_path / "0" / "stdout.log").read_text().splitlines()) == 20000
+    assert len((tmp_path / "r" / "attempt_0" / "0" / "stdout.log").read_text().splitlines()) == 20000
 
 
 def test_a_console_nobody_reads_does_not_block_the_launcher(tmp_path: Path) -> None:

@@ -19,10 +19,12 @@ if TYPE_CHECKING:
 
     from . import numa as numa  # the public submodule
     from ._errorfile import record
-    from ._exceptions import AsyncprocError, ChildCrashed, LaunchFailed, MemoryLimitExceeded, RemoteError
+    from ._exceptions import AsyncprocError, ChildCrashed, LaunchFailed, MemoryLimitExceeded, RemoteError, SupervisorGaveUp
     from ._handler import SubprocessHandler, get_subprocess_handler
     from ._isolated import Isolated, preload, safe_call, safe_call_sync
     from ._launcher import LaunchConfig, LaunchResult, RankResult, start_processes
+    from ._specs import Backoff, Call, ChildStatus, Command, Event, Task
+    from ._supervisor import Supervisor
     from .numa import AffinityMode, NumaOptions
 
 __version__ = "0.1.0"
@@ -31,7 +33,12 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "AffinityMode": ".numa",
     "AsyncprocError": "._exceptions",
+    "Backoff": "._specs",
+    "Call": "._specs",
     "ChildCrashed": "._exceptions",
+    "ChildStatus": "._specs",
+    "Command": "._specs",
+    "Event": "._specs",
     "Isolated": "._isolated",
     "LaunchConfig": "._launcher",
     "LaunchFailed": "._exceptions",
@@ -41,6 +48,9 @@ _EXPORTS = {
     "RankResult": "._launcher",
     "RemoteError": "._exceptions",
     "SubprocessHandler": "._handler",
+    "Supervisor": "._supervisor",
+    "SupervisorGaveUp": "._exceptions",
+    "Task": "._specs",
     "get_subprocess_handler": "._handler",
     "preload": "._isolated",
     "record": "._errorfile",
@@ -52,7 +62,12 @@ _EXPORTS = {
 __all__ = [  # a literal, for linters and IDEs; tests/test_init.py keeps it equal to _EXPORTS
     "AffinityMode",
     "AsyncprocError",
+    "Backoff",
+    "Call",
     "ChildCrashed",
+    "ChildStatus",
+    "Command",
+    "Event",
     "Isolated",
     "LaunchConfig",
     "LaunchFailed",
@@ -62,6 +77,9 @@ __all__ = [  # a literal, for linters and IDEs; tests/test_init.py keeps it equa
     "RankResult",
     "RemoteError",
     "SubprocessHandler",
+    "Supervisor",
+    "SupervisorGaveUp",
+    "Task",
     "get_subprocess_handler",
     "preload",
     "record",

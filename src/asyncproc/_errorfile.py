@@ -13,11 +13,13 @@ This module imports only the standard library: a rank pays nothing for using it.
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import functools
 import inspect
 import json
 import os
 import stat
+import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -47,7 +49,8 @@ class ErrorRecord:
 def record(fn: F) -> F:
     """Write an uncaught exception of ``fn`` to the rank's error file, then re-raise it.
 
-    For sync and async functions. ``SystemExit`` is not an error to record (torch's rule:
+    It also turns on ``faulthandler`` (into stderr), so a rank that segfaults leaves its
+    Python stack. For sync and async functions. ``SystemExit`` is not an error to record (torch's rule:
     ``sys.exit(0)`` returns None; any other code, ``sys.exit()`` included, propagates). Without an error file in
     the environment, ``fn`` runs undecorated in effect.
     """
@@ -72,6 +75,7 @@ def record(fn: F) -> F:
 
 @contextlib.contextmanager
 def _recording() -> Iterator[None]:
+    _enable_faulthandler()
     try:
         yield
     except SystemExit as exc:
@@ -80,6 +84,17 @@ def _recording() -> Iterator[None]:
     except Exception as exc:
         write_error_file(exc)
         raise
+
+
+def _enable_faulthandler() -> None:
+    """As torch's ``@record``: a segfault or abort then leaves every thread's Python stack
+    on stderr (the rank's log), where no exception handler could have written it."""
+    if faulthandler.is_enabled():
+        return
+    try:
+        faulthandler.enable(file=sys.stderr, all_threads=True)
+    except (AttributeError, ValueError, OSError):  # no usable stderr (None, closed, no fd)
+        pass
 
 
 def error_file_path() -> str | None:

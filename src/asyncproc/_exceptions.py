@@ -10,8 +10,11 @@ The tree::
      │                                         also a builtin MemoryError
      ├── RemoteError                           the child's exception or return value could
      │                                         not be carried back; .type_name, .traceback_text
-     └── LaunchFailed                          a local rank of ``start_processes`` failed
-                                               (``LaunchResult.check()``); .result
+     ├── LaunchFailed                          a local rank of ``start_processes`` failed
+     │                                         (``LaunchResult.check()``); .result
+     └── SupervisorGaveUp                      a ``Supervisor``'s children failed more often
+                                               than its intensity allows; .child, and
+                                               __cause__ = that child's last failure
 
 What is *not* here, on purpose: a call that runs past its timeout raises the builtin
 ``TimeoutError``; a call whose caller is cancelled sees the cancellation unchanged; bad
@@ -30,6 +33,7 @@ __all__ = [
     "LaunchFailed",
     "MemoryLimitExceeded",
     "RemoteError",
+    "SupervisorGaveUp",
     "describe_exitcode",
 ]
 
@@ -141,4 +145,15 @@ class LaunchFailed(AsyncprocError):
 
     def __init__(self, message: str, *, result: Any, pid: int | None = None, exitcode: int | None = None):
         self.result = result
+        super().__init__(message, pid=pid, exitcode=exitcode)
+
+
+class SupervisorGaveUp(AsyncprocError):
+    """A supervisor's children failed more often than ``max_restarts`` within
+    ``max_seconds``: it stopped them all. ``child`` is the id of the child that failed
+    last; ``__cause__`` is that failure (the Task's or Call's exception, or a
+    ``ChildCrashed`` for a Command)."""
+
+    def __init__(self, message: str, *, child: str, pid: int | None = None, exitcode: int | None = None):
+        self.child = child
         super().__init__(message, pid=pid, exitcode=exitcode)

@@ -75,6 +75,7 @@ class SubprocessHandler:
         numa_options: Any = None,
         *,
         local_world_size: int | None = None,
+        cwd: StrPath | None = None,
     ) -> None:
         if not isinstance(entrypoint, (str, os.PathLike)) or not os.fspath(entrypoint):
             raise TypeError(f"entrypoint must be a non-empty str or path, got {entrypoint!r}")
@@ -87,8 +88,9 @@ class SubprocessHandler:
         self.args: tuple[str, ...] = (os.fspath(entrypoint), *map(str, args))
         self.env = _merged_env(env)
         self.local_rank_id = local_rank_id
-        self.numa_options = numa_options
+        self.numa_options = _numa_options(numa_options)
         self.local_world_size = local_world_size
+        self.cwd = cwd
         self._stdout_target = stdout
         self._stderr_target = stderr
         self._stdout: IO[bytes] | None = None
@@ -133,7 +135,7 @@ class SubprocessHandler:
             env = self.env if _cgroup.available() else {**self.env, **_marker()}
             with self._numa_binding():
                 self.proc = _popen(self.args, env, self._redirect(self._stdout, self._stdout_target),
-                                   self._redirect(self._stderr, self._stderr_target))
+                                   self._redirect(self._stderr, self._stderr_target), self.cwd)
         except BaseException:
             self._close_logs()
             raise
@@ -385,9 +387,22 @@ def get_subprocess_handler(
     stderr: Redirect,
     local_rank_id: int,
     numa_options: Any = None,
+    local_world_size: int | None = None,
 ) -> SubprocessHandler:
-    """Torch's factory: an unstarted ``SubprocessHandler``."""
-    return SubprocessHandler(entrypoint, args, env, stdout, stderr, local_rank_id, numa_options)
+    """Torch's factory: an unstarted ``SubprocessHandler``. ``numa_options`` may be torch's
+    own; ``local_world_size`` tells the NUMA binding how many local ranks share the node."""
+    return SubprocessHandler(
+        entrypoint, args, env, stdout, stderr, local_rank_id, numa_options, local_world_size=local_world_size
+    )
+
+
+def _numa_options(options: Any) -> Any:
+    """Ours, or torch's NumaOptions converted (a bad value raises here, before spawn)."""
+    if options is None:
+        return None
+    from . import numa  # lazily: the NUMA module is optional for everything else
+
+    return numa.as_numa_options(options, "numa_options")
 
 
 def _merged_env(env: Mapping[str, str | None] | None) -> dict[str, str]:
@@ -613,9 +628,9 @@ def _unique(procs: list[psutil.Process]) -> list[psutil.Process]:
     return list({proc.pid: proc for proc in procs}.values())
 
 
-def _popen(args: tuple[str, ...], env: dict[str, str], stdout: Any, stderr: Any) -> subprocess.Popen[bytes]:
+def _popen(args: tuple[str, ...], env: dict[str, str], stdout: Any, stderr: Any, cwd: StrPath | None = None) -> subprocess.Popen[bytes]:
     """Start the child on this thread, through CPython's vfork path (no preexec_fn)."""
-    return subprocess.Popen(args, env=env, stdout=stdout, stderr=stderr, start_new_session=True)
+    return subprocess.Popen(args, env=env, stdout=stdout, stderr=stderr, start_new_session=True, cwd=cwd)
 
 
 async def _until_exited(pid: int, pidfd: int | None) -> None:

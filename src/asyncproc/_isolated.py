@@ -9,6 +9,7 @@ outcome.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import inspect
 import itertools
@@ -57,6 +58,13 @@ class _Exit:
     fault_log: str = ""
     note: str = ""  # when the status is unknown: why
     never_started: bool = False  # the fork server died before any worker got the call
+
+
+# Set by a supervisor's Call child, in its own task: told the worker once the call has one
+# (the supervisor reads the worker's pid from it for ChildStatus and its events).
+worker_started: contextvars.ContextVar[Callable[[_Worker], None] | None] = contextvars.ContextVar(
+    "asyncproc_worker_started", default=None
+)
 
 
 class _ServerLost(AsyncprocError):
@@ -722,6 +730,8 @@ class Isolated:
             # The timeout covers the whole call, waiting for a busy fork server included.
             with anyio.CancelScope(deadline=deadline) as scope:
                 worker = await _STARTERS[self.start_method](self._spec, (func, args, kwargs))
+                if (hook := worker_started.get()) is not None:
+                    hook(worker)
                 msg = await worker.next_message()
             if scope.cancelled_caught:
                 started = worker is not None and _call_read(worker)

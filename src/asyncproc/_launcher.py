@@ -1,25 +1,26 @@
-"""Launching local ranks: torch.distributed.elastic's ``start_processes``, async, and the
-``asyncproc run`` command.
+"""Launching local ranks: torch.distributed.elastic's ``start_processes``, async (the
+``asyncproc run`` command line is ``_runcli``).
 
-Output paths, per rank and stream:
+Output paths, per rank and stream (``LaunchConfig.std_of``):
 
-* ``log_dir`` without ``tee``: the rank writes straight into ``<log_dir>/<rank>/stdout.log``
-  (and ``stderr.log``); the launcher is not in the data path.
+* redirected only (``--log-dir`` alone, or ``--redirects``): the rank writes straight into
+  ``<log_dir>/<run id>/attempt_<n>/<rank>/stdout.log`` (or ``stderr.log``); the launcher
+  is not in the data path.
 * otherwise: the rank writes into a pipe; the launcher reads it, writes the raw bytes to the
-  log file (if any) and whole lines, prefixed ``[rankN]:``, to its own stdout/stderr. All
+  log file (if teed) and whole lines, prefixed (``[rankN]: ``), to its own stdout/stderr. All
   pumps run on the one event-loop thread and each batch of complete lines is one block,
   written whole by one writer per console stream (``_ConsoleStream``, non-blocking for a
   pipe or terminal), so console lines are never split or interleaved; a partial line waits for its newline (or
   for EOF, or for 64 KiB, whichever comes first).
 
 Fail fast: the first rank to fail stops the others (its signal, ``grace``, SIGKILL, through
-``SubprocessHandler.kill``); SIGINT/SIGTERM to the launcher (``handle_signals``) do the same
-with the signal received.
+``SubprocessHandler.kill``); a handled signal to the launcher (``handle_signals``) does the
+same with the signal received. With ``max_restarts``, a failed attempt is followed by a new
+one (``_Run``), up to that many times.
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
 import contextlib
 import logging
@@ -29,11 +30,15 @@ import signal
 import socket
 import stat
 import sys
+import itertools
+import secrets
+import string
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Union
 
 import anyio
 import anyio.abc
@@ -45,23 +50,45 @@ from ._handler import DEFAULT_GRACE_S, KILL_BOUND_S, StrPath, SubprocessHandler
 
 log = logging.getLogger("asyncproc")
 
-__all__ = ["LaunchConfig", "LaunchResult", "RankResult", "start_processes", "configure_parser", "cli"]
+__all__ = ["LaunchConfig", "LaunchResult", "RankResult", "start_processes", "BOTH", "STDERR", "STDOUT"]
 
 TAIL_LINES = 20  # last stderr lines kept per rank for the failure summary
 _CHUNK = 65536
 _LONGEST_LINE = 65536  # a line longer than this is emitted in pieces, each prefixed
 _DRAIN_BOUND_S = 2.0  # after the ranks are gone, a grandchild may still hold their pipes
 _ORPHAN_ROUNDS = 3  # a killed orphan's own descendants are re-parented to us in turn
-NUMA_MODES = ("node", "socket", "exclusive", "core-complex")
+
+
+# One stream's bits in torchrun's --redirects/--tee numbering: 1 stdout, 2 stderr, 3 both.
+STDOUT, STDERR, BOTH = 1, 2, 3
+# Per local rank (a mapping) or for every rank (an int; True means BOTH).
+StdSpec = Union[bool, int, Mapping[int, int]]
+DEFAULT_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)  # torchrun's set
+DEFAULT_PREFIX = "[rank${rank}]: "
 
 
 @dataclass(frozen=True)
 class LaunchConfig:
-    """How to launch ``nproc`` local ranks of one command.
+    """How to launch ``nproc`` local ranks of one command, on node ``node_rank`` of ``nnodes``.
 
     ``env`` overlays ``os.environ`` for every rank (None removes a variable); the rank
-    variables are set on top. ``master_port`` None picks a free port. ``handle_signals``
-    makes SIGINT/SIGTERM to this process stop every rank (main thread only; the CLI sets it).
+    variables are set on top. ``master_port`` None picks a free port and holds it (see
+    ``_PortHold``) for the whole run. ``handle_signals`` makes ``signals`` (torchrun's
+    SIGTERM, SIGINT, SIGHUP, SIGQUIT by default) to this process stop every rank (main
+    thread only; the CLI sets it).
+
+    ``max_restarts``: when a rank fails, stop every rank and start them all again, at most
+    this many times (torchrun's elastic restart, on one node). ``run_id`` names the run
+    (``TORCHELASTIC_RUN_ID`` and the log folder ``log_dir/<run_id>/attempt_<n>/<rank>/``);
+    None makes a fresh one.
+
+    Output, per local rank and stream, in torchrun's numbering (``STDOUT``, ``STDERR``,
+    ``BOTH``; an int for every rank or a mapping local rank -> int): ``redirects`` streams go
+    to their log file only, ``tee`` streams to the file and the console, the others to the
+    console only. ``redirects=None`` (the default) redirects every stream that ``tee`` does
+    not when there is a ``log_dir``. ``local_ranks_filter`` limits the console to those
+    local ranks (files are unaffected); ``log_line_prefix_template`` prefixes console lines
+    (``${rank}``, ``${local_rank}``, ``${role_name}``).
 
     ``reap_orphans`` makes this process a child subreaper (for good: it cannot be undone
     per launch) and, once the ranks are stopped, kills (with their trees) and reaps every
@@ -72,7 +99,7 @@ class LaunchConfig:
 
     nproc: int
     log_dir: StrPath | None = None
-    tee: bool = False
+    tee: StdSpec = False
     numa_options: Any = None
     env: Mapping[str, str | None] = field(default_factory=dict)
     grace: float = DEFAULT_GRACE_S
@@ -80,14 +107,93 @@ class LaunchConfig:
     master_port: int | None = None
     handle_signals: bool = False
     reap_orphans: bool = False
+    nnodes: int = 1
+    node_rank: int = 0
+    max_restarts: int = 0
+    run_id: str | None = None
+    role: str = "default"
+    redirects: StdSpec | None = None
+    local_ranks_filter: frozenset[int] | None = None
+    log_line_prefix_template: str = DEFAULT_PREFIX
+    signals: tuple[signal.Signals, ...] = DEFAULT_SIGNALS
+    virtual_local_rank: bool = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.nproc, bool) or not isinstance(self.nproc, int) or self.nproc < 1:
-            raise ValueError(f"nproc must be an int >= 1, got {self.nproc!r}")
-        if not isinstance(self.grace, (int, float)) or self.grace < 0:
+        _check_count("nproc", self.nproc, 1)
+        _check_count("nnodes", self.nnodes, 1)
+        _check_count("node_rank", self.node_rank, 0)
+        _check_count("max_restarts", self.max_restarts, 0)
+        if self.node_rank >= self.nnodes:
+            raise ValueError(f"node_rank must be < nnodes ({self.nnodes}), got {self.node_rank!r}")
+        if isinstance(self.grace, bool) or not isinstance(self.grace, (int, float)) or self.grace < 0:
             raise ValueError(f"grace must be a number of seconds >= 0, got {self.grace!r}")
         if self.master_port is not None and not 0 < self.master_port < 65536:
             raise ValueError(f"master_port must be in 1..65535, got {self.master_port!r}")
+        if self.nnodes > 1 and self.master_port is None:
+            raise ValueError("master_port must be given when nnodes > 1: every node must use the same one")
+        if self.run_id is not None and (not self.run_id or "/" in self.run_id or self.run_id in (".", "..")):
+            raise ValueError(f"run_id must be a non-empty name without '/', got {self.run_id!r}")
+        for name in ("tee", "redirects"):
+            spec = getattr(self, name)
+            if spec is not None:
+                _check_std(name, spec, self.nproc)
+                if self.log_dir is None and any(_std_of(spec, r) for r in range(self.nproc)):
+                    raise ValueError(f"{name}={spec!r} needs log_dir: the streams go to files there")
+        if self.local_ranks_filter is not None:
+            bad = [r for r in self.local_ranks_filter if not 0 <= r < self.nproc]
+            if bad or not self.local_ranks_filter:
+                raise ValueError(f"local_ranks_filter must name local ranks in 0..{self.nproc - 1}, got {sorted(self.local_ranks_filter)!r}")
+        _check_prefix(self.log_line_prefix_template)
+        try:
+            object.__setattr__(self, "signals", tuple(signal.Signals(sig) for sig in self.signals))
+        except (TypeError, ValueError):
+            raise ValueError(f"signals must be signal numbers or signal.Signals, got {self.signals!r}") from None
+        if signal.SIGKILL in self.signals or signal.SIGSTOP in self.signals:
+            raise ValueError(f"signals cannot include SIGKILL or SIGSTOP (they cannot be caught), got {self.signals!r}")
+
+    @property
+    def world_size(self) -> int:
+        return self.nnodes * self.nproc
+
+    def std_of(self, local_rank: int) -> tuple[int, int]:
+        """(streams written to a file, streams shown on the console) of a local rank."""
+        tee = _std_of(self.tee, local_rank)
+        if self.redirects is None:
+            redirected = BOTH & ~tee if self.log_dir is not None else 0
+        else:
+            redirected = _std_of(self.redirects, local_rank) & ~tee
+        shown = self.local_ranks_filter is None or local_rank in self.local_ranks_filter
+        return redirected | tee, (BOTH & ~redirected) if shown else 0
+
+
+def _check_count(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def _check_std(name: str, spec: object, nproc: int) -> None:
+    values = spec.values() if isinstance(spec, Mapping) else [spec]
+    if isinstance(spec, Mapping) and any(isinstance(r, bool) or not isinstance(r, int) or not 0 <= r < nproc for r in spec):
+        raise ValueError(f"{name} must map local ranks in 0..{nproc - 1} to 0-3, got {spec!r}")
+    if not all(isinstance(v, int) and 0 <= v <= BOTH for v in values):
+        raise ValueError(f"{name} must be 0-3 (1 stdout, 2 stderr, 3 both), a bool, or a mapping local rank -> 0-3, got {spec!r}")
+
+
+def _std_of(spec: StdSpec | None, local_rank: int) -> int:
+    if spec is None:
+        return 0
+    if isinstance(spec, Mapping):
+        return int(spec.get(local_rank, 0))
+    return BOTH if spec is True else int(spec)
+
+
+def _check_prefix(template: str) -> None:
+    try:
+        string.Template(template).substitute(rank=0, local_rank=0, role_name="x")
+    except (KeyError, ValueError) as exc:
+        raise ValueError(
+            f"log_line_prefix_template may use only ${{rank}}, ${{local_rank}} and ${{role_name}}, got {template!r} ({exc!r})"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -103,6 +209,7 @@ class RankResult:
     stderr_log: Path | None
     error: ErrorRecord | None  # what ``@asyncproc.record`` wrote, if anything
     stderr_tail: tuple[str, ...]
+    local_rank: int = 0
 
     @property
     def failed(self) -> bool:
@@ -111,11 +218,14 @@ class RankResult:
 
 @dataclass(frozen=True)
 class LaunchResult:
-    """Every rank's result; ``failure`` is the first rank that failed, if one did."""
+    """Every rank's result in the last attempt; ``failure`` is its first rank that failed,
+    if one did; ``restarts``: how many times the whole group was restarted before it."""
 
     ranks: tuple[RankResult, ...]
     failure: RankResult | None
     interrupted_by: signal.Signals | None
+    restarts: int = 0
+    run_id: str = ""
 
     @property
     def exit_code(self) -> int:
@@ -142,7 +252,8 @@ class LaunchResult:
     def summary(self) -> str:
         """What happened, for a person: which rank failed, how, where its logs are."""
         if self.failure is not None:
-            return _describe_failure(self.failure, stopped=sum(r.stopped for r in self.ranks))
+            text = _describe_failure(self.failure, stopped=sum(r.stopped for r in self.ranks))
+            return text + (f"\n  after {self.restarts} restart(s) of every rank" if self.restarts else "")
         if self.interrupted_by is not None:
             return f"asyncproc run: interrupted by {self.interrupted_by.name}; all {len(self.ranks)} ranks were stopped"
         return f"asyncproc run: all {len(self.ranks)} ranks succeeded"
@@ -175,38 +286,57 @@ def _describe_failure(failure: RankResult, stopped: int) -> str:
 class _Rank:
     """A rank's handler, its pipes and logs, and what we learned about it."""
 
-    def __init__(self, rank: int, command: Sequence[StrPath], config: LaunchConfig, dirs: _Dirs, port: int):
-        self.rank = rank
+    def __init__(self, local_rank: int, command: Sequence[StrPath], config: LaunchConfig, where: _Attempt):
+        self.local_rank = local_rank
+        self.rank = config.node_rank * config.nproc + local_rank
         self.config = config
-        rank_dir = dirs.rank_dir(rank)
+        self.attempt = where
+        rank_dir = where.dirs.rank_dir(where.number, self.rank)
         self.error_file = rank_dir / "error.json"
-        self.stdout_log = rank_dir / "stdout.log" if config.log_dir is not None else None
-        self.stderr_log = rank_dir / "stderr.log" if config.log_dir is not None else None
-        self.piped = config.log_dir is None or config.tee
+        to_file, self.shown = config.std_of(local_rank)
+        self.stdout_log = rank_dir / "stdout.log" if to_file & STDOUT else None
+        self.stderr_log = rank_dir / "stderr.log" if to_file & STDERR else None
         self.tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
         self.stopped = False
         self._read_ends: list[int] = []  # ours until handed to a pump
         self._write_ends: list[int] = []  # the child's; closed here once it has its copy
-        env = {**config.env, **self._rank_env(port)}
-        out: StrPath | int | None = self.stdout_log
-        err: StrPath | int | None = self.stderr_log
-        if self.piped:
-            out, err = self._pipe(), self._pipe()
+        env = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": os.environ.get("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1"),
+               **config.env, **self._rank_env()}
+        # A stream goes through us when the console shows it, or when it has no file (the
+        # pipe is then drained: a filtered-out rank's stderr tail still makes the summary).
+        self.piped = (self._piped(STDOUT, self.stdout_log), self._piped(STDERR, self.stderr_log))
+        out: StrPath | int | None = self._pipe() if self.piped[0] else self.stdout_log
+        err: StrPath | int | None = self._pipe() if self.piped[1] else self.stderr_log
         try:
             self.handler = SubprocessHandler(
-                command[0], command[1:], env, out, err, rank, config.numa_options, local_world_size=config.nproc
+                command[0], command[1:], env, out, err, local_rank, config.numa_options, local_world_size=config.nproc
             )
         except BaseException:  # a bad command: nobody else will close our pipes
             self._close_pipes()
             raise
 
-    def _rank_env(self, port: int) -> dict[str, str]:
-        n = str(self.config.nproc)
+    def _piped(self, stream: int, log_file: Path | None) -> bool:
+        return bool(self.shown & stream) or log_file is None
+
+    def _rank_env(self) -> dict[str, str]:
+        c = self.config
         env = {
-            "LOCAL_RANK": str(self.rank), "RANK": str(self.rank), "GROUP_RANK": "0",
-            "LOCAL_WORLD_SIZE": n, "WORLD_SIZE": n,
-            "MASTER_ADDR": self.config.master_addr, "MASTER_PORT": str(port),
+            "LOCAL_RANK": str(self.local_rank), "RANK": str(self.rank), "GROUP_RANK": str(c.node_rank),
+            "ROLE_RANK": str(self.rank), "ROLE_NAME": c.role,
+            "LOCAL_WORLD_SIZE": str(c.nproc), "WORLD_SIZE": str(c.world_size),
+            "GROUP_WORLD_SIZE": str(c.nnodes), "ROLE_WORLD_SIZE": str(c.world_size),
+            "MASTER_ADDR": c.master_addr, "MASTER_PORT": str(self.attempt.port),
+            "TORCHELASTIC_RESTART_COUNT": str(self.attempt.number),
+            "ASYNCPROC_RESTART_COUNT": str(self.attempt.number),
+            "TORCHELASTIC_MAX_RESTARTS": str(c.max_restarts),
+            "TORCHELASTIC_RUN_ID": self.attempt.run_id,
+            # Nobody hosts a store for the ranks: rank 0 must start the TCPStore itself.
+            "TORCHELASTIC_USE_AGENT_STORE": "False",
+            "TORCHELASTIC_SIGNALS_TO_HANDLE": ",".join(sig.name for sig in c.signals),
         }
+        if c.virtual_local_rank:
+            env["LOCAL_RANK"] = "0"
+            env["CUDA_VISIBLE_DEVICES"] = _device_of(self.local_rank)
         env.update(dict.fromkeys(ENV_VARS, str(self.error_file)))
         return env
 
@@ -225,24 +355,27 @@ class _Rank:
             for write_end in self._write_ends:
                 os.close(write_end)  # the child has its copy; EOF must come when it exits
             self._write_ends.clear()
-        if not self._read_ends:
-            return []
-        out_r, err_r = self._read_ends
+        c = self.config
+        prefix = string.Template(c.log_line_prefix_template).substitute(
+            rank=self.rank, local_rank=self.local_rank, role_name=c.role
+        ).encode()
+        pumps = []
+        read_ends = iter(self._read_ends)
+        for stream, log_file, tail, out in (
+            (STDOUT, self.stdout_log, None, console.out), (STDERR, self.stderr_log, self.tail, console.err)
+        ):
+            if self.piped[stream - 1]:
+                pumps.append(_Pump(next(read_ends), prefix, out if self.shown & stream else None, log_file, tail))
         self._read_ends.clear()  # the pumps own them now
-        prefix = f"[rank{self.rank}]: ".encode()
-        shown = self.config.tee or self.config.log_dir is None
-        return [
-            _Pump(out_r, prefix, console.out if shown else None, self.stdout_log, None),
-            _Pump(err_r, prefix, console.err if shown else None, self.stderr_log, self.tail),
-        ]
+        return pumps
 
     def result(self) -> RankResult:
-        tail = tuple(self.tail) if self.piped else _file_tail(self.stderr_log, TAIL_LINES)
+        tail = tuple(self.tail) if self.piped[1] else _file_tail(self.stderr_log, TAIL_LINES)
         return RankResult(
             rank=self.rank, pid=self.handler.pid or 0, exitcode=self.handler.returncode,
             stopped=self.stopped and self.handler.returncode != 0,
             stdout_log=self.stdout_log, stderr_log=self.stderr_log,
-            error=read_error_file(self.error_file), stderr_tail=tail,
+            error=read_error_file(self.error_file), stderr_tail=tail, local_rank=self.local_rank,
         )
 
     def close(self) -> None:
@@ -347,17 +480,31 @@ def _binary(stream: Any) -> IO[bytes]:
 
 
 class _Dirs:
-    """Where logs and error files go: ``log_dir``, or a temporary folder removed after."""
+    """Where logs and error files go: ``log_dir/<run id>/attempt_<n>/<rank>/``, or the
+    same under a temporary folder removed after.
 
-    def __init__(self, log_dir: StrPath | None):
+    A run never writes into a previous run's folder: when ``<run id>`` already holds this
+    node's first rank (a rerun with the same id, a requeued Slurm job), ``<run id>.1``,
+    ``.2``, ... is used instead. Nodes sharing the folder each claim their own ranks."""
+
+    def __init__(self, log_dir: StrPath | None, run_id: str, first_rank: int):
         self.temporary = log_dir is None
-        self.root = Path(tempfile.mkdtemp(prefix="asyncproc-run-")) if log_dir is None else Path(log_dir)
-        if self.temporary:
+        if log_dir is None:
+            self.root = Path(tempfile.mkdtemp(prefix="asyncproc-run-"))
             # Our SIGKILL skips ``cleanup``: the guardian removes it then, after the ranks.
             _guardian.register_folder(str(self.root))
+            return
+        for n in itertools.count():
+            self.root = Path(log_dir) / (run_id if n == 0 else f"{run_id}.{n}")
+            try:
+                # Claimed atomically, so two launchers with one id never share a folder.
+                (self.root / "attempt_0" / str(first_rank)).mkdir(parents=True)
+                return
+            except FileExistsError:
+                continue
 
-    def rank_dir(self, rank: int) -> Path:
-        path = self.root / str(rank)
+    def rank_dir(self, attempt: int, rank: int) -> Path:
+        path = self.root / f"attempt_{attempt}" / str(rank)
         path.mkdir(parents=True, exist_ok=True)
         return path
 
@@ -365,6 +512,56 @@ class _Dirs:
         if self.temporary:
             shutil.rmtree(self.root, ignore_errors=True)
             _guardian.unregister_folder(str(self.root))
+
+
+class _PortHold:
+    """The master port, chosen free and *held* until the run ends.
+
+    Between choosing a port and rank 0 listening on it (an interpreter start and imports:
+    seconds with torch) another process could take it. So the socket that found it stays
+    bound, with SO_REUSEADDR and never listening: the kernel then lets a server that also
+    sets SO_REUSEADDR (torch's TCPStore, asyncio, ``socket.create_server``) bind and listen
+    on it, while an ephemeral bind or connect elsewhere never picks it (Linux skips bound
+    ports). A server binding without SO_REUSEADDR gets EADDRINUSE: give it ``master_port``.
+    """
+
+    def __init__(self, host: str, port: int | None):
+        self.socket: socket.socket | None = None
+        if port is not None:
+            self.port = port
+            return
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.socket = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.socket.bind(("", 0))  # every address: no other bind on any of them
+            self.port = int(self.socket.getsockname()[1])
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self.socket is not None:
+            self.socket.close()
+            self.socket = None
+
+
+@dataclass(frozen=True)
+class _Attempt:
+    """What the ranks of one attempt share: its number, the run's folders, port and id."""
+
+    number: int
+    dirs: _Dirs
+    port: int
+    run_id: str
+
+
+def _device_of(local_rank: int) -> str:
+    """The device a rank sees as its only one with --virtual-local-rank: its entry of our
+    CUDA_VISIBLE_DEVICES (an index, a UUID or a MIG name), or its index."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    entries = [e.strip() for e in visible.split(",")] if visible else []
+    return entries[local_rank] if local_rank < len(entries) else str(local_rank)
 
 
 @dataclass
@@ -458,39 +655,43 @@ def _file_tail(path: Path | None, count: int) -> tuple[str, ...]:
 
 
 class _Launch:
-    """Spawns the ranks, watches them, stops them all on the first failure or a signal."""
+    """One attempt: spawns the ranks, watches them, stops them all on the first failure or
+    when ``stop`` is called (a signal to the launcher)."""
 
-    def __init__(self, command: Sequence[StrPath], config: LaunchConfig):
+    def __init__(self, command: Sequence[StrPath], config: LaunchConfig, attempt: _Attempt, console: _Console):
         self.config = config
-        self.dirs = _Dirs(config.log_dir)
+        self.console = console
         self.ranks: list[_Rank] = []
         try:
-            port = config.master_port or _free_port(config.master_addr)
             for i in range(config.nproc):
-                self.ranks.append(_Rank(i, command, config, self.dirs, port))
+                self.ranks.append(_Rank(i, command, config, attempt))
         except BaseException:  # a bad command: what was made so far is ours to undo
             for rank in self.ranks:
                 rank.close()
-            self.dirs.cleanup()
             raise
         self.done = anyio.Event()
         self.failure: _Rank | None = None
-        self.interrupted_by: signal.Signals | None = None
         self.stop_signal: int = signal.SIGTERM
         self._running = config.nproc
         self._pumps_left = 0
         self._pumps_done = anyio.Event()
 
-    async def run(self) -> LaunchResult:
-        self.console = _Console.of_this_process()
-        try:
-            await self._supervise()
-            ranks = tuple(rank.result() for rank in self.ranks)
-        finally:
-            self.console.close()
-            self.dirs.cleanup()  # on every path: a failed spawn must not leave the folder
-        failure = ranks[self.failure.rank] if self.failure is not None else None
-        return LaunchResult(ranks, failure, self.interrupted_by)
+    async def run(self) -> tuple[tuple[RankResult, ...], RankResult | None]:
+        """Every rank's result, and the first failure's."""
+        await self._supervise()
+        ranks = tuple(rank.result() for rank in self.ranks)
+        return ranks, ranks[self.failure.local_rank] if self.failure is not None else None
+
+    def stop(self, sig: int) -> None:
+        """End the attempt: every rank gets ``sig`` (forwarded as torch does), then SIGKILL."""
+        self.stop_signal = sig
+        self.done.set()
+
+    def kill_now(self) -> None:
+        """SIGKILL every rank's tree at once (a second signal: an impatient user)."""
+        for rank in self.ranks:
+            if rank.handler.proc is not None:
+                rank.handler.signal_tree(signal.SIGKILL)
 
     async def _supervise(self) -> None:
         pumps: list[_Pump] = []
@@ -498,15 +699,19 @@ class _Launch:
             # Spawn before the task group, so a missing command raises FileNotFoundError
             # itself, not inside an exception group (the finally stops the ranks started).
             for rank in self.ranks:
+                if self.done.is_set():  # stopped by a signal while starting
+                    break
                 pumps += await rank.spawn(self.console)
+            self._running = sum(rank.handler.proc is not None for rank in self.ranks)
             self._pumps_left = len(pumps)
             async with anyio.create_task_group() as tg:
                 for pump in pumps:
                     tg.start_soon(self._run_pump, pump)
                 for rank in self.ranks:
-                    tg.start_soon(self._watch, rank)
-                if self.config.handle_signals:
-                    tg.start_soon(self._watch_signals)
+                    if rank.handler.proc is not None:
+                        tg.start_soon(self._watch, rank)
+                if self._running == 0:
+                    self.done.set()
                 await self.done.wait()
                 await self._stop_all()  # on success too: their leftovers hold the pipes
                 await self._end_orphans()
@@ -541,21 +746,6 @@ class _Launch:
         self._running -= 1
         if code != 0 or self._running == 0:
             self.done.set()
-
-    async def _watch_signals(self) -> None:
-        """The first SIGINT/SIGTERM stops the ranks cleanly; a second one (an impatient
-        user) SIGKILLs them now. The receiver stays open until the ranks are stopped, so
-        a second signal never takes the launcher down without its summary."""
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async for signum in signals:
-                if self.interrupted_by is None:
-                    self.interrupted_by = signal.Signals(signum)
-                    self.stop_signal = signum  # forwarded to the ranks first, as torch does
-                    self.done.set()
-                    continue
-                for rank in self.ranks:
-                    if rank.handler.proc is not None:
-                        rank.handler.signal_tree(signal.SIGKILL)
 
     async def _stop_all(self) -> None:
         """Kill every started rank, all at once; bounded by grace + KILL_BOUND_S.
@@ -598,15 +788,110 @@ class _Launch:
         return [pid for pid in pids if _proctree.reap(pid) is None]
 
 
-def _free_port(host: str) -> int:
-    """A port free right now (the ranks' rendezvous binds it moments later, as torchrun)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+class _Run:
+    """The whole run: attempts, restarted on a rank failure up to ``max_restarts`` times,
+    and the signals received meanwhile (the receiver stays open between attempts, so no
+    signal finds the launcher without its handler and its summary).
+
+    The attempts are a plain loop rather than a ``Supervisor`` with a ``one_for_all`` group
+    of ``Command`` children: every attempt needs a fresh environment
+    (``TORCHELASTIC_RESTART_COUNT``), fresh log paths and pipes read by our pumps, which a
+    ``Command`` (argv, env and files fixed when built) cannot give. ``_attempts`` is the
+    only place that decides on restarts, so moving onto a supervisor is local: one ``Task``
+    child running ``_Launch.run`` (raising on a rank failure), ``restart="transient"``,
+    ``max_restarts=K``, ``max_seconds=inf``, ``Backoff(initial=0, jitter=0)``: torchrun's
+    rule, the same behaviour.
+    """
+
+    def __init__(self, command: Sequence[StrPath], config: LaunchConfig):
+        self.command = command
+        self.config = config
+        self.run_id = config.run_id or _new_run_id()
+        self.interrupted_by: signal.Signals | None = None
+        self.current: _Launch | None = None
+
+    async def run(self) -> LaunchResult:
+        config = self.config
+        dirs = _Dirs(config.log_dir, self.run_id, config.node_rank * config.nproc)
+        port: _PortHold | None = None
+        console: _Console | None = None
+        try:
+            port = _PortHold(config.master_addr, config.master_port)
+            console = _Console.of_this_process()
+            return await self._with_signals(dirs, port.port, console)
+        finally:
+            if console is not None:
+                console.close()
+            if port is not None:
+                port.close()
+            dirs.cleanup()  # on every path: a failed spawn must not leave the folder
+
+    async def _with_signals(self, dirs: _Dirs, port: int, console: _Console) -> LaunchResult:
+        if not self.config.handle_signals:
+            return await self._attempts(dirs, port, console)
+        error: Exception | None = None
+        async with anyio.create_task_group() as tg:
+            await tg.start(self._watch_signals)
+            try:
+                result = await self._attempts(dirs, port, console)
+            except Exception as exc:  # raised as itself, not inside an exception group
+                error = exc
+            tg.cancel_scope.cancel()
+        if error is not None:
+            raise error
+        return result
+
+    async def _attempts(self, dirs: _Dirs, port: int, console: _Console) -> LaunchResult:
+        ranks: tuple[RankResult, ...] = ()
+        failure: RankResult | None = None
+        restarts = 0
+        for number in range(self.config.max_restarts + 1):
+            if number and self.interrupted_by is None:
+                await self._announce_restart(console, failure, number)
+            if self.interrupted_by is not None:
+                break
+            # No await between the check above and this: a signal cannot fall in between.
+            self.current = _Launch(self.command, self.config, _Attempt(number, dirs, port, self.run_id), console)
+            try:
+                ranks, failure = await self.current.run()
+            finally:
+                self.current = None
+            restarts = number
+            if failure is None:
+                break
+        return LaunchResult(ranks, failure, self.interrupted_by, restarts=restarts, run_id=self.run_id)
+
+    async def _announce_restart(self, console: _Console, failure: RankResult | None, number: int) -> None:
+        assert failure is not None
+        line = (
+            f"asyncproc run: rank {failure.rank} (pid {failure.pid}) {describe_exitcode(failure.exitcode)}; "
+            f"restarting every rank (restart {number} of {self.config.max_restarts})\n"
+        )
+        await console.err.write(line.encode())
+
+    async def _watch_signals(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """The first signal stops the ranks cleanly (forwarded to them); a second one SIGKILLs
+        them now. The receiver stays open until the run ends, so a second signal never
+        takes the launcher down without its summary."""
+        with anyio.open_signal_receiver(*self.config.signals) as signals:
+            task_status.started()
+            async for signum in signals:
+                if self.interrupted_by is None:
+                    self.interrupted_by = signal.Signals(signum)
+                    if self.current is not None:
+                        self.current.stop(signum)
+                elif self.current is not None:
+                    self.current.kill_now()
+
+
+def _new_run_id() -> str:
+    """Sortable and unique: when, and a random tail for two runs in one second."""
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
 
 
 async def start_processes(command: Sequence[StrPath], config: LaunchConfig) -> LaunchResult:
-    """Run ``config.nproc`` copies of ``command`` as local ranks until all end or one fails.
+    """Run ``config.nproc`` copies of ``command`` as local ranks until all end or one fails
+    (then, with ``max_restarts``, all of them again).
 
     Returns every rank's result (call ``.check()`` to raise ``LaunchFailed`` on failure).
     Raises ``FileNotFoundError`` if the command does not exist (no rank is left running).
@@ -616,76 +901,4 @@ async def start_processes(command: Sequence[StrPath], config: LaunchConfig) -> L
         raise ValueError(f"command must be a non-empty sequence of arguments, got {command!r}")
     if config.reap_orphans:
         _proctree.make_subreaper()
-    return await _Launch(list(command), config).run()
-
-
-# -- the command line ---------------------------------------------------------------------
-
-
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.usage = "asyncproc run -n NPROC [--numa MODE] [--log-dir DIR] [--tee] -- COMMAND [ARGS...]"
-    parser.add_argument("-n", "--nproc", type=int, required=True, help="number of local ranks")
-    parser.add_argument("--numa", choices=NUMA_MODES, help="bind each rank near its GPU (or NUMA node)")
-    parser.add_argument("--log-dir", help="write each rank's output to DIR/<rank>/stdout.log and stderr.log")
-    parser.add_argument("--tee", action="store_true", help="with --log-dir, show the output on the console too")
-    parser.add_argument("--grace", type=float, default=DEFAULT_GRACE_S,
-                        help="seconds between SIGTERM and SIGKILL when stopping ranks (default: %(default)s)")
-    parser.add_argument("--backend", choices=("asyncio", "uvloop", "trio"), default="asyncio",
-                        help="event loop the launcher runs on (default: %(default)s)")
-    parser.add_argument("command", nargs=argparse.REMAINDER, help="the command each rank runs, after --")
-
-
-def cli(args: argparse.Namespace) -> int:
-    command = list(args.command)
-    if command[:1] == ["--"]:
-        command = command[1:]
-    if not command:
-        print("asyncproc run: no command given (usage: asyncproc run -n NPROC -- COMMAND [ARGS...])", file=sys.stderr)
-        return 2
-    try:
-        config = LaunchConfig(
-            nproc=args.nproc, log_dir=args.log_dir, tee=args.tee, grace=args.grace,
-            numa_options=_numa_options(args.numa), handle_signals=True, reap_orphans=True,
-        )
-    except ValueError as exc:
-        print(f"asyncproc run: {exc}", file=sys.stderr)
-        return 2
-    backend, options = ("trio", {}) if args.backend == "trio" else ("asyncio", {"use_uvloop": args.backend == "uvloop"})
-    try:
-        result = anyio.run(start_processes, command, config, backend=backend, backend_options=options)
-    except FileNotFoundError as exc:
-        print(f"asyncproc run: cannot run {command[0]!r}: {exc.strerror}", file=sys.stderr)
-        return 127
-    except PermissionError as exc:
-        print(f"asyncproc run: cannot run {command[0]!r}: {exc.strerror}", file=sys.stderr)
-        return 126
-    if result.exit_code:
-        with contextlib.suppress(OSError):
-            print(result.summary(), file=sys.stderr)
-    _quiet_broken_stdout()
-    return result.exit_code
-
-
-def _quiet_broken_stdout() -> None:
-    """When the console's reader went away, point stdout at /dev/null, so the flush at
-    exit does not fail with a BrokenPipeError traceback and exit code 120."""
-    try:
-        sys.stdout.flush()
-    except OSError:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-
-
-def _numa_options(mode: str | None) -> Any:
-    if mode is None:
-        return None
-    from .numa import AffinityMode, NumaOptions  # lazily: only --numa needs it
-
-    return NumaOptions(AffinityMode(mode))
-
-
-if __name__ == "__main__":  # pragma: no cover - `python -m asyncproc run` is the front door
-    _parser = argparse.ArgumentParser(prog="asyncproc run")
-    configure_parser(_parser)
-    sys.exit(cli(_parser.parse_args()))
+    return await _Run(list(command), config).run()

@@ -49,6 +49,7 @@ __all__ = [
     "NumaBindingError",
     "NumaOptions",
     "Topology",
+    "as_numa_options",
     "binding_for",
     "cpus_for",
     "format_cpulist",
@@ -95,6 +96,21 @@ class NumaOptions:
         object.__setattr__(self, "affinity_mode", _affinity_mode(self.affinity_mode))
         _check_bool("should_fall_back_if_binding_fails", self.should_fall_back_if_binding_fails)
         _check_bool("strict_memory", self.strict_memory)
+
+
+def as_numa_options(options: object, name: str = "options") -> NumaOptions:
+    """``options`` as our :class:`NumaOptions`: ours as is, or torch's own
+    ``torch.numa.binding.NumaOptions`` (or anything with the same field names), converted,
+    so code ported from torch passes what it has. TypeError for anything else."""
+    if isinstance(options, NumaOptions):
+        return options
+    if not hasattr(options, "affinity_mode"):
+        raise TypeError(f"{name} must be a NumaOptions, got {options!r} (asyncproc's, or torch's with the same fields)")
+    mode = options.affinity_mode
+    return NumaOptions(
+        _affinity_mode(mode.value if isinstance(mode, Enum) else mode),
+        getattr(options, "should_fall_back_if_binding_fails", False),
+    )
 
 
 def _affinity_mode(value: object) -> AffinityMode:
@@ -314,8 +330,7 @@ def binding_for(
     None when it cannot be made and ``options.should_fall_back_if_binding_fails`` (a
     warning is logged): run unbound. Raises :class:`NumaBindingError` otherwise.
     """
-    if not isinstance(options, NumaOptions):
-        raise TypeError(f"options must be a NumaOptions, got {options!r}")
+    options = as_numa_options(options)
     _check_int("local_rank_id", local_rank_id, 0)
     if local_world_size is not None:
         _check_int("local_world_size", local_world_size, 1)

@@ -1,0 +1,255 @@
+"""What a supervisor supervises: child specs (``Command``, ``Task``, ``Call``), ``Backoff``,
+and what it reports (``ChildStatus``, ``Event``).
+
+Specs are plain, immutable descriptions, checked when built: a bad spec raises
+``TypeError``/``ValueError`` naming the argument before any process starts. Running them is
+``_supervisor``'s job.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+import random
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Union
+
+if TYPE_CHECKING:
+    from ._isolated import Isolated
+    from .numa import NumaOptions
+
+__all__ = ["Backoff", "Call", "ChildStatus", "Command", "Event", "Task", "RESTART_TYPES", "EVENT_KINDS", "STATES"]
+
+RESTART_TYPES = ("permanent", "transient", "temporary")
+STATES = ("running", "backoff", "stopped", "ended")
+EVENT_KINDS = ("started", "exited", "restarting", "stopped", "memory_exceeded", "gave_up")
+
+StrPath = Union[str, "os.PathLike[str]"]
+
+
+def check_seconds(name: str, value: object, *, allow_inf: bool = False, positive: bool = False) -> float:
+    """A number of seconds: not a bool, not NaN, >= 0 (> 0 if ``positive``), finite unless
+    ``allow_inf``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds, got {value!r}")
+    if math.isnan(value) or value < 0 or (positive and value == 0):
+        raise ValueError(f"{name} must be {'>' if positive else '>='} 0 seconds, got {value!r}")
+    if math.isinf(value) and not allow_inf:
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return float(value)
+
+
+def check_id(value: object) -> str:
+    if not isinstance(value, str) or not value:
+        raise TypeError(f"a child's id must be a non-empty str, got {value!r}")
+    return value
+
+
+def check_restart(value: object) -> str:
+    if value not in RESTART_TYPES:
+        raise ValueError(f"restart must be one of {', '.join(map(repr, RESTART_TYPES))}, got {value!r}")
+    return str(value)
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Jittered exponential delay before a child's k-th consecutive restart:
+    ``min(max, initial * factor ** (k - 1))`` scaled by a random factor in
+    ``[1 - jitter, 1 + jitter]``; k goes back to 0 once the child has run ``reset_after``
+    seconds. ``Backoff(initial=0)`` restarts at once."""
+
+    initial: float = 0.1
+    factor: float = 2.0
+    max: float = 30.0
+    jitter: float = 0.1
+    reset_after: float = 60.0
+
+    def __post_init__(self) -> None:
+        check_seconds("Backoff initial", self.initial)
+        if isinstance(self.factor, bool) or not isinstance(self.factor, (int, float)):
+            raise TypeError(f"Backoff factor must be a number, got {self.factor!r}")
+        if not (self.factor >= 1 and math.isfinite(self.factor)):
+            raise ValueError(f"Backoff factor must be a finite number >= 1, got {self.factor!r}")
+        check_seconds("Backoff max", self.max)
+        if isinstance(self.jitter, bool) or not isinstance(self.jitter, (int, float)):
+            raise TypeError(f"Backoff jitter must be a number, got {self.jitter!r}")
+        if not 0 <= self.jitter <= 1:
+            raise ValueError(f"Backoff jitter must be within [0, 1], got {self.jitter!r}")
+        check_seconds("Backoff reset_after", self.reset_after, allow_inf=True)
+
+    def delay(self, k: int) -> float:
+        """The delay before the k-th consecutive restart (k >= 1), jitter included."""
+        if self.initial == 0:
+            return 0.0
+        try:
+            base = min(self.max, self.initial * self.factor ** (k - 1))
+        except OverflowError:  # factor ** k past float range: the cap applies
+            base = self.max
+        if self.jitter:
+            base *= random.uniform(1 - self.jitter, 1 + self.jitter)
+        return base
+
+
+class _Spec:
+    """What every child spec has: an id, a restart type, a shutdown bound."""
+
+    id: str
+    restart: str
+    shutdown: float
+
+    def _set_common(self, id: object, restart: object, shutdown: object) -> None:
+        self.id = check_id(id)
+        self.restart = check_restart(restart)
+        self.shutdown = check_seconds("shutdown", shutdown, allow_inf=True)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.id!r}, restart={self.restart!r})"
+
+
+class Command(_Spec):
+    """A program, run as a ``SubprocessHandler``: its own session and process group, its
+    whole tree signalled on stop, killed if the supervising process dies (the guardian).
+
+    ``argv`` is the command line (``argv[0]`` looked up on ``PATH``); ``env`` overlays
+    ``os.environ`` (a None value removes a variable); ``stdout``/``stderr`` are file paths,
+    appended to across restarts (None: inherit). ``memory_limit`` (bytes) caps the resident
+    memory of the whole process tree, checked about once a second.
+    """
+
+    def __init__(
+        self,
+        id: str,
+        argv: Sequence[StrPath],
+        *,
+        env: Mapping[str, str | None] | None = None,
+        cwd: StrPath | None = None,
+        stdout: StrPath | None = None,
+        stderr: StrPath | None = None,
+        restart: str = "permanent",
+        shutdown: float = 5.0,
+        memory_limit: int | None = None,
+        numa_options: NumaOptions | None = None,
+        local_rank_id: int | None = None,
+        local_world_size: int | None = None,
+    ) -> None:
+        self._set_common(id, restart, shutdown)
+        if isinstance(argv, (str, bytes)) or not isinstance(argv, Sequence):
+            raise TypeError(f"Command {id!r}: argv must be a sequence of arguments (not a string), got {argv!r}")
+        if not argv:
+            raise ValueError(f"Command {id!r}: argv must not be empty")
+        for arg in argv:
+            if not isinstance(arg, (str, os.PathLike)):
+                raise TypeError(f"Command {id!r}: every argument must be a str or path, got {arg!r}")
+        if not os.fspath(argv[0]):
+            raise ValueError(f"Command {id!r}: argv[0] must not be empty")
+        if env is not None:
+            if not isinstance(env, Mapping):
+                raise TypeError(f"Command {id!r}: env must be a mapping of str to str or None, got {env!r}")
+            for key, value in env.items():
+                if not isinstance(key, str) or not (value is None or isinstance(value, str)):
+                    raise TypeError(f"Command {id!r}: env must map str to str or None, got {key!r}: {value!r}")
+        for name, path in (("cwd", cwd), ("stdout", stdout), ("stderr", stderr)):
+            if path is not None and not isinstance(path, (str, os.PathLike)):
+                raise TypeError(f"Command {id!r}: {name} must be a path or None, got {path!r}")
+        if memory_limit is not None:
+            if isinstance(memory_limit, bool) or not isinstance(memory_limit, int):
+                raise TypeError(f"Command {id!r}: memory_limit must be a number of bytes (int) or None, got {memory_limit!r}")
+            if memory_limit <= 0:
+                raise ValueError(f"Command {id!r}: memory_limit must be > 0 bytes, got {memory_limit!r}")
+        if local_rank_id is not None and (isinstance(local_rank_id, bool) or not isinstance(local_rank_id, int)):
+            raise TypeError(f"Command {id!r}: local_rank_id must be an int or None, got {local_rank_id!r}")
+        if numa_options is not None and local_rank_id is None:
+            raise ValueError(f"Command {id!r}: numa_options needs local_rank_id (which local rank to bind)")
+        # Beyond API.md: how many local ranks share the node (asyncproc up's replicas); None:
+        # $LOCAL_WORLD_SIZE or one per NUMA node, as SubprocessHandler reads it.
+        if local_world_size is not None and (isinstance(local_world_size, bool) or not isinstance(local_world_size, int)
+                                             or local_world_size <= (local_rank_id or 0)):
+            raise ValueError(f"Command {id!r}: local_world_size must be an int > local_rank_id, got {local_world_size!r}")
+        self.argv: tuple[str, ...] = tuple(os.fspath(a) for a in argv)
+        self.env = dict(env) if env is not None else None
+        self.cwd = cwd
+        self.stdout = stdout
+        self.stderr = stderr
+        self.memory_limit = memory_limit
+        self.numa_options = numa_options
+        self.local_rank_id = local_rank_id
+        self.local_world_size = local_world_size
+
+    def __repr__(self) -> str:
+        return f"Command({self.id!r}, {list(self.argv)!r}, restart={self.restart!r})"
+
+
+class Task(_Spec):
+    """An ``async def`` run in the supervisor's event loop: ``await async_fn(*args)``.
+    Stopping it cancels it; it has ``shutdown`` seconds to finish."""
+
+    def __init__(self, id: str, async_fn: Callable[..., Any], *args: Any, restart: str = "permanent", shutdown: float = 5.0) -> None:
+        self._set_common(id, restart, shutdown)
+        if not callable(async_fn):
+            raise TypeError(f"Task {id!r}: async_fn must be an async function, got {async_fn!r}")
+        if not _is_async_function(async_fn):
+            raise TypeError(f"Task {id!r}: async_fn must be an async def (a coroutine function), got {async_fn!r}")
+        self.async_fn = async_fn
+        self.args = args
+
+
+class Call(_Spec):
+    """A function run in its own process by ``isolated.call(func, *args)`` (default
+    ``Isolated(timeout=None)``: no time limit). Stopping it gives its process SIGTERM, then
+    SIGKILL after ``shutdown`` seconds."""
+
+    def __init__(
+        self,
+        id: str,
+        func: Callable[..., Any],
+        *args: Any,
+        restart: str = "permanent",
+        shutdown: float = 5.0,
+        isolated: Isolated | None = None,
+    ) -> None:
+        from ._isolated import Isolated
+
+        self._set_common(id, restart, shutdown)
+        if not callable(func):
+            raise TypeError(f"Call {id!r}: func must be callable, got {func!r}")
+        if _is_async_function(func):
+            raise TypeError(f"Call {id!r}: func runs in another process and must be a plain def, got the async {func!r}")
+        if isolated is None:
+            isolated = Isolated(timeout=None)
+        elif not isinstance(isolated, Isolated):
+            raise TypeError(f"Call {id!r}: isolated must be an asyncproc.Isolated, got {isolated!r}")
+        self.func = func
+        self.args = args
+        self.isolated = isolated
+
+
+def _is_async_function(fn: object) -> bool:
+    while hasattr(fn, "func") and not inspect.isfunction(fn):  # functools.partial
+        fn = fn.func
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None))
+
+
+@dataclass(frozen=True)
+class ChildStatus:
+    """One child as ``Supervisor.status()`` sees it."""
+
+    id: str
+    state: str  # "running" | "backoff" | "stopped" | "ended"
+    pid: int | None  # None for a Task or a supervisor, or when not running
+    restarts: int  # how many times it was restarted
+
+
+@dataclass(frozen=True)
+class Event:
+    """Something that happened to a child (``kind`` in ``EVENT_KINDS``)."""
+
+    kind: str
+    child: str
+    time: float  # time.time() when it happened
+    pid: int | None = None
+    exitcode: int | None = None  # negative = killed by that signal
+    error: BaseException | None = None
+    restarts: int = 0
+    delay: float | None = None  # for "restarting": seconds until the restart
