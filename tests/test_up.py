@@ -181,9 +181,8 @@ def test_second_sigterm_kills_at_once(tmp_path: Path, sock: Path) -> None:
     file = _system(tmp_path, stubborn=f"command = {stubborn}\nshutdown = 300")
     with Up(file, sock) as up:
         up.wait_line(r"^\[stubborn\] ready")
-        # Its output can come before the supervisor has marked it running (spawn() awaits
-        # the spawning thread): wait for that state, not just the line.
-        pid = up.wait_status(lambda st: st["stubborn"]["pid"] is not None)["stubborn"]["pid"]
+        # a line can be pumped before the spawn's completion reaches the supervisor: wait for the pid
+        pid = up.wait_status(lambda s: s["stubborn"]["pid"] is not None)["stubborn"]["pid"]
         up.proc.send_signal(signal.SIGTERM)
         up.wait_line(r"SIGTERM: stopping everything")
         start = time.monotonic()
@@ -203,8 +202,8 @@ def test_sigkill_of_up_leaves_nothing(tmp_path: Path, sock: Path) -> None:
     with Up(file, sock) as up:
         up.wait_line(r"^\[t-0\] ready")
         up.wait_line(r"^\[t-1\] ready")
-        running = up.wait_status(lambda st: all(row["pid"] is not None for row in st.values()))
-        pids = [p.pid for row in running.values() for p in [psutil.Process(row["pid"])]
+        rows = up.wait_status(lambda s: all(r["pid"] is not None for r in s.values())).values()
+        pids = [p.pid for row in rows for p in [psutil.Process(row["pid"])]
                 + psutil.Process(row["pid"]).children(recursive=True)]
         assert len(pids) == 6
         everything = [p.pid for p in psutil.Process(up.proc.pid).children(recursive=True)]  # its guardian too

@@ -324,6 +324,21 @@ def reap_exited_children() -> None:
             return
 
 
+def group_members(pgid: int) -> list[psutil.Process]:
+    """Every live process of group ``pgid``: one pass over /proc with a getpgid() each
+    (a syscall, no file read)."""
+    import psutil
+
+    members = []
+    for name in os.listdir("/proc"):
+        if name.isdigit() and _pgid_of(int(name)) == pgid:
+            try:
+                members.append(psutil.Process(int(name)))
+            except psutil.Error:
+                pass
+    return members
+
+
 def children_of(pid: int) -> list[int]:
     """``pid``'s direct children, from /proc (no scan of every process); [] when gone."""
     try:
@@ -346,21 +361,6 @@ def _task_children(pid: str) -> list[int]:
             os.close(fd)
         pids += map(int, text.split())
     return pids
-
-
-def group_members(pgid: int) -> list[psutil.Process]:
-    """Every live process of group ``pgid``: one pass over /proc with a getpgid() each
-    (a syscall, no file read)."""
-    import psutil
-
-    members = []
-    for name in os.listdir("/proc"):
-        if name.isdigit() and _pgid_of(int(name)) == pgid:
-            try:
-                members.append(psutil.Process(int(name)))
-            except psutil.Error:
-                pass
-    return members
 
 
 def reap_each(pids: Iterable[int]) -> None:

@@ -57,6 +57,7 @@ if TYPE_CHECKING:
 # After SIGKILL a process normally vanishes in microseconds; one in uninterruptible sleep
 # may take forever: past this, a call is reported even if some of its tree lingers.
 _KILL_BOUND_S = 2.0
+_REAP_BATCH = 32  # zombies reaped between two looks at requests (~10 ms here)
 
 
 class _Job:
@@ -86,6 +87,7 @@ class Server:
         self.cgroup_names = itertools.count()
         self.retired_cgroups: list[str | None] = []
         self.killed: set[int] = set()  # adopted orphans SIGKILLed, not yet reaped
+        self.reap_pending = False  # the last reaping stopped at its batch size
         self.stop_signal = 0
         wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.wake_r = wake_r
@@ -282,10 +284,13 @@ class Server:
         _drain_pipe(self.wake_r)
         if self.stop_signal:
             raise SystemExit(128 + self.stop_signal)  # in the loop: shutdown() ends every tree
-        self._reap_all()
+        self._reap_all(_REAP_BATCH)
 
-    def _reap_all(self) -> None:
-        while True:
+    def _reap_all(self, batch: int = 1 << 30) -> None:
+        """Reap what has exited, ``batch`` at most: a thousand orphans take the kernel a
+        few hundred ms to release, and the loop serves requests between batches."""
+        self.reap_pending = False
+        for _ in range(batch):
             try:
                 # WNOWAIT: look without reaping, so the group id stays reserved while we
                 # signal the rest of the group.
@@ -300,6 +305,8 @@ class Server:
             else:
                 self.killed.discard(info.si_pid)
                 os.waitpid(info.si_pid, 0)  # already exited: returns at once
+        else:
+            self.reap_pending = True  # back to select() with no wait, then on
 
     def _finish_job(self, job: _Job, info: os.waitid_result) -> None:
         # The worker is dead but unreaped: its pid still reserves its group id.
@@ -340,8 +347,9 @@ class Server:
         # still be on their way to becoming our zombies; after the reaping, our children
         # list shows each that is not reaped yet. "Gone" means reaped too.
         empty = [j.cgroup is None or not _cgroup.populated(j.cgroup) for j in self.draining]
-        self._reap_all()
-        adopted = self._kill_adopted()  # SIGKILLs each orphan once (cgroup.kill did already)
+        self._reap_all(_REAP_BATCH)
+        # SIGKILLs each orphan once (cgroup.kill did already); with zombies still to reap, later.
+        adopted = self.reap_pending or self._kill_adopted()
         now = time.monotonic()
         waiting = []
         for job, job_empty in zip(self.draining, empty):
@@ -393,7 +401,11 @@ class Server:
                             _complain("unexpected error", exc)
                 if self.stop_signal:  # its wake-up byte may still be on its way
                     raise SystemExit(128 + self.stop_signal)
+                if self.reap_pending:
+                    self._reap_all(_REAP_BATCH)
                 timeout = self._drain()
+                if self.reap_pending:
+                    timeout = 0.0
                 if self.retired_cgroups:  # in uninterruptible sleep when we tried
                     self._remove_retired_cgroups()
         finally:
@@ -470,8 +482,11 @@ def _remove_cgroup(cgroup: str | None) -> None:
 
 
 def _hung_up(sock: socket.socket) -> bool:
-    # select first: on the usual path (nothing queued) no BlockingIOError is built.
-    if not select.select([sock], (), (), 0)[0]:
+    # poll first: on the usual path (nothing queued) no BlockingIOError is built. (Not
+    # select(): with a thousand calls in flight descriptors pass FD_SETSIZE.)
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    if not poller.poll(0):
         return False
     try:
         return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
