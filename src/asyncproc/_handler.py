@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import itertools
 import logging
 import os
 import signal
@@ -136,17 +137,23 @@ class SubprocessHandler:
 
     def _spawn_here(self) -> None:
         """The spawn itself, on the spawning thread (see the module's docstring)."""
+        # Everything slow comes first (the cgroup probe, which may clean up a SIGKILLed
+        # process's cgroups; the guardian's start): after Popen, only what must follow it,
+        # so spawn() returns before the child can have done much (said anything, say).
+        leaf = _HANDLERS.new_leaf(f"h{next(_LEAF_NAMES)}")
         self._stdout = _open_log(self._stdout_target)
         try:
             self._stderr = _open_log(self._stderr_target)
-            env = self.env if _cgroup.available() else {**self.env, **_marker()}
+            env = self.env if leaf is not None else {**self.env, **_marker()}
             with self._numa_binding():
                 self.proc = _popen(self.args, env, self._redirect(self._stdout, self._stdout_target),
                                    self._redirect(self._stderr, self._stderr_target), self.cwd)
         except BaseException:
             self._close_logs()
+            if leaf is not None:
+                _HANDLERS.drop_leaf(leaf)
             raise
-        self._cgroup = _contain(self.proc.pid)
+        self._cgroup = _contain(leaf, self.proc.pid) if leaf is not None else None
         if self._cgroup is not None:  # dropped with its cgroup still there: removed later
             self._cgroup_closer = weakref.finalize(self, _HANDLERS.abandon, self._cgroup)
             self._cgroup_closer.atexit = False  # at exit, the whole cgroup goes anyway
@@ -538,13 +545,13 @@ def _marker() -> dict[str, str]:
         return _markers[pid]
 
 
-def _contain(pid: int) -> str | None:
-    """Move our new child ``pid`` into a cgroup of its own, with what it already started
-    (it has exec'd: it may have forked before we got here); None where cgroups are not ours.
+_LEAF_NAMES = itertools.count()
+
+
+def _contain(path: str, pid: int) -> str | None:
+    """Move our new child ``pid`` into cgroup ``path``, with what it already started (it
+    has exec'd: it may have forked before we got here); None if the kernel refused.
     """
-    path = _HANDLERS.new_leaf(f"h{pid}")
-    if path is None:
-        return None
     try:
         _cgroup.attach(path, pid)
     except OSError:  # refused (or gone already): the scans will do, as without cgroups
