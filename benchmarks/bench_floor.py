@@ -328,6 +328,17 @@ def _report(sizes: list[dict[str, Any]], callers: int) -> list[dict[str, Any]]:
     return checks
 
 
+def _source() -> str:
+    import asyncproc
+
+    where = os.path.dirname(asyncproc.__file__)
+    try:
+        rev = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=where, capture_output=True, text=True, timeout=10).stdout.strip()
+    except OSError:
+        rev = ""
+    return f"{where} ({rev or 'not a git checkout'})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calls", type=int, default=300, help="sequential calls per method and scenario (default 300)")
@@ -347,6 +358,7 @@ def main() -> None:
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"{len(os.sched_getaffinity(0))} CPUs, Python {sys.version.split()[0]}, load average {load}; "
           f"{calls} calls per method and scenario, interleaved in rounds")
+    print(f"asyncproc from {_source()}")
     sizes = []
     for mb in (int(x) for x in args.rss_mb.split(",") if x.strip()):
         print(f"... caller +{mb} MB", file=sys.stderr, flush=True)

@@ -16,7 +16,7 @@ import pytest
 
 from asyncproc import _proctree
 
-# Long-lived by design: the fork server and the spares it keeps ready. A worker that is
+# Long-lived by design: the fork server and the workers a caller keeps in reserve. A worker that is
 # running a call renames itself, so it is *not* in this set and counts as a leak.
 LONG_LIVED = {"asyncproc-srv", "asyncproc-idle"}
 SETTLE_S = 3.0  # background clean-up after a returned value is promised within 1 s

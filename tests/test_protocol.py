@@ -22,7 +22,7 @@ def test_descriptors_ride_along() -> None:
     a, b = _protocol.seqpacket_pair()
     r, w = os.pipe()
     with a, b:
-        _protocol.send(a, _protocol.ASSIGN, b"", [w])
+        _protocol.send(a, _protocol.SPAWN, _protocol.FORKED, [w])
         os.close(w)
         msg = _protocol.recv(b)
         assert msg is not None and len(msg.fds) == 1

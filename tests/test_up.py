@@ -58,11 +58,12 @@ command = {program(crasher)}
         up.wait_line(r"^\[web-0\] ready 0 ")
         up.wait_line(r"^\[web-1\] ready 1 ")
         up.wait_line(r"hog: went over its memory limit")
-        status = up.wait_status(lambda s: s["hog"]["last_exit"] is not None)
+        # each line can be pumped before its spawn's completion reaches the supervisor: wait for the pids too
+        status = up.wait_status(lambda s: s["hog"]["last_exit"] is not None
+                                and all(s[n]["state"] == "running" and s[n]["pid"] for n in ("web-0", "web-1", "crash")))
         assert status["hog"]["last_exit"] == "memory limit" and status["hog"]["state"] == "ended"
         assert status["hog"]["restarts"] == 0  # temporary: not restarted
         web_pids = [status["web-0"]["pid"], status["web-1"]["pid"]]
-        assert all(status[n]["state"] == "running" for n in ("web-0", "web-1", "crash"))
 
         go.touch()
         delays = [float(up.wait_line(rf"crash: restarting in ([\d.]+) s \(restart {k}\)").group(1)) for k in (1, 2, 3)]
@@ -181,7 +182,8 @@ def test_second_sigterm_kills_at_once(tmp_path: Path, sock: Path) -> None:
     file = _system(tmp_path, stubborn=f"command = {stubborn}\nshutdown = 300")
     with Up(file, sock) as up:
         up.wait_line(r"^\[stubborn\] ready")
-        pid = up.status()["stubborn"]["pid"]
+        # a line can be pumped before the spawn's completion reaches the supervisor: wait for the pid
+        pid = up.wait_status(lambda s: s["stubborn"]["pid"] is not None)["stubborn"]["pid"]
         up.proc.send_signal(signal.SIGTERM)
         up.wait_line(r"SIGTERM: stopping everything")
         start = time.monotonic()
@@ -201,7 +203,8 @@ def test_sigkill_of_up_leaves_nothing(tmp_path: Path, sock: Path) -> None:
     with Up(file, sock) as up:
         up.wait_line(r"^\[t-0\] ready")
         up.wait_line(r"^\[t-1\] ready")
-        pids = [p.pid for row in up.status().values() for p in [psutil.Process(row["pid"])]
+        rows = up.wait_status(lambda s: all(r["pid"] is not None for r in s.values())).values()
+        pids = [p.pid for row in rows for p in [psutil.Process(row["pid"])]
                 + psutil.Process(row["pid"]).children(recursive=True)]
         assert len(pids) == 6
         everything = [p.pid for p in psutil.Process(up.proc.pid).children(recursive=True)]  # its guardian too

@@ -190,12 +190,20 @@ class _ServerWorker(_Worker):
                 _cgroup.signal(self.cgroup, sig)
 
     async def wait_gone(self) -> None:
-        """End-of-stream on data (the server saw the tree end) or, sooner when the server
-        is stopped or busy, the worker's cgroup found empty."""
+        """End-of-stream on data: the server saw the tree end and reaped it. Or, when the
+        server is stopped (SIGSTOP: it would reap nothing until resumed), the worker's
+        cgroup found empty: nothing of the call runs any more."""
         self._read_ctl_now()
         if self.cgroup is None or self.ended:
             await super().wait_gone()
             return
+        cgroup = self.cgroup
+
+        async def until_empty_with_server_stopped() -> None:
+            await _cgroup.wait_empty_async(cgroup, math.inf)
+            while not link.server_stopped():  # running: its report is on its way
+                await anyio.sleep(0.05)  # a rare state to leave (SIGSTOP): a slow check is fine
+
         async with anyio.create_task_group() as tg:
 
             async def first(wait: Callable[[], Awaitable[object]]) -> None:
@@ -203,7 +211,7 @@ class _ServerWorker(_Worker):
                 tg.cancel_scope.cancel()
 
             tg.start_soon(first, super().wait_gone)
-            tg.start_soon(first, functools.partial(_cgroup.wait_empty_async, self.cgroup, math.inf))
+            tg.start_soon(first, until_empty_with_server_stopped)
 
     async def exit_status(self) -> _Exit:
         if self.ended:  # the server queued EXITED before ending the stream, or died
@@ -238,14 +246,15 @@ class _ServerWorker(_Worker):
             await _cgroup.wait_empty_async(self.cgroup, _KILL_BOUND_S)
             _proctree.reap_each(members)  # re-parented to us if we are a subreaper
         else:
-            # The group id stays reserved while any member lives, so this reaches only
-            # the worker's group (or, with the group empty, nothing of ours).
-            _proctree.signal_tree(self.pid, (), signal.SIGKILL)
+            # The group id stays reserved while any member lives, so these are the
+            # worker's group (or, with the group empty, nothing).
+            group = _proctree.group_members(self.pid)
+            _proctree.signal_tree(None, group, signal.SIGKILL)
+            with anyio.move_on_after(_KILL_BOUND_S):
+                await _proctree.reap_adopted(self.pid, group)
         link.check_server()  # reap the dead server, remove its cgroups
 
     def release(self) -> None:
-        # Closing ctl tells the server the caller is done: it ends whatever is left.
-        self.close()
         # Refill the reserve only now, and only after a value: a request sent while the call
         # runs would wake the server (and its fork) on the CPU the worker needs, and after
         # any other outcome the server may be the trouble (the next call asks for itself).
@@ -253,6 +262,9 @@ class _ServerWorker(_Worker):
             link.top_up()
         except Exception as exc:  # refilling the reserve must never fail a call
             log.debug("asyncproc: could not refill the worker reserve: %r", exc)
+        # Closing ctl tells the server the caller is done: it ends whatever is left. After
+        # the refill: the server then wakes once for both.
+        self.close()
 
     def close(self) -> None:
         self.data.close()
@@ -392,6 +404,7 @@ async def _start_via_server(spec: _worker.CallSpec, job: _worker.Job, kind: byte
         except (BrokenPipeError, ConnectionResetError):
             data.close()  # the reserved worker died idle; the call never reached it
             ctl.close()
+            link.worker_died_idle()
             continue
         return _ServerWorker(data, ctl, cgroup_root)
     raise _ServerLost

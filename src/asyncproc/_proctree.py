@@ -50,6 +50,7 @@ __all__ = [
     "reap_exited_children",
     "reap_adopted",
     "reap_each",
+    "group_members",
     "wait_exit",
     "wait_gone",
 ]
@@ -321,6 +322,21 @@ def reap_exited_children() -> None:
             return
         if pid == 0:
             return
+
+
+def group_members(pgid: int) -> list[psutil.Process]:
+    """Every live process of group ``pgid``: one pass over /proc with a getpgid() each
+    (a syscall, no file read)."""
+    import psutil
+
+    members = []
+    for name in os.listdir("/proc"):
+        if name.isdigit() and _pgid_of(int(name)) == pgid:
+            try:
+                members.append(psutil.Process(int(name)))
+            except psutil.Error:
+                pass
+    return members
 
 
 def children_of(pid: int) -> list[int]:

@@ -32,12 +32,11 @@ MEMORY = b"M"  # worker -> caller: MemoryError under memory_limit
 SPAWN = b"S"  # caller -> server: give me a worker (ctl and data fds attached); body:
 FORKED = b"f"  #   ... forked from the server ("forkserver")
 FRESH = b"s"  #   ... a fresh interpreter the server starts ("spawn")
-ASSIGN = b"A"  # server -> spare: serve this call (data fd attached)
-HELLO = b"H"  # server -> caller: your call went to worker PID
+HELLO = b"H"  # worker or server -> caller: your call went to worker PID
 EXITED = b"X"  # server -> caller: the worker exited; status and fault log
 TERM = b"T"  # caller -> server: SIGTERM the worker's tree
 KILL = b"K"  # caller -> server: SIGKILL the worker's tree
-PRELOAD = b"P"  # caller -> server: import these modules before forking spares
+PRELOAD = b"P"  # caller -> server: import these modules before forking more workers
 
 
 class Message:

@@ -1,9 +1,15 @@
-"""The fork server: a lean process that keeps spare workers forked ahead of demand.
+"""The fork server: a lean process that forks workers ahead of demand.
 
 Started lazily by the first "forkserver" call as ``python -c`` (so the caller's
 ``__main__`` is never imported), with one SEQPACKET channel to the caller on fd 3. Per
 call the caller sends SPAWN with two fresh descriptors: ``ctl`` (server <-> caller) and
-``data`` (worker <-> caller). The server hands ``data`` to a spare and keeps its own copy.
+``data`` (worker <-> caller). The server forks a worker that inherits both and keeps its
+own copy of ``data``. The caller asks ahead of demand (it keeps a reserve of workers that
+wait for a call), so the fork is off the call's critical path, and a call wakes no process
+but its worker: there is no idle spare to hand the call to first.
+
+The worker sends HELLO with its pid on ``ctl`` before it reads a call: a caller that got
+no HELLO knows its call never ran and can retry it, should the server die.
 
 When the worker exits the server (1) SIGKILLs the rest of the worker's process group while
 the unreaped worker still reserves the group id, and the worker's cgroup when it has one,
@@ -21,18 +27,20 @@ loop acts on them. A handler that raised would land in whatever code runs at tha
 (logging's after-fork hook, say) and could be swallowed there.
 
 The channel is also the lifeline: at its end-of-stream (the caller exited or was killed)
-the server ends every worker's tree and exits. Spares die with the server
+the server ends every worker's tree and exits. Workers die with the server
 (PR_SET_PDEATHSIG; the server is single-threaded, so "parent thread" means the server).
 """
 
 from __future__ import annotations
 
+import faulthandler
 import gc
 import importlib
 import itertools
 import os
 import pickle
 import resource
+import select
 import selectors
 import signal
 import socket
@@ -49,16 +57,7 @@ if TYPE_CHECKING:
 # After SIGKILL a process normally vanishes in microseconds; one in uninterruptible sleep
 # may take forever: past this, a call is reported even if some of its tree lingers.
 _KILL_BOUND_S = 2.0
-
-
-class _Spare:
-    __slots__ = ("pid", "ctl", "fault_fd", "cgroup")
-
-    def __init__(self, pid: int, ctl: socket.socket, fault_fd: int, cgroup: str | None):
-        self.pid = pid
-        self.ctl = ctl  # the spare waits on its end for ASSIGN
-        self.fault_fd = fault_fd
-        self.cgroup = cgroup  # the worker's own cgroup (it attached itself), or None
+_REAP_BATCH = 32  # zombies reaped between two looks at requests (~10 ms here)
 
 
 class _Job:
@@ -76,10 +75,8 @@ class _Job:
 
 
 class Server:
-    def __init__(self, channel: socket.socket, spares: int, cgroup_root: str | None = None):
+    def __init__(self, channel: socket.socket, cgroup_root: str | None = None):
         self.channel = channel
-        self.target_spares = spares
-        self.spares: list[_Spare] = []
         self.jobs: dict[int, _Job] = {}
         self.draining: list[_Job] = []
         self.by_ctl: dict[int, _Job] = {}
@@ -90,6 +87,7 @@ class Server:
         self.cgroup_names = itertools.count()
         self.retired_cgroups: list[str | None] = []
         self.killed: set[int] = set()  # adopted orphans SIGKILLed, not yet reaped
+        self.reap_pending = False  # the last reaping stopped at its batch size
         self.stop_signal = 0
         wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.wake_r = wake_r
@@ -104,62 +102,65 @@ class Server:
         if signum != signal.SIGCHLD:
             self.stop_signal = signum
 
-    # -- spares ---------------------------------------------------------------------------
+    # -- workers --------------------------------------------------------------------------
 
     def _new_cgroup(self) -> str | None:
         if self.cgroup_root is None:
             return None
         return _cgroup.create(str(next(self.cgroup_names)), parent=self.cgroup_root)
 
-    def _fork_spare(self) -> _Spare:
+    def _fork_worker(self, ctl: socket.socket, data: socket.socket) -> _Job:
+        fault_fd = os.memfd_create("asyncproc-fault", os.MFD_CLOEXEC)
+        cgroup = self._new_cgroup()  # the worker attaches itself before it reads the call
         # Objects that exist now move to the permanent generation: a collection in the
         # worker then never touches (and so never copies) the pages the server shares.
         gc.freeze()
-        ours, theirs = _protocol.seqpacket_pair()
-        fault_fd = os.memfd_create("asyncproc-fault", os.MFD_CLOEXEC)
-        cgroup = self._new_cgroup()
         try:
             pid = os.fork()
         except BaseException:
-            ours.close()
-            theirs.close()
             os.close(fault_fd)
             _remove_cgroup(cgroup)
             raise
-        if pid == 0:  # the spare
+        if pid == 0:  # the worker
             try:
-                self._become_spare(theirs.fileno(), fault_fd)
-                _worker.spare_main(theirs, fault_fd, self.pid, cgroup)
+                self._become_worker((ctl.fileno(), data.fileno()), fault_fd)
+                _worker.forked_from_server(ctl, data, self.pid, cgroup)
             finally:
                 os._exit(70)
-        theirs.close()
-        return _Spare(pid, ours, fault_fd, cgroup)
+        return _Job(pid, ctl, data, fault_fd, cgroup)
 
-    def _become_spare(self, keep_sock: int, keep_fault: int) -> None:
+    def _become_worker(self, keep: tuple[int, ...], fault_fd: int) -> None:
         # Drop every descriptor of the server: the caller's lifeline, other calls' sockets,
-        # other spares' fault logs. A worker must hold nothing but its own.
+        # other workers' fault logs. A worker must hold nothing but its own.
         _worker.reset_inherited_signals()
         if _worker_nofile is not None:
             resource.setrlimit(resource.RLIMIT_NOFILE, _worker_nofile)
-        low, high = sorted((keep_sock, keep_fault))
-        os.closerange(3, low)
-        os.closerange(low + 1, high)
-        os.closerange(high + 1, 1 << 20)
-
-    def _refill(self) -> None:
-        while len(self.spares) < self.target_spares:
-            self.spares.append(self._fork_spare())
-
-    def _retire_spares(self) -> None:
-        for spare in self.spares:
-            spare.ctl.close()  # end-of-stream: the spare exits by itself
-            os.close(spare.fault_fd)
-            self.retired_cgroups.append(spare.cgroup)  # removed once the spare is gone
-        self.spares.clear()
+        # faulthandler, enabled in the server on _FAULT_FD, is inherited (its handlers, its
+        # stack): our fault log takes that descriptor's place, and enabling it anew in
+        # each worker (some 30 pages copied) is saved.
+        os.dup2(fault_fd, _FAULT_FD, inheritable=False)
+        low = 3
+        for fd in sorted((*keep, _FAULT_FD)):
+            os.closerange(low, fd)
+            low = fd + 1
+        os.closerange(low, 1 << 20)
 
     # -- requests -------------------------------------------------------------------------
 
     def _on_request(self) -> None:
+        # Every queued request first, then their forks back to back: each fork shares all our
+        # pages again, and a page written between two forks is copied again after the next
+        # (about 4 us a page here). The caller asks for its reserve in batches.
+        forks: list[tuple[socket.socket, socket.socket]] = []
+        try:
+            while True:
+                self._take_request(forks)
+                if not select.select([self.channel], (), (), 0)[0]:
+                    break
+        finally:
+            self._fork_workers(forks)
+
+    def _take_request(self, forks: list[tuple[socket.socket, socket.socket]]) -> None:
         try:
             msg = _protocol.recv(self.channel)
         except (ConnectionResetError, BrokenPipeError):
@@ -172,7 +173,7 @@ class Server:
         if msg.tag == _protocol.SPAWN:
             try:
                 kind = bytes(msg.body)
-                self._start_job(msg.fds, fresh=kind[:1] == _protocol.FRESH, binding=kind[1:])
+                self._start_job(msg.fds, forks, fresh=kind[:1] == _protocol.FRESH, binding=kind[1:])
             except Exception as exc:  # fork or memfd failed (EAGAIN, EMFILE, ENOMEM)
                 # Closing its sockets unanswered tells that caller its call never started.
                 for fd in msg.fds:
@@ -184,7 +185,7 @@ class Server:
             for fd in msg.fds:
                 os.close(fd)
 
-    def _start_job(self, fds: list[int], fresh: bool = False, binding: bytes = b"") -> None:
+    def _start_job(self, fds: list[int], forks: list[tuple[socket.socket, socket.socket]], fresh: bool = False, binding: bytes = b"") -> None:
         ctl = socket.socket(fileno=fds[0])
         ctl.setblocking(False)  # a stale readiness event must never block the server
         data = socket.socket(fileno=fds[1])
@@ -195,20 +196,19 @@ class Server:
         if fresh:
             self._start_fresh(ctl, data, pickle.loads(binding) if binding else None)
             return
-        spare = self.spares.pop(0) if self.spares else self._fork_spare()
-        try:
-            # Before ASSIGN: once the worker may have the call, the caller must know it, so
-            # that it never retries a call that may have run (should we die from here on).
-            _protocol.send(ctl, _protocol.HELLO, _hello(spare.pid, spare.cgroup))
-        except OSError:
-            pass
-        try:
-            _protocol.send(spare.ctl, _protocol.ASSIGN, b"", [data.fileno()])
-        except OSError:
-            pass  # the spare died idle: the SIGCHLD path reports it (the call unread: a retry)
-        spare.ctl.close()
-        self._register(_Job(spare.pid, ctl, data, spare.fault_fd, spare.cgroup))
-        self._refill()  # off the critical path: the call is already on its way
+        forks.append((ctl, data))
+
+    def _fork_workers(self, forks: list[tuple[socket.socket, socket.socket]]) -> None:
+        jobs = []
+        for ctl, data in forks:
+            try:
+                jobs.append(self._fork_worker(ctl, data))
+            except Exception as exc:  # fork or memfd failed (EAGAIN, EMFILE, ENOMEM)
+                ctl.close()  # unanswered: that caller knows its call never started
+                data.close()
+                _complain("could not start a worker", exc)
+        for job in jobs:
+            self._register(job)
 
     def _start_fresh(self, ctl: socket.socket, data: socket.socket, binding: Any) -> None:
         """"spawn": a new interpreter, but ours, so it gets every guarantee a forked worker
@@ -232,7 +232,7 @@ class Server:
             raise
         self._register(_Job(pid, ctl, data, fault_fd, cgroup))
         try:
-            _protocol.send(ctl, _protocol.HELLO, _hello(pid, cgroup))
+            _protocol.send(ctl, _protocol.HELLO, _worker.hello(pid, cgroup))
         except OSError:
             pass
 
@@ -277,25 +277,20 @@ class Server:
                 importlib.import_module(name)
             except (Exception, SystemExit) as exc:  # a bad preload must not take the server down
                 print(f"asyncproc: could not preload {name!r}: {exc!r}", file=sys.stderr)
-        if fresh:
-            # Spares forked before the import would import it again on every call.
-            self._retire_spares()
-            self._refill()
 
     # -- exits ----------------------------------------------------------------------------
 
     def _on_signal(self) -> None:
-        try:
-            while os.read(self.wake_r, 512):
-                pass
-        except BlockingIOError:
-            pass
+        _drain_pipe(self.wake_r)
         if self.stop_signal:
             raise SystemExit(128 + self.stop_signal)  # in the loop: shutdown() ends every tree
-        self._reap_all()
+        self._reap_all(_REAP_BATCH)
 
-    def _reap_all(self) -> None:
-        while True:
+    def _reap_all(self, batch: int = 1 << 30) -> None:
+        """Reap what has exited, ``batch`` at most: a thousand orphans take the kernel a
+        few hundred ms to release, and the loop serves requests between batches."""
+        self.reap_pending = False
+        for _ in range(batch):
             try:
                 # WNOWAIT: look without reaping, so the group id stays reserved while we
                 # signal the rest of the group.
@@ -308,27 +303,21 @@ class Server:
             if job is not None:
                 self._finish_job(job, info)
             else:
-                self._forget_spare(info.si_pid)
                 self.killed.discard(info.si_pid)
                 os.waitpid(info.si_pid, 0)  # already exited: returns at once
-
-    def _forget_spare(self, pid: int) -> None:
-        for spare in self.spares:
-            if spare.pid == pid:
-                self.spares.remove(spare)
-                spare.ctl.close()
-                os.close(spare.fault_fd)
-                self.retired_cgroups.append(spare.cgroup)
-                return
+        else:
+            self.reap_pending = True  # back to select() with no wait, then on
 
     def _finish_job(self, job: _Job, info: os.waitid_result) -> None:
         # The worker is dead but unreaped: its pid still reserves its group id.
         _proctree.signal_tree(job.pid, (), signal.SIGKILL)
         if job.cgroup is not None:
             _cgroup.kill(job.cgroup)
-        job.unstarted = _call_unread(job.data)
-        os.waitpid(job.pid, 0)
         job.exitcode = info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
+        # Killed (by us, at shutdown, or by the OOM killer) before it read its call: the call
+        # never ran and is safe to retry. One that exited by itself failed to start: a crash.
+        job.unstarted = job.exitcode == -signal.SIGKILL and _call_unread(job.data)
+        os.waitpid(job.pid, 0)
         job.deadline = time.monotonic() + _KILL_BOUND_S
         self.draining.append(job)
 
@@ -336,7 +325,7 @@ class Server:
         """SIGKILL every live child we did not fork: orphans of dead workers' trees (their
         own children come to us when they die: the next round gets those). Whether any
         was found. By pid and safely: an unreaped child's pid cannot be reused."""
-        known = {*self.jobs, *(s.pid for s in self.spares)}
+        known = set(self.jobs)
         children = _proctree.own_children()
         if children is None:  # pragma: no cover - kernels without CONFIG_PROC_CHILDREN
             children = [p.pid for p in _proctree.descendants(self.pid) if p.ppid() == self.pid]
@@ -354,14 +343,17 @@ class Server:
         until the next deadline, or None when nothing drains."""
         if not self.draining:
             return None
-        self._reap_all()
-        # With cgroups, cgroup.kill has done it all; the children list is for the rest.
-        adopted = any(j.cgroup is None for j in self.draining) and self._kill_adopted()
+        # In this order: a cgroup found empty holds no live process, but its last ones may
+        # still be on their way to becoming our zombies; after the reaping, our children
+        # list shows each that is not reaped yet. "Gone" means reaped too.
+        empty = [j.cgroup is None or not _cgroup.populated(j.cgroup) for j in self.draining]
+        self._reap_all(_REAP_BATCH)
+        # SIGKILLs each orphan once (cgroup.kill did already); with zombies still to reap, later.
+        adopted = self.reap_pending or self._kill_adopted()
         now = time.monotonic()
         waiting = []
-        for job in self.draining:
-            gone = not _cgroup.populated(job.cgroup) if job.cgroup is not None else not adopted
-            if gone or now >= job.deadline:
+        for job, job_empty in zip(self.draining, empty):
+            if (job_empty and not adopted) or now >= job.deadline:
                 self._report(job)
             else:
                 waiting.append(job)
@@ -394,7 +386,6 @@ class Server:
     # -- life -----------------------------------------------------------------------------
 
     def serve_forever(self) -> None:
-        self._refill()
         timeout: float | None = None
         try:
             while True:
@@ -410,8 +401,12 @@ class Server:
                             _complain("unexpected error", exc)
                 if self.stop_signal:  # its wake-up byte may still be on its way
                     raise SystemExit(128 + self.stop_signal)
+                if self.reap_pending:
+                    self._reap_all(_REAP_BATCH)
                 timeout = self._drain()
-                if self.retired_cgroups:  # retired spares exit by themselves, soon
+                if self.reap_pending:
+                    timeout = 0.0
+                if self.retired_cgroups:  # in uninterruptible sleep when we tried
                     self._remove_retired_cgroups()
         finally:
             self.shutdown()
@@ -420,10 +415,13 @@ class Server:
         """Every call's tree ends, and every caller hears how its call ended (the ones
         whose worker never read its call hear so: they are retried on a new server)."""
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut this short
-        ours = [*self.jobs, *(s.pid for s in self.spares)]  # our unreaped children: safe to signal
-        self._retire_spares()
+        # First: the caller's next request then fails at once (it starts a new server)
+        # instead of waiting in a queue nobody reads; the queued ones are dropped unanswered,
+        # which tells their callers that those calls never started.
+        self.channel.close()
+        ours = list(self.jobs)  # our unreaped children: safe to signal
         if self.cgroup_root is not None:
-            _cgroup.kill(self.cgroup_root)  # every worker and spare, and their trees, at once
+            _cgroup.kill(self.cgroup_root)  # every worker and its tree, at once
         else:  # one scan of /proc for all of them, not one per call
             _proctree.signal_tree(None, _proctree.descendants(self.pid), signal.SIGKILL)
         for pid in ours:
@@ -442,11 +440,12 @@ class Server:
             if not self._kill_adopted() and not populated:
                 break
             _proctree.wait_fds([self.wake_r], 0.01)  # SIGCHLD: the next one died
+            _drain_pipe(self.wake_r)
             self._reap_all()
+        _proctree.reap_exited_children()  # before the reports: every report means "reaped"
         for job in self.draining:
             job.deadline = 0.0
         self._drain()
-        _proctree.reap_exited_children()
         if self.cgroup_root is not None:
             _cgroup.remove(self.cgroup_root)
 
@@ -463,12 +462,6 @@ def encode_preload(names: list[str], path: list[str]) -> bytes:
 def _decode_preload(body: bytes) -> tuple[list[str], list[str]]:
     names, _, path = body.decode().partition(_RECORD)
     return [n for n in names.split(_UNIT) if n], path.split(_UNIT)
-
-
-def _hello(pid: int, cgroup: str | None) -> bytes:
-    """The caller learns the worker's pid, and its cgroup's name: with that it can end the
-    worker's tree itself should we die or stop."""
-    return f"{pid} {os.path.basename(cgroup) if cgroup else ''}".encode()
 
 
 def _call_unread(data: socket.socket) -> bool:
@@ -489,6 +482,12 @@ def _remove_cgroup(cgroup: str | None) -> None:
 
 
 def _hung_up(sock: socket.socket) -> bool:
+    # poll first: on the usual path (nothing queued) no BlockingIOError is built. (Not
+    # select(): with a thousand calls in flight descriptors pass FD_SETSIZE.)
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    if not poller.poll(0):
+        return False
     try:
         return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
     except BlockingIOError:
@@ -499,6 +498,16 @@ def _hung_up(sock: socket.socket) -> bool:
 
 def _complain(what: str, exc: BaseException) -> None:
     print(f"asyncproc fork server (pid {os.getpid()}): {what}: {exc!r}", file=sys.stderr)
+
+
+def _drain_pipe(fd: int) -> None:
+    # One byte per signal: a full read means there may be more. (No read that ends in
+    # BlockingIOError on every exit: each exception built here is pages copied.)
+    try:
+        while len(os.read(fd, 4096)) == 4096:
+            pass
+    except BlockingIOError:
+        pass
 
 
 def _kill_quietly(pid: int) -> None:
@@ -524,10 +533,11 @@ def _raise_fd_limit() -> None:
 
 
 _worker_nofile: tuple[int, int] | None = None
+_FAULT_FD = -1  # where faulthandler writes: a copy of our stderr, a worker's own log in it
 
 
 def main() -> None:
-    """``python -c 'from asyncproc._server import main; main()' SPARES PRELOAD CGROUP``; fd 3 is the channel."""
+    """``python -c 'from asyncproc._server import main; main()' PRELOAD CGROUP``; fd 3 is the channel."""
     try:
         os.setsid()  # Ctrl-C at the terminal is the caller's to handle, not ours
     except PermissionError:  # already a session leader (posix_spawn setsid=True)
@@ -536,12 +546,15 @@ def main() -> None:
     _proctree.make_subreaper()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _raise_fd_limit()
+    global _FAULT_FD
+    _FAULT_FD = os.dup(2)
+    faulthandler.enable(file=_FAULT_FD, all_threads=True)  # for us, and inherited by workers
     channel = socket.socket(fileno=3)
     # Stopped from outside (SIGTERM, SIGHUP): Server turns that into an event of its loop,
     # which ends every call's tree first.
-    server = Server(channel, spares=int(sys.argv[1]), cgroup_root=(sys.argv[3] if len(sys.argv) > 3 else "") or None)
-    if len(sys.argv) > 2 and sys.argv[2]:
-        server._preload(*_decode_preload(sys.argv[2].encode()))
+    server = Server(channel, cgroup_root=(sys.argv[2] if len(sys.argv) > 2 else "") or None)
+    if len(sys.argv) > 1 and sys.argv[1]:
+        server._preload(*_decode_preload(sys.argv[1].encode()))
     try:
         server.serve_forever()
     except SystemExit:

@@ -29,11 +29,16 @@ __all__ = ["ServerLink", "link"]
 log = logging.getLogger("asyncproc")
 
 _STOP_BOUND_S = 2.0
-_SPARES = max(1, int(os.environ.get("ASYNCPROC_SPARES", "1")))
-# Workers already assigned to this caller and waiting for a call: a call is then a single
-# message to a process that is up, where going through the server would cost two more
-# wake-ups and a fork on the critical path.
-_RESERVE = max(1, int(os.environ.get("ASYNCPROC_RESERVE", "2")))
+# Workers already forked for this caller and waiting for a call: a call is then a single
+# message to a process that is up, where going through the server would put a wake-up
+# and a fork on the critical path.
+_RESERVE = max(1, int(os.environ.get("ASYNCPROC_RESERVE", "6")))
+# Refilled in batches, when half is used: the server forks a batch back to back, and every
+# page it writes between two forks is copied again after the next (see _server): per call,
+# 175 pages copied in the server one at a time, 108 in twos, 85 in threes. Six also leave
+# a worker the time of three calls to get ready (its cgroup attach can wait milliseconds
+# for an RCU grace period).
+_REFILL_AT = _RESERVE // 2
 _PRELOAD_ENV = "ASYNCPROC_PRELOAD"
 
 
@@ -97,7 +102,7 @@ class ServerLink:
         self._cgroup = _cgroup.create(f"srv{self._starts}")
         try:
             preload = encode_preload(self._preloads, sys.path).decode() if self._preloads else ""
-            self._pid = spawn_python(code, [str(_SPARES), preload, self._cgroup or ""], {3: theirs.fileno()})
+            self._pid = spawn_python(code, [preload, self._cgroup or ""], {3: theirs.fileno()})
         except BaseException:
             self._end_cgroup()
             raise
@@ -163,11 +168,20 @@ class ServerLink:
     def top_up(self) -> None:
         """Refill the reserve; called after a call is on its way, off its critical path.
         Gives up quietly when the server is behind: the next call asks for itself."""
+        if len(self._reserve) > _REFILL_AT:
+            return
         while len(self._reserve) < _RESERVE:
             try:
                 self._reserve.append(self._request())
             except BlockingIOError:
                 return
+
+    def worker_died_idle(self) -> None:
+        """A reserved worker refused its call: its server is likely ending (it shuts every
+        worker's socket first). Its siblings would too: ask the server afresh, which
+        restarts it if it is gone."""
+        self._drop_reserve()
+        self.check_server()
 
     def _drop_reserve(self) -> None:
         while self._reserve:
@@ -219,6 +233,18 @@ class ServerLink:
             _cgroup.wait_empty(cgroup, _STOP_BOUND_S)
             _proctree.reap_each(members)  # re-parented to us if we are a subreaper
             _cgroup.remove(cgroup)
+
+    def server_stopped(self) -> bool:
+        """Whether the server is stopped (SIGSTOP, a debugger): state T or t in /proc."""
+        pid = self._pid
+        if pid is None:
+            return True
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                state = f.read().rpartition(b")")[2].split()[0]
+        except (OSError, IndexError):
+            return True
+        return state in (b"T", b"t")
 
     def check_server(self) -> bool:
         """Whether the server is still running; if it died, reap it (a zombie otherwise,

@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # the fork server imports this module: no runtime typing, no 
 
     Job = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]
 
-__all__ = ["CallSpec", "Job", "dumps", "encode_call", "prepare_process", "reset_inherited_signals", "run_one", "spawn_main", "spare_main"]
+__all__ = ["CallSpec", "Job", "dumps", "encode_call", "prepare_process", "reset_inherited_signals", "run_one", "spawn_main", "forked_from_server", "hello"]
 
 _SPEC_LEN = struct.Struct("<I")
 
@@ -68,12 +68,8 @@ def dumps(obj: Any) -> bytes:
 
 
 def encode_call(spec: CallSpec, job: Job) -> bytes:
-    return _encode(spec, by_value_dumps(job))
-
-
-def _encode(spec: CallSpec, payload: bytes) -> bytes:
     head = pickle.dumps(spec, protocol=5)
-    return _SPEC_LEN.pack(len(head)) + head + payload
+    return _SPEC_LEN.pack(len(head)) + head + by_value_dumps(job)
 
 
 _pickler_class: Any = None
@@ -160,9 +156,10 @@ def spawn_python(code: str, argv: list[str], fds: dict[int, int]) -> int:
 
 
 
-def prepare_process(fault_fd: int, parent_pid: int, cgroup: str | None = None, die_with_parent: bool = True) -> None:
+def prepare_process(fault_fd: int | None, parent_pid: int, cgroup: str | None = None, die_with_parent: bool = True) -> None:
     """Isolate this fresh child: own session, own cgroup, subreaper, dies with its parent
-    (unless someone else, the guardian, ends it with its tree), fault log."""
+    (unless someone else, the guardian, ends it with its tree), fault log (None: the one
+    faulthandler inherited is already ours)."""
     try:
         os.setsid()
     except PermissionError:  # posix_spawn(setsid=True) already made us a leader
@@ -174,15 +171,19 @@ def prepare_process(fault_fd: int, parent_pid: int, cgroup: str | None = None, d
     if os.getppid() != parent_pid:  # the parent died before the line above took effect
         os._exit(1)
     _proctree.make_subreaper()
-    faulthandler.enable(file=fault_fd, all_threads=True)
+    if fault_fd is not None:
+        faulthandler.enable(file=fault_fd, all_threads=True)
 
 
 def _attach_cgroup(path: str) -> None:
     # Before anything of the call runs: every process it starts is born in the cgroup and
     # ends with one cgroup.kill. Failing that (a racing removal), the scans still apply.
     try:
-        with open(os.path.join(path, "cgroup.procs"), "w") as f:
-            f.write("0")
+        fd = os.open(os.path.join(path, "cgroup.procs"), os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, b"0")  # raw os calls: no file object, fewer pages copied
+        finally:
+            os.close(fd)
     except OSError:
         pass
 
@@ -422,27 +423,22 @@ def spawn_main() -> NoReturn:
     run_one(socket.socket(fileno=3))
 
 
-def _warm_up() -> None:
-    """Serve a dummy call while idle. In a forked process every first write to a page it
-    shares with the server is a copy-on-write fault (about 4 us each here); taking them now
-    keeps them off the real call's critical path."""
-    spec, payload = _decode_call(_encode(CallSpec(), pickle.dumps((abs, (0,), {}), protocol=5)))
-    _apply(spec)
-    func, args, kwargs = pickle.loads(payload)
-    _encode_value(func(*args, **kwargs))
-    _flush_stdio()
+def hello(pid: int, cgroup: str | None) -> bytes:
+    """HELLO's body: the worker's pid, and its cgroup's name: with that the caller can end
+    the worker's tree itself should the server die or stop."""
+    return f"{pid} {os.path.basename(cgroup) if cgroup else ''}".encode()
 
 
-def spare_main(ctl: socket.socket, fault_fd: int, server_pid: int, cgroup: str | None = None) -> NoReturn:
-    """Entry of a spare forked by the server: wait to be assigned a call, then serve it."""
-    prepare_process(fault_fd, server_pid, cgroup)
+def forked_from_server(ctl: socket.socket, data: socket.socket, server_pid: int, cgroup: str | None) -> NoReturn:
+    """Entry of a worker forked by the server: say who we are, then wait for the call.
+    faulthandler is the server's, inherited, already writing to our fault log."""
+    prepare_process(None, server_pid, cgroup)  # exits if the server is already gone
     _proctree.set_comm("asyncproc-idle")
-    _warm_up()
     try:
-        msg = _protocol.recv(ctl)
+        # Before we can read the call: from here on the caller knows the call may have run
+        # and never retries it (a caller with no HELLO knows it never ran).
+        _protocol.send(ctl, _protocol.HELLO, hello(os.getpid(), cgroup))
     except OSError:
-        msg = None
-    if msg is None or msg.tag != _protocol.ASSIGN or not msg.fds:
-        os._exit(0)  # the server is retiring us (new preloads, shutdown)
+        os._exit(0)  # the caller gave up on this call already
     ctl.close()
-    run_one(socket.socket(fileno=msg.fds[0]))
+    run_one(data)
