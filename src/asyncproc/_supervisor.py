@@ -154,6 +154,11 @@ class _CommandRun(_Run):
         self.memory_error: MemoryLimitExceeded | None = None
 
     @property
+    def pid(self) -> int | None:
+        # The handler knows it as soon as Popen returned, before its spawn() does.
+        return self.handler.pid if self.handler is not None else None
+
+    @property
     def exitcode(self) -> int | None:
         return self.handler.returncode if self.handler is not None else None
 
@@ -174,8 +179,6 @@ class _CommandRun(_Run):
                 self.handler.close()
             self.done.set()
             raise
-        assert self.handler is not None
-        self._pid = self.handler.pid
         self.started = True
         tg.start_soon(runner)
 
@@ -212,11 +215,11 @@ class _CommandRun(_Run):
         spec = self.spec
         if self.memory_error is not None:
             self.memory_error.exitcode = code
-            return _End(True, self._pid, code, self.memory_error)
+            return _End(True, self.pid, code, self.memory_error)
         if code == 0:
-            return _End(False, self._pid, 0)
-        crashed = ChildCrashed(f"command {spec.id!r} (pid {self._pid}) {describe_exitcode(code)}", pid=self._pid, exitcode=code)
-        return _End(True, self._pid, code, crashed)
+            return _End(False, self.pid, 0)
+        crashed = ChildCrashed(f"command {spec.id!r} (pid {self.pid}) {describe_exitcode(code)}", pid=self.pid, exitcode=code)
+        return _End(True, self.pid, code, crashed)
 
     async def stop(self) -> None:
         self.stopping = True
@@ -652,6 +655,9 @@ class Supervisor:
         child.started_at = time.monotonic()
         run = _make_run(child.spec)
         child.run = run
+        # Running from now on, for status(): a spawn may wait for the spawning thread, and
+        # the child may be running (and seen running by others) before that wait is over.
+        child.state = "running"
         await run.launch(self._tg, functools.partial(self._runner, child, run))
         if not run.started:
             child.run = None
