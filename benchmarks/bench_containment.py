@@ -42,7 +42,7 @@ import anyio
 import psutil
 
 import asyncproc
-from asyncproc._serverlink import link
+from asyncproc._isolated.link import link
 
 CALL = asyncproc.Isolated(timeout=120)
 
@@ -183,7 +183,7 @@ SERVER_EXIT = """
 import os, sys, anyio, asyncproc
 sys.path.insert(0, sys.argv[3])
 from bench_containment import children_then_crash
-from asyncproc._serverlink import link
+from asyncproc._isolated.link import link
 async def main():
     await asyncproc.safe_call(len, "")
     print(link.pid, flush=True)
@@ -312,7 +312,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     opts = parser.parse_args()
     try:
-        from asyncproc import _cgroup
+        from asyncproc._proc import cgroup as _cgroup
 
         cgroup = "yes" if _cgroup.available() else "no"
     except ImportError:

@@ -44,7 +44,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from asyncproc import _proctree
+from asyncproc._proc import proctree as _proctree
 
 FUNC = operator.add
 ARGS = (1, 2)

@@ -137,7 +137,7 @@ async def caller(start: int, step: int, total: int, tally: Tally) -> None:
 async def server_killer(every: int, tally: Tally, done: Any) -> None:
     import anyio
 
-    from asyncproc._serverlink import link
+    from asyncproc._isolated.link import link
 
     next_kill = every
     while not done.is_set():
@@ -236,7 +236,7 @@ def _leftovers(settle: float = 3.0) -> list[str]:
     (a returned value's clean-up is promised within one)."""
     import psutil
 
-    from asyncproc import _proctree
+    from asyncproc._proc import proctree as _proctree
 
     deadline = time.monotonic() + settle
     while True:
@@ -251,7 +251,7 @@ def _leftovers(settle: float = 3.0) -> list[str]:
 def _child(args: argparse.Namespace) -> None:
     import anyio
 
-    from asyncproc import _proctree
+    from asyncproc._proc import proctree as _proctree
 
     _proctree.make_subreaper()
     name, options = ("trio", {}) if args.child == "trio" else ("asyncio", {"use_uvloop": args.child == "uvloop"})
@@ -279,7 +279,7 @@ def slope_per_1000(points: list[tuple[int, int]]) -> float:
 def run_backend(backend: str, args: argparse.Namespace) -> dict[str, Any]:
     import psutil
 
-    from asyncproc import _proctree
+    from asyncproc._proc import proctree as _proctree
 
     _proctree.make_subreaper()
     with tempfile.TemporaryDirectory(prefix="asyncproc-soak-") as folder:

@@ -31,13 +31,13 @@ import textwrap
 
 # module -> functions wrapped (Class.method allowed); missing ones are skipped
 _WRAP = {
-    "asyncproc._server": ["Server._on_request", "Server._fork_worker", "Server._register", "Server._on_signal",
+    "asyncproc._isolated.server": ["Server._on_request", "Server._fork_worker", "Server._register", "Server._on_signal",
                           "Server._finish_job", "Server._drain", "Server._report", "Server._on_ctl"],
-    "asyncproc._worker": ["forked_from_server", "prepare_process", "_decode_call", "_apply", "_encode_value",
+    "asyncproc._isolated.worker": ["forked_from_server", "prepare_process", "_decode_call", "_apply", "_encode_value",
                           "_flush_stdio", "_end_descendants"],
-    "asyncproc._isolated": ["Isolated._call_once", "_loads_value", "_ServerWorker.release"],
-    "asyncproc._serverlink": ["ServerLink.take", "ServerLink.top_up"],
-    "asyncproc._protocol": ["send", "recv"],
+    "asyncproc._isolated.api": ["Isolated._call_once", "_loads_value", "_ServerWorker.release"],
+    "asyncproc._isolated.link": ["ServerLink.take", "ServerLink.top_up"],
+    "asyncproc._isolated.protocol": ["send", "recv"],
 }
 
 _SITE = r'''
@@ -102,7 +102,7 @@ def install(wrap):
 class _Finder:
     # Wrap the server's modules once they are imported (the server is `python -c`).
     def find_spec(self, name, path, target=None):
-        if name == "asyncproc._server" and "--stages-installed" not in sys.argv:
+        if name == "asyncproc._isolated.server" and "--stages-installed" not in sys.argv:
             sys.argv.append("--stages-installed")
             sys.meta_path.remove(self)
             spec = importlib.util.find_spec(name)
@@ -111,7 +111,7 @@ class _Finder:
             def run(module):
                 exec_module(module)
                 sys.modules[name] = module
-                install({k: v for k, v in WRAP.items() if k in ("asyncproc._server", "asyncproc._worker", "asyncproc._protocol")})
+                install({k: v for k, v in WRAP.items() if k in ("asyncproc._isolated.server", "asyncproc._isolated.worker", "asyncproc._isolated.protocol")})
             loader.exec_module = run
             return spec
         return None
@@ -190,7 +190,7 @@ def _breakdown(procs: dict[int, list[tuple[int, str, int]]]) -> None:
 
 _ACCOUNT = r'''
 import os, sys, time, statistics, anyio, asyncproc
-from asyncproc._serverlink import link
+from asyncproc._isolated.link import link
 HZ = os.sysconf("SC_CLK_TCK")
 def stat(pid):  # utime stime cutime cstime minflt cminflt
     f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()

@@ -108,7 +108,7 @@ running = alive  # the tests of isolated calls import these two from here
 
 
 def _server_tree() -> set[int]:
-    from asyncproc._serverlink import link
+    from asyncproc._isolated.link import link
 
     if link.pid is None:
         return set()

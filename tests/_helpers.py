@@ -12,7 +12,7 @@ import os
 import psutil
 import pytest
 
-from asyncproc import _proctree
+from asyncproc._proc import proctree as _proctree
 
 
 def alive(pid: int) -> bool:

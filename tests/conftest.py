@@ -14,8 +14,8 @@ from collections.abc import Iterator
 import psutil
 import pytest
 
-from asyncproc import _proctree
-from asyncproc._serverlink import link
+from asyncproc._isolated.link import link
+from asyncproc._proc import proctree as _proctree
 
 # Long-lived by design: the fork server and the workers a caller keeps in reserve. A worker that is
 # running a call renames itself, so it is *not* in this set and counts as a leak.

@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from asyncproc import _cgroup, _proctree
+from asyncproc._proc import cgroup as _cgroup
+from asyncproc._proc import proctree as _proctree
 
 needs_cgroup = pytest.mark.skipif(not _cgroup.available(), reason="no writable cgroup v2 here (not root, not delegated)")
 

@@ -16,7 +16,8 @@ import psutil
 import pytest
 
 import asyncproc
-from asyncproc import ChildCrashed, Isolated, _cgroup
+from asyncproc import ChildCrashed, Isolated
+from asyncproc._proc import cgroup as _cgroup
 
 from _children import (
     add,
@@ -69,7 +70,7 @@ def _running(pid: int) -> bool:
 
 @pytest.mark.parametrize("method", ["forkserver", "spawn"])
 async def test_sigkilled_server_takes_every_calls_tree_with_it(method: str, tmp_path: Path) -> None:
-    from asyncproc._serverlink import link
+    from asyncproc._isolated.link import link
 
     pidfile = tmp_path / "pids"
     server: list[int] = []
@@ -160,7 +161,7 @@ _KILL_BOUND_S = 2.0
 
 
 async def test_timeout_with_a_stopped_server_is_bounded() -> None:
-    from asyncproc._serverlink import link
+    from asyncproc._isolated.link import link
 
     assert await asyncproc.safe_call(add, 1) == 1  # a server, with workers in reserve
     assert link.pid is not None
@@ -176,7 +177,7 @@ async def test_timeout_with_a_stopped_server_is_bounded() -> None:
 
 
 async def test_exception_with_a_stopped_server_comes_without_extra_wait(tmp_path: Path) -> None:
-    from asyncproc._serverlink import link
+    from asyncproc._isolated.link import link
 
     pidfile = tmp_path / "pid"
     took: list[float] = []
@@ -289,7 +290,7 @@ def test_spawn_timeout_before_the_function_started_says_so(tmp_path: Path) -> No
 @pytest.mark.skipif(not _cgroup.available(), reason="no writable cgroup v2 here")
 def test_calls_leave_no_cgroup_behind(tmp_path: Path) -> None:
     # Sync (one backend): the cgroups are the fork server's and the "fork" path's business.
-    from asyncproc._serverlink import link
+    from asyncproc._isolated.link import link
 
     async def calls() -> None:
         for method in ("forkserver", "spawn", "fork"):

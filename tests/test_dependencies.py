@@ -19,7 +19,7 @@ import pickle
 import cloudpickle
 from cloudpickle import cloudpickle as cp
 
-from asyncproc import _isolated
+from asyncproc._isolated import api as _isolated
 
 
 def make_local_class() -> type:

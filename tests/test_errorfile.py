@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import asyncproc
-from asyncproc._errorfile import read_error_file
+from asyncproc._launch.errorfile import read_error_file
 
 from test_launcher import LAUNCHER
 
@@ -106,8 +106,8 @@ def test_reads_torch_files_in_both_formats_and_rejects_garbage(tmp_path: Path) -
     old.write_text(json.dumps({"message": "plain text", "timestamp": 12}))
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
-    assert read_error_file(new) == asyncproc._errorfile.ErrorRecord("RuntimeError: x", "tb", 17)
-    assert read_error_file(old) == asyncproc._errorfile.ErrorRecord("plain text", "", 12)
+    assert read_error_file(new) == asyncproc._launch.errorfile.ErrorRecord("RuntimeError: x", "tb", 17)
+    assert read_error_file(old) == asyncproc._launch.errorfile.ErrorRecord("plain text", "", 12)
     assert read_error_file(bad) is None
     assert read_error_file(tmp_path / "absent.json") is None
 

@@ -17,7 +17,7 @@ import time
 import psutil
 import pytest
 
-from asyncproc import _guardian
+from asyncproc._subprocess import guardian as _guardian
 
 from _helpers import gone, wait_gone_and_reap
 
@@ -29,7 +29,8 @@ BACKENDS = ("asyncio", "uvloop", "trio")
 PARENT = textwrap.dedent(
     """
     import os, sys, anyio, subprocess
-    from asyncproc import get_subprocess_handler, _guardian
+    from asyncproc import get_subprocess_handler
+    from asyncproc._subprocess import guardian as _guardian
 
     backend, wait_s, fork_sibling = sys.argv[1], float(sys.argv[2]), sys.argv[3] == "fork"
     CHILD = (
@@ -153,7 +154,8 @@ def test_guardian_is_named_and_restarted_when_killed() -> None:
 FORK_DURING_START = textwrap.dedent(
     """
     import os, subprocess, sys, time, anyio
-    from asyncproc import _guardian, get_subprocess_handler
+    from asyncproc._subprocess import guardian as _guardian
+    from asyncproc import get_subprocess_handler
 
     class ForkingPopen(subprocess.Popen):
         def __init__(self, *args, **kwargs):

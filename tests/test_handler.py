@@ -318,7 +318,7 @@ def open_fds() -> set[int]:
 
 
 async def test_reaping_through_popen_or_dropping_the_handler_leaks_nothing(anyio_backend: object) -> None:
-    from asyncproc import _guardian
+    from asyncproc._subprocess import guardian as _guardian
 
     warm = python("pass")  # the guardian's lifeline is opened once, by the first spawn
     await warm.spawn()

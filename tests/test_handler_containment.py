@@ -20,7 +20,8 @@ import anyio
 import psutil
 import pytest
 
-from asyncproc import _cgroup, get_subprocess_handler
+from asyncproc import get_subprocess_handler
+from asyncproc._proc import cgroup as _cgroup
 
 PY = sys.executable
 BACKENDS = ("asyncio", "uvloop", "trio")
@@ -154,7 +155,8 @@ def test_sigkilled_launcher_leaves_no_adopted_helper_no_cgroup_no_folder(
 GUARDED = textwrap.dedent(
     """
     import os, sys, anyio
-    from asyncproc import get_subprocess_handler, _guardian
+    from asyncproc import get_subprocess_handler
+    from asyncproc._subprocess import guardian as _guardian
 
     async def main():
         handler = get_subprocess_handler(sys.executable, ["-c", sys.argv[2]], {}, None, None, 0)
@@ -214,7 +216,7 @@ async def test_stopping_many_handlers_scans_proc_once_per_round_never_on_the_loo
     # and no spawn ever runs on the event loop's thread (each would hold every task).
     import threading
 
-    from asyncproc import _handler
+    from asyncproc._subprocess import handler as _handler
 
     if not cgroups:
         monkeypatch.setattr(_handler._HANDLERS, "new_leaf", lambda name: None)

@@ -34,7 +34,7 @@ def test_unknown_attribute_is_an_attribute_error() -> None:
 
 def test_importing_the_fork_server_stays_lean() -> None:
     # Every page the fork server holds is copied into and torn down with each worker.
-    code = "import sys, asyncproc._server; print(sorted(m for m in ('anyio', 'trio', 'psutil', 'cloudpickle') if m in sys.modules))"
+    code = "import sys, asyncproc._isolated.server; print(sorted(m for m in ('anyio', 'trio', 'psutil', 'cloudpickle') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"

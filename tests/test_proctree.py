@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from asyncproc import _proctree
+from asyncproc._proc import proctree as _proctree
 
 pytestmark = pytest.mark.anyio
 

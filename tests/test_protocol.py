@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from asyncproc import _protocol
+from asyncproc._isolated import protocol as _protocol
 
 
 def test_small_and_large_messages_arrive_whole() -> None:

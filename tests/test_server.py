@@ -36,13 +36,13 @@ async def test_crash_ends_grandchild_that_left_the_group(server_started: str) ->
 
 def _forked_by_a_server(proc: psutil.Process) -> bool:
     try:
-        return proc.status() == psutil.STATUS_ZOMBIE or "asyncproc._server" in " ".join(proc.cmdline())
+        return proc.status() == psutil.STATUS_ZOMBIE or "asyncproc._isolated.server" in " ".join(proc.cmdline())
     except psutil.Error:
         return True  # gone or a zombie: waiting on it costs nothing
 
 
 def test_fork_server_restarts_after_it_dies() -> None:
-    from asyncproc._serverlink import link
+    from asyncproc._isolated.link import link
 
     assert asyncproc.safe_call_sync(add, 1) == 1
     old = link.pid
@@ -144,7 +144,7 @@ def test_a_preload_that_exits_does_not_end_the_server() -> None:
 
 
 def test_sigterm_to_the_server_still_ends_every_calls_tree(tmp_path: Path) -> None:
-    from asyncproc._serverlink import link
+    from asyncproc._isolated.link import link
 
     pidfile = tmp_path / "pid"
 
@@ -167,7 +167,7 @@ def test_sigterm_to_the_server_still_ends_every_calls_tree(tmp_path: Path) -> No
 
 
 async def test_a_stopped_server_never_freezes_the_event_loop() -> None:
-    from asyncproc._serverlink import link
+    from asyncproc._isolated.link import link
 
     assert await asyncproc.safe_call(add, 1) == 1
     assert link.pid is not None
@@ -197,7 +197,7 @@ async def test_a_stopped_server_never_freezes_the_event_loop() -> None:
 def test_a_preload_does_not_outlive_its_test_with_the_fixture() -> None:
     # The autouse fixture in conftest resets the link after a test that preloads; here,
     # the reset itself: no server, the preloads back to $ASYNCPROC_PRELOAD's.
-    from asyncproc._serverlink import link
+    from asyncproc._isolated.link import link
 
     assert asyncproc.safe_call_sync(add, 1) == 1
     asyncproc.preload("json")

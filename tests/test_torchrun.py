@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 
 import asyncproc
-from asyncproc import LaunchConfig, _runcli, start_processes
+from asyncproc import LaunchConfig, start_processes
+from asyncproc._launch import cli as _runcli
 
 PY = sys.executable
 LAUNCHER = [PY, "-m", "asyncproc", "run"]

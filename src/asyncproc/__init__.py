@@ -3,7 +3,7 @@
 Public names are re-exported here; the modules behind them are private (``_x.py``),
 except ``asyncproc.numa``.
 
-The re-exports are lazy (PEP 562): the fork server imports ``asyncproc._server``, and
+The re-exports are lazy (PEP 562): the fork server imports ``asyncproc._isolated.server``, and
 every page it holds is copied into page tables and torn down again for every call it
 forks (measured here: a worker's exit takes 0.7 ms from an 11 MB server and 1.5 ms from a
 14 MB one). So importing the package must not drag in anyio, trio and psutil.
@@ -25,7 +25,6 @@ if TYPE_CHECKING:
     from typing import Any
 
     from . import numa as numa  # the public submodule
-    from ._errorfile import record
     from ._exceptions import (
         AsyncprocError,
         ChildCrashed,
@@ -34,41 +33,42 @@ if TYPE_CHECKING:
         RemoteError,
         SupervisorGaveUp,
     )
-    from ._handler import SubprocessHandler, get_subprocess_handler
-    from ._isolated import Isolated, preload, safe_call, safe_call_sync
-    from ._launcher import LaunchConfig, LaunchResult, RankResult, start_processes
-    from ._specs import Backoff, Call, ChildStatus, Command, Event, Task
-    from ._supervisor import Supervisor
+    from ._isolated.api import Isolated, preload, safe_call, safe_call_sync
+    from ._launch.errorfile import record
+    from ._launch.launcher import LaunchConfig, LaunchResult, RankResult, start_processes
+    from ._subprocess.handler import SubprocessHandler, get_subprocess_handler
+    from ._supervise.specs import Backoff, Call, ChildStatus, Command, Event, Task
+    from ._supervise.supervisor import Supervisor
     from .numa import AffinityMode, NumaOptions
 
 # public name -> the module that defines it
 _EXPORTS = {
     "AffinityMode": ".numa",
     "AsyncprocError": "._exceptions",
-    "Backoff": "._specs",
-    "Call": "._specs",
+    "Backoff": "._supervise.specs",
+    "Call": "._supervise.specs",
     "ChildCrashed": "._exceptions",
-    "ChildStatus": "._specs",
-    "Command": "._specs",
-    "Event": "._specs",
-    "Isolated": "._isolated",
-    "LaunchConfig": "._launcher",
+    "ChildStatus": "._supervise.specs",
+    "Command": "._supervise.specs",
+    "Event": "._supervise.specs",
+    "Isolated": "._isolated.api",
+    "LaunchConfig": "._launch.launcher",
     "LaunchFailed": "._exceptions",
-    "LaunchResult": "._launcher",
+    "LaunchResult": "._launch.launcher",
     "MemoryLimitExceeded": "._exceptions",
     "NumaOptions": ".numa",
-    "RankResult": "._launcher",
+    "RankResult": "._launch.launcher",
     "RemoteError": "._exceptions",
-    "SubprocessHandler": "._handler",
-    "Supervisor": "._supervisor",
+    "SubprocessHandler": "._subprocess.handler",
+    "Supervisor": "._supervise.supervisor",
     "SupervisorGaveUp": "._exceptions",
-    "Task": "._specs",
-    "get_subprocess_handler": "._handler",
-    "preload": "._isolated",
-    "record": "._errorfile",
-    "safe_call": "._isolated",
-    "safe_call_sync": "._isolated",
-    "start_processes": "._launcher",
+    "Task": "._supervise.specs",
+    "get_subprocess_handler": "._subprocess.handler",
+    "preload": "._isolated.api",
+    "record": "._launch.errorfile",
+    "safe_call": "._isolated.api",
+    "safe_call_sync": "._isolated.api",
+    "start_processes": "._launch.launcher",
 }
 
 __all__ = [  # a literal, for linters and IDEs; tests/test_init.py keeps it equal to _EXPORTS

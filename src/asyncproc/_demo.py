@@ -12,7 +12,7 @@ import traceback
 import anyio
 
 from ._exceptions import ChildCrashed
-from ._isolated import START_METHODS, Isolated
+from ._isolated.api import START_METHODS, Isolated
 
 
 def _read_config(path: str) -> dict[str, str]:

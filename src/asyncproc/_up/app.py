@@ -31,15 +31,15 @@ from typing import TYPE_CHECKING, Any, cast
 import anyio
 import anyio.abc
 
-from .. import _proctree
 from .._exceptions import describe_exitcode
+from .._proc import proctree as _proctree
 from . import config as _config
 from . import control
 
 if TYPE_CHECKING:
     import psutil
 
-    from .._launcher import _Console, _ConsoleStream, _Pump
+    from .._launch.launcher import _Console, _ConsoleStream, _Pump
     from .view import LiveView
 
 __all__ = ["configure_parser", "cli", "UpApp"]
@@ -79,7 +79,7 @@ class _Outputs:
         """A path that opens this child's console pipe (created on first use)."""
         key = (name, stream)
         if key not in self.write_ends:
-            from .._launcher import _Pump
+            from .._launch.launcher import _Pump
 
             read_end, write_end = os.pipe()
             self.write_ends[key] = write_end
@@ -149,7 +149,7 @@ class UpApp:
     async def run(self) -> int:
         import asyncproc
 
-        from .._launcher import _Console
+        from .._launch.launcher import _Console
 
         listener = await control.open_listener(self.socket_path)  # a second `up` on this socket: refused before anything starts
         console = _Console.of_this_process()

@@ -42,11 +42,12 @@ from typing import IO, Any, Union
 import anyio
 import anyio.abc
 
-from . import _guardian, _proctree
-from ._errorfile import ENV_VARS, ErrorRecord, read_error_file
-from ._exceptions import LaunchFailed, describe_exitcode
-from ._handler import DEFAULT_GRACE_S, KILL_BOUND_S, StrPath, SubprocessHandler
-from ._validate import check_count, check_env, check_flag, check_path, check_seconds, check_text
+from .._exceptions import LaunchFailed, describe_exitcode
+from .._proc import proctree as _proctree
+from .._subprocess import guardian as _guardian
+from .._subprocess.handler import DEFAULT_GRACE_S, KILL_BOUND_S, StrPath, SubprocessHandler
+from .._validate import check_count, check_env, check_flag, check_path, check_seconds, check_text
+from .errorfile import ENV_VARS, ErrorRecord, read_error_file
 
 log = logging.getLogger("asyncproc")
 

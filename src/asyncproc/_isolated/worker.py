@@ -23,7 +23,8 @@ import socket
 import struct
 import sys
 
-from . import _proctree, _protocol
+from .._proc import proctree as _proctree
+from . import protocol as _protocol
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (and re) at run time
 
@@ -122,7 +123,10 @@ def _decode_call(body: bytes | memoryview) -> tuple[CallSpec, bytes | memoryview
 
 # -- process set-up ---------------------------------------------------------------------
 
-_PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The folder that holds the top-level package: one dirname per dot in our module name, plus ours.
+_PACKAGE_PARENT = os.path.abspath(__file__)
+for _ in range(__name__.count(".") + 1):
+    _PACKAGE_PARENT = os.path.dirname(_PACKAGE_PARENT)
 
 
 def _bootstrap(code: str) -> str:
@@ -417,7 +421,7 @@ def forked_main(data: socket.socket, fault_fd: int, parent_pid: int, job: Job, s
 
 
 def spawn_main() -> NoReturn:
-    """Entry of a "spawn" child: ``python -c 'from asyncproc._worker import spawn_main; spawn_main()' PARENT_PID``;
+    """Entry of a "spawn" child: ``python -c 'from asyncproc._isolated.worker import spawn_main; spawn_main()' PARENT_PID``;
     fd 3 is the data socket, fd 4 the fault log."""
     for fd in (3, 4):  # posix_spawn's dup2 made them inheritable: not for what the call execs
         os.set_inheritable(fd, False)

@@ -42,9 +42,12 @@ import anyio
 import psutil
 from anyio.lowlevel import RunVar
 
-from . import _cgroup, _guardian, _proctree, _spawner
-from ._guardian_main import read_stat
-from ._validate import check_count, check_env, check_path, check_redirect, check_seconds, check_signal
+from .._proc import cgroup as _cgroup
+from .._proc import proctree as _proctree
+from .._validate import check_count, check_env, check_path, check_redirect, check_seconds, check_signal
+from . import guardian as _guardian
+from . import spawner as _spawner
+from .guardian_main import read_stat
 
 __all__ = ["SubprocessHandler", "get_subprocess_handler", "DEFAULT_GRACE_S", "KILL_BOUND_S"]
 
@@ -266,7 +269,7 @@ class SubprocessHandler:
         if self.numa_options is None:
             yield
             return
-        from . import numa  # lazily: the NUMA module is optional for everything else
+        from .. import numa  # lazily: the NUMA module is optional for everything else
 
         binding = numa.binding_for(self.numa_options, self.local_rank_id, self.local_world_size)
         if binding is None:
@@ -417,7 +420,7 @@ def _numa_options(options: Any) -> Any:
     """Ours, or torch's NumaOptions converted (a bad value raises here, before spawn)."""
     if options is None:
         return None
-    from . import numa  # lazily: the NUMA module is optional for everything else
+    from .. import numa  # lazily: the NUMA module is optional for everything else
 
     return numa.as_numa_options(options, "numa_options")
 

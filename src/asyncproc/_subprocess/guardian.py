@@ -37,7 +37,8 @@ import sys
 import threading
 from pathlib import Path
 
-from . import _guardian_main, _proctree
+from .._proc import proctree as _proctree
+from . import guardian_main as _guardian_main
 
 __all__ = ["register", "unregister", "register_cgroup", "register_folder", "unregister_folder",
            "unregister_cgroup", "register_marker",

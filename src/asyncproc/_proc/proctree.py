@@ -27,7 +27,7 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (and re) 
 if TYPE_CHECKING:  # imported where used: the fork server and its workers stay lean
     import psutil
 
-    from ._guardian_main import Stat
+    from .._subprocess.guardian_main import Stat
 
 __all__ = [
     "KILL_BOUND_S",
@@ -170,7 +170,7 @@ def shared_scan() -> dict[int, Stat]:
     scans, not one per caller (each takes tens of milliseconds with hundreds of processes).
     """
     global _latest_scan
-    from ._guardian_main import scan
+    from .._subprocess.guardian_main import scan
 
     asked = time.monotonic()
     with _scan_lock:
@@ -188,7 +188,7 @@ def family_of(pid: int, starttime: int, table: dict[int, Stat]) -> list[psutil.P
     ``_guardian_main.family``: after ``pid`` is reaped, only while its group id is ours)."""
     import psutil
 
-    from ._guardian_main import family
+    from .._subprocess.guardian_main import family
 
     found = []
     for member in family({pid: starttime}, table):

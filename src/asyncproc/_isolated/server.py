@@ -47,7 +47,10 @@ import socket
 import sys
 import time
 
-from . import _cgroup, _proctree, _protocol, _worker
+from .._proc import cgroup as _cgroup
+from .._proc import proctree as _proctree
+from . import protocol as _protocol
+from . import worker as _worker
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -537,7 +540,7 @@ _FAULT_FD = -1  # where faulthandler writes: a copy of our stderr, a worker's ow
 
 
 def main() -> None:
-    """``python -c 'from asyncproc._server import main; main()' PRELOAD CGROUP``; fd 3 is the channel."""
+    """``python -c 'from asyncproc._isolated.server import main; main()' PRELOAD CGROUP``; fd 3 is the channel."""
     try:
         os.setsid()  # Ctrl-C at the terminal is the caller's to handle, not ours
     except PermissionError:  # already a session leader (posix_spawn setsid=True)

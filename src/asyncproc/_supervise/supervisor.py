@@ -43,11 +43,11 @@ from typing import TYPE_CHECKING, Any, Union
 import anyio
 import anyio.abc
 
-from ._exceptions import ChildCrashed, MemoryLimitExceeded, SupervisorGaveUp, describe_exitcode
-from ._specs import Backoff, Call, ChildStatus, Command, Event, Task, check_id, check_seconds
+from .._exceptions import ChildCrashed, MemoryLimitExceeded, SupervisorGaveUp, describe_exitcode
+from .specs import Backoff, Call, ChildStatus, Command, Event, Task, check_id, check_seconds
 
 if TYPE_CHECKING:
-    from ._handler import SubprocessHandler
+    from .._subprocess.handler import SubprocessHandler
 
 __all__ = ["Supervisor", "EventStream"]
 
@@ -183,7 +183,7 @@ class _CommandRun(_Run):
         tg.start_soon(runner)
 
     async def _spawn(self) -> None:
-        from ._handler import SubprocessHandler
+        from .._subprocess.handler import SubprocessHandler
 
         spec = self.spec
         out, err = _open_append(spec.stdout), None
@@ -235,7 +235,7 @@ class _CommandRun(_Run):
 
 
 def _group_exists(pgid: int | None) -> bool:
-    from ._handler import _group_exists as exists
+    from .._subprocess.handler import _group_exists as exists
 
     return pgid is not None and exists(pgid)
 
@@ -281,7 +281,7 @@ class _CallRun(_InLoopRun):
         self.mark_started()
 
     async def main(self) -> _End:
-        from ._isolated import worker_started
+        from .._isolated.api import worker_started
 
         worker_started.set(self._on_worker)  # this task's context only
         with self.scope:
@@ -304,7 +304,7 @@ class _CallRun(_InLoopRun):
 
 
 def _peek_hello(ctl: Any) -> int | None:
-    from . import _protocol
+    from .._isolated import protocol as _protocol
 
     try:
         head = ctl.recv(64, socket.MSG_PEEK | socket.MSG_DONTWAIT)
@@ -689,7 +689,7 @@ class Supervisor:
             await self._stop(child)
 
     async def _runner(self, child: _Child, run: _Run) -> None:
-        from ._isolated import worker_started
+        from .._isolated.api import worker_started
 
         # Tasks inherit the context of the task that started them: a Call's hook must not
         # reach a child that happened to be (re)started from a Call's runner.
@@ -944,7 +944,7 @@ def _tree(pid: int) -> list[int]:
         found.append(p)
         kids = _children(p)
         if kids is None:  # no CONFIG_PROC_CHILDREN: psutil scans /proc
-            from . import _proctree
+            from .._proc import proctree as _proctree
 
             return [pid, *(c.pid for c in _proctree.descendants(pid))]
         todo += kids

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Union
 
 if TYPE_CHECKING:
-    from ._isolated import Isolated
-    from .numa import NumaOptions
+    from .._isolated.api import Isolated
+    from ..numa import NumaOptions
 
 __all__ = ["Backoff", "Call", "ChildStatus", "Command", "Event", "Task", "RESTART_TYPES", "EVENT_KINDS", "STATES"]
 
@@ -209,7 +209,7 @@ class Call(_Spec):
         shutdown: float = 5.0,
         isolated: Isolated | None = None,
     ) -> None:
-        from ._isolated import Isolated
+        from .._isolated.api import Isolated
 
         self._set_common(id, restart, shutdown)
         if not callable(func):

@@ -215,7 +215,7 @@ def end_cgroups(paths: list[str]) -> None:
 
     # Loaded by path: we run with -I -S, outside the package, and it needs only the stdlib.
     spec = importlib.util.spec_from_file_location(
-        "_asyncproc_cgroup", os.path.join(os.path.dirname(os.path.abspath(__file__)), "_cgroup.py")
+        "_asyncproc_cgroup", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "_proc", "cgroup.py")
     )
     assert spec is not None and spec.loader is not None
     cgroup = importlib.util.module_from_spec(spec)

@@ -27,8 +27,8 @@ from typing import Any
 
 import anyio
 
-from ._handler import DEFAULT_GRACE_S
-from ._launcher import BOTH, DEFAULT_PREFIX, DEFAULT_SIGNALS, LaunchConfig, StdSpec, start_processes
+from .._subprocess.handler import DEFAULT_GRACE_S
+from .launcher import BOTH, DEFAULT_PREFIX, DEFAULT_SIGNALS, LaunchConfig, StdSpec, start_processes
 
 __all__ = ["configure_parser", "cli"]
 
@@ -199,7 +199,7 @@ def _nproc(option: str, value: str) -> int:
 
 def _gpu_count() -> int:
     """GPUs as the NUMA code finds them (PCI devices, in CUDA_VISIBLE_DEVICES' order)."""
-    from . import _numa_place, numa
+    from .. import _numa_place, numa
 
     try:
         return len(_numa_place.visible_gpus(numa.system_topology()))
@@ -524,7 +524,7 @@ def _numa_options(mode: str | None) -> Any:
         return None
     if mode not in NUMA_MODES:
         raise UsageError("--numa", mode, f"must be one of {', '.join(NUMA_MODES)}")
-    from .numa import AffinityMode, NumaOptions  # lazily: only --numa needs it
+    from ..numa import AffinityMode, NumaOptions  # lazily: only --numa needs it
 
     return NumaOptions(AffinityMode(mode))
 

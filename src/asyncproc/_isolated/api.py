@@ -29,13 +29,17 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import anyio
 import psutil
 
-from . import _cgroup, _proctree, _protocol, _worker
-from ._exceptions import AsyncprocError, ChildCrashed, MemoryLimitExceeded, RemoteError
-from ._serverlink import link
-from ._validate import check_choice, check_count, check_instance, check_seconds
+from .._exceptions import AsyncprocError, ChildCrashed, MemoryLimitExceeded, RemoteError
+from .._proc import cgroup as _cgroup
+from .._proc import proctree as _proctree
+from .._validate import check_choice, check_count, check_instance, check_seconds
+from . import protocol as _protocol
+from . import server as _server
+from . import worker as _worker
+from .link import link
 
 if TYPE_CHECKING:
-    from .numa import Binding, NumaOptions
+    from ..numa import Binding, NumaOptions
 
 __all__ = ["Isolated", "preload", "safe_call", "safe_call_sync", "START_METHODS"]
 
@@ -334,7 +338,7 @@ class _OwnWorker(_Worker):
         else:
             self.reaped = True
             if self.guarded:
-                from . import _guardian
+                from .._subprocess import guardian as _guardian
 
                 _guardian.unregister(self.pid)
         fault = _protocol.read_text(self.fault_fd) if code else ""
@@ -353,7 +357,7 @@ class _OwnWorker(_Worker):
 
 
 _LOOP_FILES = tuple(
-    f'File "{os.path.join(os.path.dirname(os.path.abspath(__file__)), name)}"' for name in ("_worker.py", "_server.py")
+    f'File "{os.path.abspath(module.__file__ or "")}"' for module in (_worker, _server)
 ) + ('File "<string>"',)
 
 
@@ -475,7 +479,7 @@ async def _start_fork(spec: _worker.CallSpec, job: _worker.Job) -> _Worker:
             stream.flush()
         except Exception:
             pass
-    from . import _guardian
+    from .._subprocess import guardian as _guardian
 
     cgroup = _cgroup.create(f"fork{next(_FORK_NAMES)}")
     with _FORK_LOCK:
@@ -635,7 +639,7 @@ def _check_numa(options: NumaOptions | None, local_rank_id: int | None) -> None:
         return
     if local_rank_id is None:
         raise ValueError(f"numa_options needs local_rank_id (which local rank to bind), got numa_options={options!r} and local_rank_id=None")
-    from .numa import NumaOptions
+    from ..numa import NumaOptions
 
     check_instance("numa_options", options, NumaOptions)
 
@@ -644,7 +648,7 @@ def _numa_binding(options: NumaOptions | None, local_rank_id: int | None, local_
     """The binding each call's child gets, worked out once, before any process starts."""
     if options is None or local_rank_id is None:
         return None
-    from .numa import binding_for
+    from ..numa import binding_for
 
     return binding_for(options, local_rank_id, local_world_size)
 

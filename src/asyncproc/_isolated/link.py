@@ -20,9 +20,12 @@ from collections.abc import Iterable
 
 import anyio
 
-from . import _cgroup, _proctree, _protocol
-from ._server import encode_preload
-from ._worker import spawn_python
+from .._proc import cgroup as _cgroup
+from .._proc import proctree as _proctree
+from . import protocol as _protocol
+from . import server as _server
+from .server import encode_preload
+from .worker import spawn_python
 
 __all__ = ["ServerLink", "link"]
 
@@ -113,7 +116,7 @@ class ServerLink:
     def _start(self) -> None:
         self._reserve_size = _env_count(_RESERVE_ENV, _RESERVE_DEFAULT)
         ours, theirs = _protocol.seqpacket_pair()
-        code = "from asyncproc._server import main; main()"
+        code = f"from {_server.__name__} import main; main()"
         # Ours, not the server's: should it die, we can still end every worker's tree at once.
         self._starts += 1
         self._cgroup = _cgroup.create(f"srv{self._starts}")
