@@ -3,11 +3,11 @@ that an upgrade that changes one fails loudly in this file, not as a confusing f
 somewhere else (or, worse, as a feature that silently stops working).
 
 * ``cloudpickle.cloudpickle._should_pickle_by_reference`` and
-  ``_get_or_create_tracker_id`` (``_isolated._track_dynamic_classes``): a class defined in
+  ``_get_or_create_tracker_id`` (``_isolated.api._track_dynamic_classes``): a class defined in
   a function comes back from a "fork" child as the same class, so ``except`` catches it.
 * the bytes ``b"cloudpickle"`` in the pickle of a function sent by value, and not in one
-  sent by reference (``_isolated._BY_VALUE_MARK``: when to preload cloudpickle).
-* ``os.environ._data`` (``_serverlink``): the encoded environment, compared with one
+  sent by reference (``_isolated.api._BY_VALUE_MARK``: when to preload cloudpickle).
+* ``os.environ._data`` (``_isolated.link``): the encoded environment, compared with one
   ``==`` per call to tell whether the fork server's copy is still current.
 """
 

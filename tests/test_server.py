@@ -231,7 +231,8 @@ def test_constructing_isolated_does_no_io() -> None:
     # included: it reads /sys on the first call) must do none of them.
     code = (
         "import sys, asyncproc\n"
-        "from asyncproc import _isolated, numa\n"
+        "from asyncproc import numa\n"
+        "from asyncproc._isolated import api\n"
         "events = []\n"
         "sys.addaudithook(lambda event, args: events.append(event)"
         " if event.startswith(('open', 'os.', 'socket.', 'subprocess.')) else None)\n"

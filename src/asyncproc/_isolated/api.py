@@ -1,7 +1,7 @@
 """Isolated calls: ``safe_call``, ``Isolated``, ``safe_call_sync``.
 
 A call is one fresh process that no other call touches. The caller waits on one data
-socket: the answer, or end-of-stream when the worker is gone (see ``_server`` for why
+socket: the answer, or end-of-stream when the worker is gone (see ``server`` for why
 end-of-stream means "gone and cleaned up"). Timeouts and cancellation end the worker's
 whole tree with SIGTERM, ``grace``, SIGKILL, each wait bounded, before the caller sees the
 outcome.

@@ -1,5 +1,5 @@
 """Launching local ranks: torch.distributed.elastic's ``start_processes``, async (the
-``asyncproc run`` command line is ``_runcli``).
+``asyncproc run`` command line is ``cli``).
 
 Output paths, per rank and stream (``LaunchConfig.std_of``):
 

@@ -185,7 +185,7 @@ def shared_scan() -> dict[int, Stat]:
 def family_of(pid: int, starttime: int, table: dict[int, Stat]) -> list[psutil.Process]:
     """What belongs to our child ``pid`` besides itself, from one /proc ``table``: its
     descendants and the members of the group or session it leads (see
-    ``_guardian_main.family``: after ``pid`` is reaped, only while its group id is ours)."""
+    ``_subprocess.guardian_main.family``: after ``pid`` is reaped, only while its group id is ours)."""
     import psutil
 
     from .._subprocess.guardian_main import family

@@ -5,7 +5,7 @@ trio spawns on worker threads that exit after 10 s idle (a child was SIGKILLed 1
 start while its parent lived); setting it needs a ``preexec_fn``, which disables CPython's
 vfork fast path (37 ms instead of 0.6 ms per spawn at 1 GB resident).
 
-Instead, one tiny guardian process per parent (``_guardian_main.py``, named
+Instead, one tiny guardian process per parent (``guardian_main.py``, named
 ``asyncproc-srv``), started lazily on the first registration. The parent keeps the only
 write end of a *lifeline* pipe whose read end is the guardian's stdin; the kernel closes it
 whatever way the parent dies, SIGKILL included. Each spawned child is registered (pid and
@@ -14,7 +14,7 @@ registered, with descendants, group and session, and exits. At interpreter exit 
 closes the lifeline itself and reaps the guardian, so it is never left behind: children the
 program leaked die then, as they would have with the program.
 
-Cgroups (``_cgroup``) and a launcher's temporary folder are registered too: the guardian
+Cgroups (``_proc.cgroup``) and a launcher's temporary folder are registered too: the guardian
 kills and removes the cgroups, then removes the folders.
 
 A guardian that dies (someone SIGKILLs it) is noticed at once by a watcher thread blocked

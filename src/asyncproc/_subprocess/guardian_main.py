@@ -1,8 +1,8 @@
 """The guardian process: kills a parent's children when the parent dies.
 
-Run as a script (``python -I -S .../_guardian_main.py``), never imported into it, so the
+Run as a script (``python -I -S .../guardian_main.py``), never imported into it, so the
 guardian boots in a few milliseconds with nothing but the standard library. The parent side
-lives in ``_guardian.py`` and imports the /proc helpers below.
+lives in ``guardian.py`` and imports the /proc helpers below.
 
 Protocol, on stdin (the read end of the parent's *lifeline* pipe; only the parent holds the
 write end)::

@@ -3,13 +3,13 @@
 How a child is started and awaited -- the same code on asyncio, uvloop and trio:
 
 * ``subprocess.Popen(..., start_new_session=True)`` is called synchronously on asyncproc's
-  one long-lived spawning thread (``_spawner``), never on the event loop's thread. It takes
+  one long-lived spawning thread (``spawner``), never on the event loop's thread. It takes
   CPython's vfork path (no ``preexec_fn``), about 1 ms whatever the parent weighs. We do
   *not* go through ``anyio.open_process``: on uvloop it spawns through libuv, which always
   forks (40 ms per spawn at 1 GB resident), and on trio it runs Popen on a short-lived
   worker thread. See benchmarks/bench_spawn.py for the numbers. A NUMA binding set on the
   spawning thread around the one spawn is inherited by the child from its first instruction.
-* Where asyncproc may create cgroups (``_cgroup``), the child is moved into a cgroup of its
+* Where asyncproc may create cgroups (``_proc.cgroup``), the child is moved into a cgroup of its
   own right after the spawn: ending the tree is then ``cgroup.kill``, which reaches a
   descendant that double-forked and called ``setsid()``, and finding the tree reads
   ``cgroup.procs`` instead of scanning /proc. Elsewhere the tree is the process group plus a

@@ -3,7 +3,7 @@ and what it reports (``ChildStatus``, ``Event``).
 
 Specs are plain, immutable descriptions, checked when built: a bad spec raises
 ``TypeError``/``ValueError`` naming the argument before any process starts. Running them is
-``_supervisor``'s job.
+``supervisor``'s job.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ control socket, reload, and signals.
 Output: a program that writes to the console gets one pipe per stream for the life of its
 name (not per run), created here and handed to each run as ``/proc/self/fd/N`` (a
 ``Command`` takes paths; opening that path opens the same pipe). So restarts keep one
-reader, and the launcher's pump (``_launcher._Pump``: whole lines, one prefixed block at a
+reader, and the launcher's pump (``_launch.launcher._Pump``: whole lines, one prefixed block at a
 time, through one non-blocking writer per console stream) is reused unchanged. With the
 live view, blocks go through rich above the table instead of to the raw terminal.
 
