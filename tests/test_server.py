@@ -243,3 +243,51 @@ def test_constructing_isolated_does_no_io() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+# The server's own loop, one step at a time, in a process of its own (it installs signal
+# handlers): worker A's exit is reaped, so A drains; worker B exits; only then does the
+# loop's drain round run, and its reaping finds B. Both must be reported (B at the latest
+# in the round after). Before the fix that round judged B with A's emptiness list and
+# dropped it: B's caller heard nothing until its own timeout (the soak's 19 crashes in
+# 21,000 calls that came back as TimeoutError after 10 s).
+DRAIN_RACE = r"""
+import os, select, sys, time
+from asyncproc import _protocol, _server, _worker
+
+_server._FAULT_FD = os.dup(2)  # as main() sets it: workers inherit faulthandler's target
+srv = _server.Server(_protocol.seqpacket_pair()[0], cgroup_root=None)
+
+def start():
+    data, data_far = _protocol.seqpacket_pair()
+    ctl, ctl_far = _protocol.seqpacket_pair()
+    job = srv._fork_worker(ctl_far, data_far)
+    srv._register(job)  # the server owns both far ends now, as if sent in a SPAWN
+    assert _protocol.recv(ctl).tag == _protocol.HELLO
+    return job, data, ctl
+
+def crash(job, data):
+    _protocol.send(data, _protocol.CALL, _worker.encode_call(_worker.CallSpec(), (os._exit, (3,), {})))
+    os.waitid(os.P_PID, job.pid, os.WEXITED | os.WNOWAIT)  # dead, not reaped: the server reaps
+
+(a, a_data, a_ctl), (b, b_data, b_ctl) = start(), start()
+crash(a, a_data)
+srv._reap_all()
+assert srv.draining == [a]
+crash(b, b_data)  # B dies after A's reaping and before the drain round: the race
+deadline = time.monotonic() + 5
+while srv.draining and time.monotonic() < deadline:
+    srv._drain()
+for name, data, ctl in (("A", a_data, a_ctl), ("B", b_data, b_ctl)):
+    if not select.select([data], [], [], 2)[0] or data.recv(1) != b"":
+        sys.exit(f"worker {name}'s caller got no end-of-stream: its exit was never reported")
+    exited = _protocol.recv(ctl)
+    assert exited is not None and exited.tag == _protocol.EXITED, exited
+    assert bytes(exited.body).split()[1] == b"3", bytes(exited.body)
+print("ok")
+"""
+
+
+def test_a_worker_dying_during_a_drain_round_is_still_reported() -> None:
+    out = subprocess.run([sys.executable, "-c", DRAIN_RACE], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stdout + out.stderr

@@ -349,18 +349,26 @@ class Server:
         # In this order: a cgroup found empty holds no live process, but its last ones may
         # still be on their way to becoming our zombies; after the reaping, our children
         # list shows each that is not reaped yet. "Gone" means reaped too.
-        empty = [j.cgroup is None or not _cgroup.populated(j.cgroup) for j in self.draining]
+        draining, self.draining = self.draining, []
+        empty = [j.cgroup is None or not _cgroup.populated(j.cgroup) for j in draining]
+        # A worker that died since this round began is reaped here and starts draining now:
+        # its emptiness was not looked at above, so it waits for the next round (at once,
+        # below). Judged with the others, it would be dropped unreported, and its caller
+        # would hear nothing until its own timeout.
         self._reap_all(_REAP_BATCH)
+        started = self.draining
         # SIGKILLs each orphan once (cgroup.kill did already); with zombies still to reap, later.
         adopted = self.reap_pending or self._kill_adopted()
         now = time.monotonic()
         waiting = []
-        for job, job_empty in zip(self.draining, empty):
+        for job, job_empty in zip(draining, empty, strict=True):
             if (job_empty and not adopted) or now >= job.deadline:
                 self._report(job)
             else:
                 waiting.append(job)
-        self.draining = waiting
+        self.draining = waiting + started
+        if started:
+            return 0.0
         return min((j.deadline for j in waiting), default=now) - now if waiting else None
 
     def _report(self, job: _Job) -> None:
@@ -446,9 +454,10 @@ class Server:
             _drain_pipe(self.wake_r)
             self._reap_all()
         _proctree.reap_exited_children()  # before the reports: every report means "reaped"
-        for job in self.draining:
-            job.deadline = 0.0
-        self._drain()
+        while self.draining:  # a round may start some draining: each is reported
+            for job in self.draining:
+                job.deadline = 0.0
+            self._drain()
         if self.cgroup_root is not None:
             _cgroup.remove(self.cgroup_root)
 
