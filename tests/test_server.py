@@ -253,7 +253,7 @@ def test_constructing_isolated_does_no_io() -> None:
 # 21,000 calls that came back as TimeoutError after 10 s).
 DRAIN_RACE = r"""
 import os, select, sys, time
-from asyncproc import _protocol, _server, _worker
+from asyncproc._isolated import protocol as _protocol, server as _server, worker as _worker
 
 _server._FAULT_FD = os.dup(2)  # as main() sets it: workers inherit faulthandler's target
 srv = _server.Server(_protocol.seqpacket_pair()[0], cgroup_root=None)
