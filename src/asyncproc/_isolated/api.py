@@ -161,7 +161,7 @@ class Isolated:
                 worker = await STARTERS[self.start_method](self._spec, (func, args, kwargs))
                 if (hook := worker_started.get()) is not None:
                     hook(worker)
-                msg = await worker.next_message()
+                msg = await worker.next_message(first=True)
             if scope.cancelled_caught:
                 started = worker is not None and call_read(worker)
                 if worker is not None:

@@ -63,8 +63,11 @@ def _close_in_flight_copies() -> None:
 os.register_at_fork(after_in_child=_close_in_flight_copies)
 
 
-async def _recv(sock: socket.socket) -> _protocol.Message | None:
-    """The next message on a non-blocking socket; None at end-of-stream."""
+async def _recv(sock: socket.socket, wait_first: bool = False) -> _protocol.Message | None:
+    """The next message on a non-blocking socket; None at end-of-stream. ``wait_first``
+    when nothing can be there yet (the call was just sent): no read that fails first."""
+    if wait_first:
+        await anyio.wait_readable(sock)
     while True:
         try:
             return _protocol.recv(sock)
@@ -80,14 +83,14 @@ class Worker:
     pid: int | None = None
 
     def __init__(self, data: socket.socket):
-        data.setblocking(False)
-        self.data = data
+        self.data = data  # non-blocking
         self.ended = False  # end-of-stream seen on data
         _IN_FLIGHT.add(data)
 
-    async def next_message(self) -> _protocol.Message | None:
-        """The worker's next message, or None at end-of-stream (it is gone)."""
-        msg = await _recv(self.data)
+    async def next_message(self, first: bool = False) -> _protocol.Message | None:
+        """The worker's next message, or None at end-of-stream (it is gone). ``first``:
+        the call was just sent, so no answer can be there yet."""
+        msg = await _recv(self.data, wait_first=first)
         self.ended = msg is None
         return msg
 
@@ -118,8 +121,7 @@ class ServerWorker(Worker):
     worker's tree ourselves: a stopped, busy or dead server then delays nothing."""
 
     def __init__(self, data: socket.socket, ctl: socket.socket, cgroup_root: str | None):
-        super().__init__(data)
-        ctl.setblocking(False)
+        super().__init__(data)  # both non-blocking already (the link made them so)
         self.ctl = ctl
         self.cgroup_root = cgroup_root
         self.cgroup: str | None = None
@@ -228,16 +230,12 @@ class ServerWorker(Worker):
         link.check_server()  # reap the dead server, remove its cgroups
 
     def release(self) -> None:
-        # Refill the reserve only now, and only after a value: a request sent while the call
-        # runs would wake the server (and its fork) on the CPU the worker needs, and after
-        # any other outcome the server may be the trouble (the next call asks for itself).
-        try:
-            link.top_up()
-        except Exception as exc:  # refilling the reserve must never fail a call
-            log.debug("asyncproc: could not refill the worker reserve: %r", exc)
-        # Closing ctl tells the server the caller is done: it ends whatever is left. After
-        # the refill: the server then wakes once for both.
-        self.close()
+        # The worker ends its tree and exits on its own once it has answered, and the server
+        # ends whatever is left when it has: closing ctl now (the caller is done: end it)
+        # would only wake the server once more per call, on the value's way back. The link
+        # closes it once the server has reported the exit (or at the latest later on).
+        self.data.close()
+        link.finished(self.ctl)
 
     def close(self) -> None:
         self.data.close()
@@ -250,6 +248,7 @@ class OwnWorker(Worker):
     pid: int  # always known: we forked or spawned it ourselves
 
     def __init__(self, data: socket.socket, pid: int, fault_fd: int, cgroup: str | None, guarded: bool):
+        data.setblocking(False)
         super().__init__(data)
         self.pid = pid
         self.fault_fd = fault_fd
@@ -364,7 +363,10 @@ async def _start_via_server(spec: _worker.CallSpec, job: _worker.Job, kind: byte
             ctl.close()
             link.worker_died_idle()
             continue
-        return ServerWorker(data, ctl, cgroup_root)
+        worker = ServerWorker(data, ctl, cgroup_root)
+        # While the worker runs the call: off its critical path (the caller would only wait).
+        link.after_call_sent()
+        return worker
     raise ServerLost
 
 

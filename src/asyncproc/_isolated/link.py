@@ -41,6 +41,9 @@ _STOP_BOUND_S = 2.0
 # also leave a worker the time of three calls to get ready (its cgroup attach can wait
 # milliseconds for an RCU grace period).
 _RESERVE_ENV, _RESERVE_DEFAULT = "ASYNCPROC_RESERVE", 6
+# A finished call's ctl waits for the server's report (then closing it wakes nobody) this
+# long at most, or this many at most; then it is closed anyway ("the caller is done").
+_FINISHED_BOUND_S, _FINISHED_MAX = 0.5, 64
 _PRELOAD_ENV = "ASYNCPROC_PRELOAD"
 
 
@@ -73,6 +76,11 @@ async def _room_on(chan: socket.socket | None) -> None:
 
 
 def _still_open(data: socket.socket) -> bool:
+    # poll first: on the usual path (nothing queued) no BlockingIOError is built.
+    poller = select.poll()
+    poller.register(data, select.POLLIN)
+    if not poller.poll(0):
+        return True  # nothing to read and no end-of-stream: the worker is waiting
     try:
         return data.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
     except BlockingIOError:
@@ -93,6 +101,7 @@ class ServerLink:
         self._preloads = _env_preloads()
         self._reserve_size = _RESERVE_DEFAULT  # from the environment when the server starts
         self._reserve: collections.deque[tuple[socket.socket, socket.socket]] = collections.deque()
+        self._finished: collections.deque[tuple[socket.socket, float]] = collections.deque()
 
     @property
     def pid(self) -> int | None:
@@ -164,6 +173,9 @@ class ServerLink:
         finally:
             data_far.close()
             ctl_far.close()
+        # Here, ahead of the call, not when it starts: two system calls fewer on its way.
+        data.setblocking(False)
+        ctl.setblocking(False)
         return data, ctl
 
     async def take(self, kind: bytes = _protocol.FORKED) -> tuple[socket.socket, socket.socket]:
@@ -184,6 +196,47 @@ class ServerLink:
                 return self._request(kind)
             except BlockingIOError:  # the server is behind: wait for room, never block
                 await _room_on(self._chan)
+
+    def after_call_sent(self) -> None:
+        """A call is on its way: its worker runs it now, on another CPU, while its caller
+        would only wait. Refill the reserve, close finished calls' ctl. Never raises."""
+        try:
+            self._close_finished()
+            self.top_up()
+        except Exception as exc:  # refilling the reserve must never fail a call
+            log.debug("asyncproc: could not refill the worker reserve: %r", exc)
+
+    def finished(self, ctl: socket.socket) -> None:
+        """A call has its value; its ``ctl`` is closed once the server has reported the
+        worker's exit: the server has then closed its end and is not woken by ours."""
+        self._finished.append((ctl, time.monotonic()))
+
+    def _close_finished(self) -> None:
+        if not self._finished:
+            return
+        poller = select.poll()  # one system call for all of them
+        waiting = []
+        while self._finished:  # popped one at a time: other threads may sweep at once
+            try:
+                waiting.append(self._finished.popleft())
+            except IndexError:
+                break
+        for ctl, _ in waiting:
+            poller.register(ctl, select.POLLIN)
+        reported = {fd for fd, _ in poller.poll(0)}
+        late = time.monotonic() - _FINISHED_BOUND_S
+        for i, (ctl, since) in enumerate(waiting):
+            if ctl.fileno() in reported or since < late or len(waiting) - i > _FINISHED_MAX:
+                ctl.close()
+            else:
+                self._finished.append((ctl, since))
+
+    def _close_all_finished(self) -> None:
+        while self._finished:
+            try:
+                self._finished.popleft()[0].close()
+            except IndexError:
+                break
 
     def top_up(self) -> None:
         """Refill the reserve; called after a call is on its way, off its critical path.
@@ -229,6 +282,7 @@ class ServerLink:
 
     def _stop_locked(self) -> None:
         self._drop_reserve()
+        self._close_all_finished()
         chan, pid, fd = self._chan, self._pid, self._pidfd
         self._chan = self._pid = self._pidfd = None
         if chan is not None:
@@ -294,6 +348,7 @@ class ServerLink:
             for sock in pair:
                 sock.close()
         self._reserve.clear()
+        self._close_all_finished()  # copies: the parent's calls
         if self._chan is not None:
             self._chan.close()
         if self._pidfd is not None:
