@@ -35,12 +35,15 @@ _STOP_BOUND_S = 2.0
 # Workers already forked for this caller and waiting for a call: a call is then a single
 # message to a process that is up, where going through the server would put a wake-up
 # and a fork on the critical path. From the environment when a server starts (_start), not
-# at import. Refilled in batches, when half is used: the server forks a batch back to back,
-# and every page it writes between two forks is copied again after the next (see _server):
-# per call, 175 pages copied in the server one at a time, 108 in twos, 85 in threes. Six
-# also leave a worker the time of three calls to get ready (its cgroup attach can wait
-# milliseconds for an RCU grace period).
-_RESERVE_ENV, _RESERVE_DEFAULT = "ASYNCPROC_RESERVE", 6
+# at import. Refilled in batches, once five sixths are used: the server forks a batch back
+# to back, and every page it writes between two forks is copied again after the next (see
+# _server): per call, 175 pages copied in the server one at a time, 108 in twos, 85 in
+# threes; and a batch is one wake-up of the server. Twelve, refilled by ten: 100 us less
+# server CPU per call than six refilled by three, and nothing more past that (measured,
+# benchmarks/bench_floor.py's machine); an idle worker holds some 0.8 MB of its own. The
+# two left leave the first of a batch the time of two calls to get ready (its cgroup
+# attach can wait milliseconds for an RCU grace period).
+_RESERVE_ENV, _RESERVE_DEFAULT = "ASYNCPROC_RESERVE", 12
 # A finished call's ctl waits for the server's report (then closing it wakes nobody) this
 # long at most, or this many at most; then it is closed anyway ("the caller is done").
 _FINISHED_BOUND_S, _FINISHED_MAX = 0.5, 64
@@ -241,7 +244,7 @@ class ServerLink:
     def top_up(self) -> None:
         """Refill the reserve; called after a call is on its way, off its critical path.
         Gives up quietly when the server is behind: the next call asks for itself."""
-        if len(self._reserve) > self._reserve_size // 2:
+        if len(self._reserve) > self._reserve_size // 6:
             return
         while len(self._reserve) < self._reserve_size:
             try:
