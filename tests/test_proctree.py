@@ -73,3 +73,59 @@ async def test_wait_exit_is_event_driven(anyio_backend: object, with_pidfd: bool
             os.close(fd)
     assert _proctree.reap(proc.pid) == -signal.SIGKILL
     proc.returncode = -signal.SIGKILL
+
+
+# A process that makes itself a subreaper, leaves a chain of orphans behind (a child that
+# starts a setsid session, double-forks and exits: its child and grandchild are
+# re-parented to us, one level at a time as each dies), ends them with the one orphan
+# reaper as ``sys.argv[1]`` says, and prints the orphans' pids and what it still has.
+ORPHANS = """
+import os, signal, sys
+from asyncproc._proc import proctree as p
+
+p.make_subreaper()
+r, w = os.pipe()
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        if os.fork() == 0:
+            os.write(w, b"%d " % os.getpid())
+            signal.pause()
+        os.write(w, b"%d " % os.getpid())
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a graceful stop must escalate
+        signal.pause()
+    os._exit(0)
+orphans = b""
+while orphans.count(b" ") < 2:
+    orphans += os.read(r, 64)
+mode = sys.argv[1]
+adopted = p.Adopted()
+if mode == "end":
+    adopted.end(10.0)
+elif mode == "steps":  # single non-blocking steps, one reap each, as the fork server takes them
+    steps = 0
+    while left := adopted.step(batch=1):
+        steps += 1
+        fds = [fd for fd in map(p.pidfd_open, left) if fd is not None]
+        p.wait_fds(fds, 10.0)
+        for fd in fds:
+            os.close(fd)
+    assert steps >= 3, steps  # a level per round: the chain cannot all end in one
+else:
+    import anyio
+
+    anyio.run(adopted.end_async, signal.SIGTERM, 0.5, backend=mode)
+print(orphans.decode().strip(), "|", p.own_children())
+"""
+
+
+@pytest.mark.parametrize("mode", ["end", "steps", "asyncio", "trio"])
+def test_the_orphan_reaper_ends_and_reaps_a_double_forked_setsid_chain(mode: str) -> None:
+    started = time.monotonic()
+    out = subprocess.run([sys.executable, "-c", ORPHANS, mode], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    orphans, left = out.stdout.split("|")
+    assert left.strip() == "[]", "an orphan was left unreaped"
+    for pid in map(int, orphans.split()):
+        assert not os.path.exists(f"/proc/{pid}"), f"orphan {pid} outlived the reaper"
+    assert time.monotonic() - started < 20  # at once, not at a bound

@@ -31,7 +31,7 @@ import anyio.abc
 from .._exceptions import describe_exitcode
 from .._proc import proctree as _proctree
 from .._subprocess import guardian as _guardian
-from .._subprocess.handler import KILL_BOUND_S, StrPath
+from .._subprocess.handler import StrPath
 from .config import LaunchConfig, LaunchResult, RankResult
 from .output import _Console, _Pump
 from .ranks import _Attempt, _Dirs, _PortHold, _Rank
@@ -41,7 +41,6 @@ log = logging.getLogger("asyncproc")
 __all__ = ["start_processes"]
 
 _DRAIN_BOUND_S = 2.0  # after the ranks are gone, a grandchild may still hold their pipes
-_ORPHAN_ROUNDS = 3  # a killed orphan's own descendants are re-parented to us in turn
 
 
 class _Launch:
@@ -155,27 +154,12 @@ class _Launch:
 
     async def _end_orphans(self) -> None:
         """With ``reap_orphans``: stop and reap what was re-parented to us (the ranks'
-        escaped helpers), with their descendants: signal, grace, SIGKILL."""
+        escaped helpers), with their descendants: signal, grace, SIGKILL. Every child is
+        one but the guardian and the ranks not reaped yet."""
         if not self.config.reap_orphans:
             return
-        for _ in range(_ORPHAN_ROUNDS):
-            orphans = self._orphans()
-            # One /proc scan for all of them, on a worker thread: never one per orphan.
-            tree = await anyio.to_thread.run_sync(_proctree.trees_of, orphans) if orphans else []
-            if not tree:
-                return
-            for sig, bound in ((self.stop_signal, self.config.grace), (signal.SIGKILL, KILL_BOUND_S)):
-                _proctree.signal_tree(None, tree, sig)
-                tree = await anyio.to_thread.run_sync(_proctree.wait_gone, tree, bound)
-                if not tree:
-                    break
-
-    def _orphans(self) -> list[int]:
-        """Our living children that are neither the guardian nor an unreaped rank; the
-        dead ones are reaped on the way (they would stay zombies)."""
         keep = {_guardian.guardian_pid(), *(r.handler.pid for r in self.ranks if r.handler.returncode is None)}
-        pids = [pid for pid in _proctree.own_children() or () if pid not in keep]
-        return [pid for pid in pids if _proctree.reap(pid) is None]
+        await _proctree.Adopted({pid for pid in keep if pid is not None}).end_async(self.stop_signal, self.config.grace)
 
 
 class _Run:
