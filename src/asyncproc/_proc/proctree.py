@@ -27,7 +27,7 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (and re) 
 if TYPE_CHECKING:  # imported where used: the fork server and its workers stay lean
     import psutil
 
-    from .._subprocess.guardian_main import Stat
+    from .procfs import Stat
 
 __all__ = [
     "KILL_BOUND_S",
@@ -167,7 +167,7 @@ def shared_scan() -> dict[int, Stat]:
     scans, not one per caller (each takes tens of milliseconds with hundreds of processes).
     """
     global _latest_scan
-    from .._subprocess.guardian_main import scan
+    from .procfs import scan
 
     asked = time.monotonic()
     with _scan_lock:
@@ -182,10 +182,10 @@ def shared_scan() -> dict[int, Stat]:
 def family_of(pid: int, starttime: int, table: dict[int, Stat]) -> list[psutil.Process]:
     """What belongs to our child ``pid`` besides itself, from one /proc ``table``: its
     descendants and the members of the group or session it leads (see
-    ``_subprocess.guardian_main.family``: after ``pid`` is reaped, only while its group id is ours)."""
+    ``procfs.family``: after ``pid`` is reaped, only while its group id is ours)."""
     import psutil
 
-    from .._subprocess.guardian_main import family
+    from .procfs import family
 
     found = []
     for member in family({pid: starttime}, table):
@@ -256,28 +256,41 @@ def pidfds_of(procs: Iterable[psutil.Process]) -> tuple[dict[int, psutil.Process
     """pidfds of the processes of a snapshot that are still those processes, and those
     still running that have none (a kernel without pidfds).
 
-    Checked after pidfd_open, by create time: the pid may have been recycled between the
-    snapshot and pidfd_open, and once the pidfd is open it can no longer be. Zombies stay:
-    they may be ours to reap.
+    Checked after pidfd_open (``procfs.pidfd_if``), by psutil's create time: the pid may
+    have been recycled since the snapshot. Zombies stay: they may be ours to reap.
     """
-    import psutil
+    from functools import partial
+
+    from .procfs import pidfd_if
 
     fds: dict[int, psutil.Process] = {}
     unwatched: list[psutil.Process] = []
     for proc in procs:
-        fd = pidfd_open(proc.pid)
-        running = False
-        try:
-            running = proc.is_running()
-            if fd is None and running and proc.status() != psutil.STATUS_ZOMBIE:
-                unwatched.append(proc)
-        except psutil.Error:
-            pass
-        if fd is not None and running:
+        fd = pidfd_if(proc.pid, partial(_running, proc))
+        if fd is not None:
             fds[fd] = proc
-        elif fd is not None:
-            os.close(fd)
+        elif _running(proc) and not _zombie(proc):
+            unwatched.append(proc)
     return fds, unwatched
+
+
+def _running(proc: psutil.Process) -> bool:
+    """Still the process of the snapshot (psutil compares the create time), zombie or not."""
+    import psutil
+
+    try:
+        return proc.is_running()
+    except psutil.Error:
+        return False
+
+
+def _zombie(proc: psutil.Process) -> bool:
+    import psutil
+
+    try:
+        return proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return True
 
 
 def reap_pidfds(fds: Iterable[int]) -> None:

@@ -44,10 +44,10 @@ from anyio.lowlevel import RunVar
 
 from .._proc import cgroup as _cgroup
 from .._proc import proctree as _proctree
+from .._proc.procfs import read_stat
 from .._validate import check_count, check_env, check_path, check_redirect, check_seconds, check_signal
 from . import guardian as _guardian
 from . import spawner as _spawner
-from .guardian_main import read_stat
 
 __all__ = ["SubprocessHandler", "get_subprocess_handler", "DEFAULT_GRACE_S", "KILL_BOUND_S"]
 
@@ -60,7 +60,7 @@ StrPath = Union[str, "os.PathLike[str]"]
 # A file path (truncated), None/"" to inherit, or -- for callers that pipe -- an open fd.
 Redirect = Union[StrPath, int, None]
 _T = TypeVar("_T")
-_Table = dict[int, Any]  # pid -> _guardian_main.Stat
+_Table = dict[int, Any]  # pid -> _proc.procfs.Stat
 
 
 class SubprocessHandler:
