@@ -54,6 +54,7 @@ __all__ = [
     "group_members",
     "wait_exit",
     "wait_gone",
+    "wait_pids",
 ]
 
 _PR_SET_PDEATHSIG = 1
@@ -480,7 +481,10 @@ class Adopted:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return
-            _wait_pids(left, remaining)
+            # ``left`` are our unreaped children: only a kernel without pidfds (< 5.3) has
+            # none to watch, and there we can but poll, bounded.
+            if not wait_pids(left, remaining):  # pragma: no cover
+                time.sleep(min(remaining, 0.005))
 
     async def reap_when_exited(self) -> None:
         """Wait for each one to exit (they were signalled: on its pidfd; the caller bounds
@@ -530,14 +534,14 @@ def _kill_quietly(pid: int, sig: int) -> None:
         pass
 
 
-def _wait_pids(pids: list[int], timeout: float) -> None:
-    """Until each of ``pids`` (our children) has exited, ``timeout`` at most."""
+def wait_pids(pids: Iterable[int], timeout: float) -> bool:
+    """Until each of ``pids`` has exited (on pidfds: woken by the exits, not a timer),
+    ``timeout`` at most; one already gone counts as exited. Whether any could be watched
+    (False too where the kernel has no pidfds)."""
     fds = [fd for fd in map(pidfd_open, pids) if fd is not None]
     try:
-        if fds:
-            wait_fds(fds, timeout)
-        else:  # pragma: no cover - kernels < 5.3 have no pidfd: poll, bounded
-            time.sleep(min(timeout, 0.005))
+        wait_fds(fds, timeout)
     finally:
         for fd in fds:
             os.close(fd)
+    return bool(fds)
