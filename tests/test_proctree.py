@@ -126,3 +126,46 @@ def test_the_orphan_reaper_ends_and_reaps_a_double_forked_setsid_chain(mode: str
     for pid in map(int, orphans.split()):
         assert not os.path.exists(f"/proc/{pid}"), f"orphan {pid} outlived the reaper"
     assert time.monotonic() - started < 20  # at once, not at a bound
+
+
+# The isolated-call users of the reaper: a call returns and leaves a double-forked setsid
+# chain. The worker (a subreaper) ends and reaps it before it exits; a worker the fork
+# server ended first leaves it to the server, which does the same. Without cgroups, so no
+# cgroup kill does the work instead. Prints the chain's pids still there (as processes or
+# zombies) once the worker has exited and the server, if any, has stopped.
+WORKER_CHAIN = """
+import os, signal, sys
+import anyio, asyncproc
+from asyncproc._isolated.link import link
+from asyncproc._proc import proctree as p
+
+def chain():
+    r, w = os.pipe()
+    if os.fork() == 0:
+        os.setsid()
+        if os.fork() == 0:
+            if os.fork() == 0:
+                os.write(w, b"%d " % os.getpid())
+                signal.pause()
+            os.write(w, b"%d " % os.getpid())
+            signal.pause()
+        os._exit(0)
+    pids = b""
+    while pids.count(b" ") < 2:
+        pids += os.read(r, 64)
+    return os.getpid(), [int(pid) for pid in pids.split()]
+
+p.make_subreaper()
+worker, pids = anyio.run(asyncproc.Isolated(start_method=sys.argv[1], timeout=30).call, chain)
+p.wait_pids([worker], 30.0)  # its reaper runs after it answered, before it exits
+link.stop()  # the server ends and reaps what it adopted before it exits
+print([pid for pid in pids if os.path.exists(f"/proc/{pid}")])
+"""
+
+
+@pytest.mark.parametrize("method", ["fork", "forkserver"])
+def test_an_isolated_call_leaves_no_part_of_a_setsid_chain(method: str) -> None:
+    env = {**os.environ, "ASYNCPROC_NO_CGROUP": "1"}
+    out = subprocess.run([sys.executable, "-c", WORKER_CHAIN, method], capture_output=True, text=True, timeout=90, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", "part of the chain was left behind"
