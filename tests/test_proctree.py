@@ -75,29 +75,40 @@ async def test_wait_exit_is_event_driven(anyio_backend: object, with_pidfd: bool
     proc.returncode = -signal.SIGKILL
 
 
-# A process that makes itself a subreaper, leaves a chain of orphans behind (a child that
-# starts a setsid session, double-forks and exits: its child and grandchild are
-# re-parented to us, one level at a time as each dies), ends them with the one orphan
-# reaper as ``sys.argv[1]`` says, and prints the orphans' pids and what it still has.
-ORPHANS = """
+# A chain of orphans-to-be: a child that starts a setsid session, double-forks and exits;
+# its child and grandchild are re-parented to the nearest subreaper, one level at a time
+# as each dies. The middle one ignores SIGTERM (a graceful stop must escalate). ``chain()``
+# returns its caller's pid and the pids of the two that live on.
+CHAIN = """
 import os, signal, sys
+
+def chain():
+    r, w = os.pipe()
+    if os.fork() == 0:
+        os.setsid()
+        if os.fork() == 0:
+            if os.fork() == 0:
+                os.write(w, b"%d " % os.getpid())
+                signal.pause()
+            os.write(w, b"%d " % os.getpid())
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            signal.pause()
+        os._exit(0)
+    pids = b""
+    while pids.count(b" ") < 2:
+        pids += os.read(r, 64)
+    os.close(r)
+    os.close(w)
+    return os.getpid(), [int(pid) for pid in pids.split()]
+"""
+
+# A subreaper leaves the chain, ends it with the one orphan reaper as ``sys.argv[1]``
+# says, and prints the chain's pids and the children it still has.
+ORPHANS = CHAIN + """
 from asyncproc._proc import proctree as p
 
 p.make_subreaper()
-r, w = os.pipe()
-if os.fork() == 0:
-    os.setsid()
-    if os.fork() == 0:
-        if os.fork() == 0:
-            os.write(w, b"%d " % os.getpid())
-            signal.pause()
-        os.write(w, b"%d " % os.getpid())
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a graceful stop must escalate
-        signal.pause()
-    os._exit(0)
-orphans = b""
-while orphans.count(b" ") < 2:
-    orphans += os.read(r, 64)
+_, orphans = chain()
 mode = sys.argv[1]
 adopted = p.Adopted()
 if mode == "end":
@@ -112,7 +123,7 @@ else:
     import anyio
 
     anyio.run(adopted.end_async, signal.SIGTERM, 0.5, backend=mode)
-print(orphans.decode().strip(), "|", p.own_children())
+print(*orphans, "|", p.own_children())
 """
 
 
@@ -128,32 +139,15 @@ def test_the_orphan_reaper_ends_and_reaps_a_double_forked_setsid_chain(mode: str
     assert time.monotonic() - started < 20  # at once, not at a bound
 
 
-# The isolated-call users of the reaper: a call returns and leaves a double-forked setsid
-# chain. The worker (a subreaper) ends and reaps it before it exits; a worker the fork
-# server ended first leaves it to the server, which does the same. Without cgroups, so no
-# cgroup kill does the work instead. Prints the chain's pids still there (as processes or
-# zombies) once the worker has exited and the server, if any, has stopped.
-WORKER_CHAIN = """
-import os, signal, sys
+# The isolated-call users of the reaper: a call returns and leaves the chain. The worker
+# (a subreaper) ends and reaps it before it exits; a worker the fork server ended first
+# leaves it to the server, which does the same. Without cgroups, so no cgroup kill does
+# the work instead. Prints the chain's pids still there (as processes or zombies) once the
+# worker has exited and the server, if any, has stopped.
+WORKER_CHAIN = CHAIN + """
 import anyio, asyncproc
 from asyncproc._isolated.link import link
 from asyncproc._proc import proctree as p
-
-def chain():
-    r, w = os.pipe()
-    if os.fork() == 0:
-        os.setsid()
-        if os.fork() == 0:
-            if os.fork() == 0:
-                os.write(w, b"%d " % os.getpid())
-                signal.pause()
-            os.write(w, b"%d " % os.getpid())
-            signal.pause()
-        os._exit(0)
-    pids = b""
-    while pids.count(b" ") < 2:
-        pids += os.read(r, 64)
-    return os.getpid(), [int(pid) for pid in pids.split()]
 
 p.make_subreaper()
 worker, pids = anyio.run(asyncproc.Isolated(start_method=sys.argv[1], timeout=30).call, chain)
