@@ -34,7 +34,6 @@ __all__ = [
     "Adopted",
     "libc",
     "pidfds_of",
-    "reap_pidfds",
     "descendants",
     "exitcode_of",
     "make_subreaper",
@@ -294,16 +293,6 @@ def _zombie(proc: psutil.Process) -> bool:
         return True
 
 
-def reap_pidfds(fds: Iterable[int]) -> None:
-    """Reap those of ``fds`` that exited and are our children (re-parented to us when we
-    are a child subreaper), or they would stay zombies; other parents reap their own."""
-    for fd in fds:
-        try:  # P_PIDFD: exactly the process the pidfd names, never a recycled pid
-            os.waitid(os.P_PIDFD, fd, os.WEXITED | os.WNOHANG)
-        except ChildProcessError:  # not ours to reap
-            pass
-
-
 
 def wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
     """Wait (event-driven, on pidfds) up to ``timeout`` for ``procs`` to exit; the living."""
@@ -417,7 +406,9 @@ class Adopted:
 
     ``step`` is one bounded round that never blocks (the fork server takes one between
     requests); ``end`` drives rounds to the end, blocking (a worker), and ``end_async``
-    awaits them (the caller side), each within a bound.
+    awaits them (the launcher), each within a bound. ``left_by`` + ``reap_when_exited``
+    reap what a dead worker left (the isolated caller); ``reap_pidfds`` what a handler's
+    tree left, by pidfd.
     """
 
     __slots__ = ("keep", "among", "signalled")
@@ -485,6 +476,17 @@ class Adopted:
             # none to watch, and there we can but poll, bounded.
             if not wait_pids(left, remaining):  # pragma: no cover
                 time.sleep(min(remaining, 0.005))
+
+    @staticmethod
+    def reap_pidfds(fds: Iterable[int]) -> None:
+        """Reap those of ``fds`` (pidfds of a tree snapshot) that have exited and were
+        re-parented to us; other parents reap their own. By pidfd (P_PIDFD): exactly
+        those processes, never a recycled pid that may now be another handler's child."""
+        for fd in fds:
+            try:
+                os.waitid(os.P_PIDFD, fd, os.WEXITED | os.WNOHANG)
+            except ChildProcessError:  # not ours to reap
+                pass
 
     async def reap_when_exited(self) -> None:
         """Wait for each one to exit (they were signalled: on its pidfd; the caller bounds

@@ -386,7 +386,7 @@ class SubprocessHandler:
                         tg.start_soon(_until_readable, fd)
             # Only now: a process's children are re-parented when it exits, so once the
             # whole tree has exited every orphan has reached its final parent.
-            _reap_adopted(fds)
+            _proctree.Adopted.reap_pidfds(fds)
         finally:
             for fd in fds:
                 os.close(fd)
@@ -673,12 +673,6 @@ async def _until_exited(pid: int, pidfd: int | None) -> None:
 def _pidfds(procs: list[psutil.Process]) -> list[int]:
     """pidfds of the processes of a snapshot that are still those processes."""
     return list(_proctree.pidfds_of(procs)[0])
-
-
-def _reap_adopted(fds: list[int]) -> None:
-    """Reap those of ``fds`` that exited and were re-parented to us (when this process is
-    a child subreaper), or they would stay zombies; other parents reap their own."""
-    _proctree.reap_pidfds(fds)
 
 
 def _is_alive(proc: psutil.Process) -> bool:
