@@ -47,6 +47,7 @@ _RESERVE_ENV, _RESERVE_DEFAULT = "ASYNCPROC_RESERVE", 12
 # A finished call's ctl waits for the server's report (then closing it wakes nobody) this
 # long at most, or this many at most; then it is closed anyway ("the caller is done").
 _FINISHED_BOUND_S, _FINISHED_MAX = 0.5, 64
+_HUNG_UP = select.POLLHUP | select.POLLRDHUP | select.POLLERR | select.POLLNVAL
 _PRELOAD_ENV = "ASYNCPROC_PRELOAD"
 
 
@@ -225,8 +226,10 @@ class ServerLink:
             except IndexError:
                 break
         for ctl, _ in waiting:
-            poller.register(ctl, select.POLLIN)
-        reported = {fd for fd, _ in poller.poll(0)}
+            poller.register(ctl, select.POLLRDHUP)
+        # Not readability: the worker's HELLO is there, unread, from the start. The server
+        # closes its end (and the worker its copy) right after the report: a hang-up.
+        reported = {fd for fd, events in poller.poll(0) if events & _HUNG_UP}
         late = time.monotonic() - _FINISHED_BOUND_S
         for i, (ctl, since) in enumerate(waiting):
             if ctl.fileno() in reported or since < late or len(waiting) - i > _FINISHED_MAX:
