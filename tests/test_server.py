@@ -304,3 +304,16 @@ async def test_value_calls_leave_no_descriptors_behind() -> None:
     for _ in range(150):
         assert await isolated.call(abs, -1) == 1
     assert len(os.listdir("/proc/self/fd")) - before < 60
+
+
+async def test_spawn_calls_keep_no_forked_workers_idle() -> None:
+    # The reserve is of forked workers, refilled by "forkserver" calls: a caller that only
+    # spawns keeps none of them idle for itself.
+    from asyncproc._isolated.link import link
+
+    link.reset()
+    for _ in range(2):
+        assert await runner("spawn").call(abs, -1) == 1
+    assert len(link._reserve) == 0
+    assert await Isolated().call(abs, -1) == 1
+    assert len(link._reserve) > 0

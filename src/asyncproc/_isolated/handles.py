@@ -365,7 +365,8 @@ async def _start_via_server(spec: _worker.CallSpec, job: _worker.Job, kind: byte
             continue
         worker = ServerWorker(data, ctl, cgroup_root)
         # While the worker runs the call: off its critical path (the caller would only wait).
-        link.after_call_sent()
+        # The reserve is of forked workers: a "spawn" call keeps none idle for itself.
+        link.after_call_sent(refill=kind == _protocol.FORKED)
         return worker
     raise ServerLost
 

@@ -201,12 +201,13 @@ class ServerLink:
             except BlockingIOError:  # the server is behind: wait for room, never block
                 await _room_on(self._chan)
 
-    def after_call_sent(self) -> None:
+    def after_call_sent(self, refill: bool = True) -> None:
         """A call is on its way: its worker runs it now, on another CPU, while its caller
-        would only wait. Refill the reserve, close finished calls' ctl. Never raises."""
+        would only wait. Close finished calls' ctl, refill the reserve. Never raises."""
         try:
             self._close_finished()
-            self.top_up()
+            if refill:
+                self.top_up()
         except Exception as exc:  # refilling the reserve must never fail a call
             log.debug("asyncproc: could not refill the worker reserve: %r", exc)
 
