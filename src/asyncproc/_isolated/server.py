@@ -91,19 +91,18 @@ class Server:
         self.retired_cgroups: list[str | None] = []
         self.killed: set[int] = set()  # adopted orphans SIGKILLed, not yet reaped
         self.reap_pending = False  # the last reaping stopped at its batch size
-        self.stop_signal = 0
         wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.wake_r = wake_r
         signal.set_wakeup_fd(self.wake_w)  # before the handlers: no signal can come unseen
         for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, self._note_signal)
+            signal.signal(sig, _note_signal)
         self.selector.register(channel, selectors.EVENT_READ, self._on_request)
         self.selector.register(wake_r, selectors.EVENT_READ, self._on_signal)
+        _worker._prctl = _worker.bind_prctl()  # for every worker's start-up
 
-    def _note_signal(self, signum: int, frame: object) -> None:
-        # Never raise here: this runs between any two bytecodes of the server.
-        if signum != signal.SIGCHLD:
-            self.stop_signal = signum
+    @property
+    def stop_signal(self) -> int:
+        return _stopped_by[0]
 
     # -- workers --------------------------------------------------------------------------
 
@@ -115,6 +114,7 @@ class Server:
     def _fork_worker(self, ctl: socket.socket, data: socket.socket) -> _Job:
         fault_fd = os.memfd_create("asyncproc-fault", os.MFD_CLOEXEC)
         cgroup = self._new_cgroup()  # the worker attaches itself before it reads the call
+        start = _worker.ForkedStart(cgroup)
         # Objects that exist now move to the permanent generation: a collection in the
         # worker then never touches (and so never copies) the pages the server shares.
         gc.freeze()
@@ -127,7 +127,7 @@ class Server:
         if pid == 0:  # the worker
             try:
                 self._become_worker((ctl.fileno(), data.fileno()), fault_fd)
-                _worker.forked_from_server(ctl, data, self.pid, cgroup)
+                _worker.forked_from_server(ctl, data, self.pid, start)
             finally:
                 os._exit(70)
         return _Job(pid, ctl, data, fault_fd, cgroup)
@@ -460,6 +460,16 @@ class Server:
             self._drain()
         if self.cgroup_root is not None:
             _cgroup.remove(self.cgroup_root)
+
+
+_stopped_by = [0]  # the signal that asks us to stop, once one has
+
+
+def _note_signal(signum: int, frame: object) -> None:
+    # Never raise here: this runs between any two bytecodes of the server. A function, not
+    # a bound method: a worker resetting its handlers then frees nothing (no pages copied).
+    if signum != signal.SIGCHLD:
+        _stopped_by[0] = signum
 
 
 # ASCII unit/record separators: never in a module name or a path, and allowed in argv

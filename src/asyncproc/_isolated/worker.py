@@ -36,7 +36,8 @@ if TYPE_CHECKING:  # the fork server imports this module: no runtime typing, no 
 else:
     Job = tuple  # at run time too: __all__ names only what imports
 
-__all__ = ["CallSpec", "Job", "dumps", "encode_call", "prepare_process", "reset_inherited_signals", "run_one", "spawn_main", "forked_from_server", "hello"]
+__all__ = ["CallSpec", "ForkedStart", "Job", "bind_prctl", "dumps", "encode_call", "prepare_process", "reset_inherited_signals",
+           "run_one", "spawn_main", "forked_from_server", "hello"]
 
 _SPEC_LEN = struct.Struct("<I")
 
@@ -362,6 +363,13 @@ def _finish(data: socket.socket, tag: bytes, body: bytes, exitcode: int = 0) -> 
     os._exit(exitcode)
 
 
+def _set_comm_running() -> None:
+    if _prctl is not None:  # forked by the server, which bound it
+        _prctl((_PR_SET_NAME, b"asyncproc-run", 0, 0, 0))
+    else:
+        _proctree.set_comm("asyncproc-run")
+
+
 def run_one(data: socket.socket, job: Job | None = None, spec: CallSpec | None = None) -> NoReturn:
     """Serve one call on ``data`` (receiving it first unless ``job`` is given) and exit."""
     # The data socket must not be held by anything the call forks, or the caller would not
@@ -372,12 +380,12 @@ def run_one(data: socket.socket, job: Job | None = None, spec: CallSpec | None =
             msg = _protocol.recv(data)
             if msg is None or msg.tag != _protocol.CALL:
                 os._exit(0)  # the caller gave up before sending the call
-            _proctree.set_comm("asyncproc-run")
+            _set_comm_running()
             spec, payload = _decode_call(msg.body)
             _apply(spec)
             job = pickle.loads(payload)
         else:
-            _proctree.set_comm("asyncproc-run")
+            _set_comm_running()
             spec = spec or CallSpec()
             _apply(spec)
         func, args, kwargs = job
@@ -435,15 +443,82 @@ def hello(pid: int, cgroup: str | None) -> bytes:
     return f"{pid} {os.path.basename(cgroup) if cgroup else ''}".encode()
 
 
-def forked_from_server(ctl: socket.socket, data: socket.socket, server_pid: int, cgroup: str | None) -> NoReturn:
-    """Entry of a worker forked by the server: say who we are, then wait for the call.
-    faulthandler is the server's, inherited, already writing to our fault log."""
-    prepare_process(None, server_pid, cgroup)  # exits if the server is already gone
-    _proctree.set_comm("asyncproc-idle")
+# -- a worker forked by the fork server: its start-up, kept lean --------------------------
+# What a forked worker does before it can take a call is paid by every call, and in a fresh
+# fork every page written is a copy-on-write fault (2.5-4 us here): the cost is the pages
+# touched, not the syscalls. So the server works out ahead what the start-up needs (see
+# ForkedStart), and prctl goes through _ctypes.call_function on an address bound in the
+# server: ctypes' usual path (the CDLL lookup, argument objects, the errno swap) copies
+# some 40 pages per call in a fresh child, this about 10.
+
+_PR_SET_PDEATHSIG, _PR_SET_NAME, _PR_SET_CHILD_SUBREAPER = 1, 15, 36
+if TYPE_CHECKING:
+    _PrctlArgs = tuple[int, int | bytes, int, int, int]
+
+
+class ForkedStart:
+    """Worked out in the server, once per worker before it forks: its cgroup's
+    ``cgroup.procs`` (bytes: no path joining in the child) and HELLO's cgroup part."""
+
+    __slots__ = ("procs", "leaf")
+
+    def __init__(self, cgroup: str | None):
+        self.procs = os.fsencode(cgroup + "/cgroup.procs") if cgroup else b""
+        self.leaf = os.fsencode(os.path.basename(cgroup)) if cgroup else b""
+
+
+def bind_prctl() -> Callable[[_PrctlArgs], int]:
+    """``prctl(*args)`` for workers, bound in the server before it forks them."""
+    address = _proctree.libc_address("prctl")
+    call_function: Callable[[int, tuple[Any, ...]], Any] | None
+    try:
+        from _ctypes import call_function  # undocumented, in CPython since 2.5
+    except ImportError:  # pragma: no cover - another implementation: ctypes' usual path
+        call_function = None
+    if call_function is None or address is None:
+        prctl = _proctree.libc().prctl
+        return lambda args: int(prctl(*args))
+
+    def call(args: _PrctlArgs) -> int:
+        # Ints go as C ints, sign-extended to full registers (what prctl's unsigned longs
+        # read for our small values); bytes as a pointer to their NUL-terminated buffer.
+        return int(call_function(address, args))
+
+    return call
+
+
+_prctl: Callable[[_PrctlArgs], int] | None = None
+
+
+def forked_from_server(ctl: socket.socket, data: socket.socket, server_pid: int, start: ForkedStart) -> NoReturn:
+    """Entry of a worker forked by the server: set up, say who we are, wait for the call.
+    faulthandler is the server's, inherited, already writing to our fault log. The same
+    guarantees as ``prepare_process``, on the lean path."""
+    prctl = _prctl
+    assert prctl is not None  # bound by the server before forking
+    try:
+        os.setsid()
+    except PermissionError:  # pragma: no cover - a fork of the server never leads a group
+        pass
+    if start.procs:  # before anything of the call runs: all it starts is born there
+        try:
+            fd = os.open(start.procs, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.write(fd, b"0")
+            finally:
+                os.close(fd)
+        except OSError:  # a racing removal: the scans still apply
+            pass
+    if prctl((_PR_SET_PDEATHSIG, _signal.SIGKILL, 0, 0, 0)) != 0:
+        os._exit(1)
+    if os.getppid() != server_pid:  # the server died before the line above took effect
+        os._exit(1)
+    prctl((_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0))
+    prctl((_PR_SET_NAME, b"asyncproc-idle", 0, 0, 0))
     try:
         # Before we can read the call: from here on the caller knows the call may have run
         # and never retries it (a caller with no HELLO knows it never ran).
-        _protocol.send(ctl, _protocol.HELLO, hello(os.getpid(), cgroup))
+        _protocol.send(ctl, _protocol.HELLO, b"%d %s" % (os.getpid(), start.leaf))
     except OSError:
         os._exit(0)  # the caller gave up on this call already
     ctl.close()

@@ -33,6 +33,7 @@ __all__ = [
     "KILL_BOUND_S",
     "kill_and_reap",
     "libc",
+    "libc_address",
     "pidfds_of",
     "reap_pidfds",
     "descendants",
@@ -77,6 +78,14 @@ def libc() -> ctypes.CDLL:
     if _libc is None:
         _libc = ctypes.CDLL(None, use_errno=True)
     return _libc
+
+
+def libc_address(name: str) -> int | None:
+    """The address of the C library's function ``name``, or None."""
+    try:
+        return ctypes.cast(getattr(libc(), name), ctypes.c_void_p).value
+    except AttributeError:
+        return None
 
 
 def _prctl(option: int, arg: int) -> None:
