@@ -180,3 +180,7 @@ def raise_on_sigusr1(pidfile: str) -> None:
 
 def hang() -> None:
     time.sleep(LONG)
+
+
+def sys_path() -> list[str]:
+    return list(sys.path)

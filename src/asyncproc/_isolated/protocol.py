@@ -37,6 +37,7 @@ EXITED = b"X"  # server -> caller: the worker exited; status and fault log
 TERM = b"T"  # caller -> server: SIGTERM the worker's tree
 KILL = b"K"  # caller -> server: SIGKILL the worker's tree
 PRELOAD = b"P"  # caller -> server: import these modules before forking more workers
+CONTEXT = b"c"  # caller -> server: take my sys.path, cwd and environment (workers inherit them)
 
 
 class Message:

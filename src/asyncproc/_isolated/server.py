@@ -184,6 +184,8 @@ class Server:
                 _complain("could not start a worker", exc)
         elif msg.tag == _protocol.PRELOAD:
             self._preload(*_decode_preload(bytes(msg.body)))
+        elif msg.tag == _protocol.CONTEXT:
+            _take_context(bytes(msg.body))
         else:  # pragma: no cover - a protocol bug, not a user error
             for fd in msg.fds:
                 os.close(fd)
@@ -484,6 +486,23 @@ def encode_preload(names: list[str], path: list[str]) -> bytes:
 def _decode_preload(body: bytes) -> tuple[list[str], list[str]]:
     names, _, path = body.decode().partition(_RECORD)
     return [n for n in names.split(_UNIT) if n], path.split(_UNIT)
+
+
+def _take_context(body: bytes) -> None:
+    """The caller's sys.path, cwd and environment (None: unchanged), made ours before we
+    fork more workers: each inherits them, and a call carries none (nothing to decode or
+    apply per call). A cwd we cannot enter is each later call's error, as it would be
+    the worker's had it tried."""
+    path, cwd, env = pickle.loads(body)
+    sys.path[:] = path
+    if env is not None:
+        os.environ.clear()
+        os.environ.update(env)
+    try:
+        os.chdir(cwd)
+        _worker.context_error = None
+    except OSError as exc:
+        _worker.context_error = exc
 
 
 def _call_unread(data: socket.socket) -> bool:

@@ -74,7 +74,9 @@ def dumps(obj: Any) -> bytes:
 
 
 def encode_call(spec: CallSpec, job: Job) -> bytes:
-    head = pickle.dumps(spec, protocol=5)
+    # No options (the usual call): no header to unpickle, a class to look up less.
+    empty = spec.memory_limit is None and spec.binding is None and spec.sys_path is None and spec.cwd is None and spec.env is None
+    head = b"" if empty else pickle.dumps(spec, protocol=5)
     return _SPEC_LEN.pack(len(head)) + head + by_value_dumps(job)
 
 
@@ -116,10 +118,18 @@ def _make_pickler_class() -> Any:
     return Pickler
 
 
+_NO_OPTIONS = CallSpec()
+
+# Set by the fork server when it could not take the caller's cwd: each call it forks a
+# worker for fails with it, as it would have had the worker tried.
+context_error: OSError | None = None
+
+
 def _decode_call(body: bytes | memoryview) -> tuple[CallSpec, bytes | memoryview]:
     (size,) = _SPEC_LEN.unpack_from(body)
     start = _SPEC_LEN.size
-    return pickle.loads(body[start : start + size]), body[start + size :]
+    spec = pickle.loads(body[start : start + size]) if size else _NO_OPTIONS
+    return spec, body[start + size :]
 
 
 # -- process set-up ---------------------------------------------------------------------
@@ -382,6 +392,8 @@ def run_one(data: socket.socket, job: Job | None = None, spec: CallSpec | None =
                 os._exit(0)  # the caller gave up before sending the call
             _set_comm_running()
             spec, payload = _decode_call(msg.body)
+            if context_error is not None:
+                raise context_error
             _apply(spec)
             job = pickle.loads(payload)
         else:
