@@ -33,17 +33,20 @@ the server ends every worker's tree and exits. Workers die with the server
 
 from __future__ import annotations
 
+# C modules only (_pickle, not pickle; _socket, not socket; _signal, not signal; epoll,
+# not selectors): their pure-Python wrappers pull in re, enum, functools and collections,
+# some 2 MB whose page tables every fork copies and every worker's exit tears down again
+# (measured: 40 us more per fork, 50 us more per worker exit).
+import _pickle
+import _signal
+import _socket
 import faulthandler
 import gc
 import importlib
 import itertools
 import os
-import pickle
 import resource
 import select
-import selectors
-import signal
-import socket
 import sys
 import time
 
@@ -54,6 +57,7 @@ from . import worker as _worker
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any
 
 
@@ -66,7 +70,7 @@ _REAP_BATCH = 32  # zombies reaped between two looks at requests (~10 ms here)
 class _Job:
     __slots__ = ("pid", "ctl", "data", "fault_fd", "cgroup", "exitcode", "unstarted", "deadline")
 
-    def __init__(self, pid: int, ctl: socket.socket, data: socket.socket, fault_fd: int, cgroup: str | None):
+    def __init__(self, pid: int, ctl: _socket.socket, data: _socket.socket, fault_fd: int, cgroup: str | None):
         self.pid = pid
         self.ctl = ctl  # to the caller
         self.data = data  # our copy of the worker's data socket; shut down at the end
@@ -78,12 +82,13 @@ class _Job:
 
 
 class Server:
-    def __init__(self, channel: socket.socket, cgroup_root: str | None = None):
+    def __init__(self, channel: _socket.socket, cgroup_root: str | None = None):
         self.channel = channel
         self.jobs: dict[int, _Job] = {}
         self.draining: list[_Job] = []
         self.by_ctl: dict[int, _Job] = {}
-        self.selector = selectors.DefaultSelector()
+        self.poller = select.epoll()
+        self.handlers: dict[int, Callable[[], None]] = {}  # by descriptor, what its readiness calls
         self.pid = os.getpid()
         # Created for us by the caller, who kills it whole if we die; a cgroup per worker below.
         self.cgroup_root = cgroup_root
@@ -93,16 +98,24 @@ class Server:
         self.reap_pending = False  # the last reaping stopped at its batch size
         wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.wake_r = wake_r
-        signal.set_wakeup_fd(self.wake_w)  # before the handlers: no signal can come unseen
-        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, _note_signal)
-        self.selector.register(channel, selectors.EVENT_READ, self._on_request)
-        self.selector.register(wake_r, selectors.EVENT_READ, self._on_signal)
+        _signal.set_wakeup_fd(self.wake_w)  # before the handlers: no signal can come unseen
+        for sig in (_signal.SIGCHLD, _signal.SIGTERM, _signal.SIGHUP):
+            _signal.signal(sig, _note_signal)
+        self._watch(channel.fileno(), self._on_request)
+        self._watch(wake_r, self._on_signal)
         _worker._prctl = _worker.bind_prctl()  # for every worker's start-up
 
     @property
     def stop_signal(self) -> int:
         return _stopped_by[0]
+
+    def _watch(self, fd: int, handler: Callable[[], None]) -> None:
+        self.poller.register(fd, select.EPOLLIN)
+        self.handlers[fd] = handler
+
+    def _unwatch(self, fd: int) -> None:
+        if self.handlers.pop(fd, None) is not None:
+            self.poller.unregister(fd)
 
     # -- workers --------------------------------------------------------------------------
 
@@ -111,7 +124,7 @@ class Server:
             return None
         return _cgroup.create(str(next(self.cgroup_names)), parent=self.cgroup_root)
 
-    def _fork_worker(self, ctl: socket.socket, data: socket.socket) -> _Job:
+    def _fork_worker(self, ctl: _socket.socket, data: _socket.socket) -> _Job:
         fault_fd = os.memfd_create("asyncproc-fault", os.MFD_CLOEXEC)
         cgroup = self._new_cgroup()  # the worker attaches itself before it reads the call
         start = _worker.ForkedStart(cgroup)
@@ -154,7 +167,7 @@ class Server:
         # Every queued request first, then their forks back to back: each fork shares all our
         # pages again, and a page written between two forks is copied again after the next
         # (about 4 us a page here). The caller asks for its reserve in batches.
-        forks: list[tuple[socket.socket, socket.socket]] = []
+        forks: list[tuple[_socket.socket, _socket.socket]] = []
         try:
             while True:
                 self._take_request(forks)
@@ -163,7 +176,7 @@ class Server:
         finally:
             self._fork_workers(forks)
 
-    def _take_request(self, forks: list[tuple[socket.socket, socket.socket]]) -> None:
+    def _take_request(self, forks: list[tuple[_socket.socket, _socket.socket]]) -> None:
         try:
             msg = _protocol.recv(self.channel)
         except (ConnectionResetError, BrokenPipeError):
@@ -190,20 +203,20 @@ class Server:
             for fd in msg.fds:
                 os.close(fd)
 
-    def _start_job(self, fds: list[int], forks: list[tuple[socket.socket, socket.socket]], fresh: bool = False, binding: bytes = b"") -> None:
-        ctl = socket.socket(fileno=fds[0])
+    def _start_job(self, fds: list[int], forks: list[tuple[_socket.socket, _socket.socket]], fresh: bool = False, binding: bytes = b"") -> None:
+        ctl = _socket.socket(fileno=fds[0])
         ctl.setblocking(False)  # a stale readiness event must never block the server
-        data = socket.socket(fileno=fds[1])
+        data = _socket.socket(fileno=fds[1])
         if _hung_up(ctl):  # the caller gave up while this request waited: fork nothing
             ctl.close()
             data.close()
             return
         if fresh:
-            self._start_fresh(ctl, data, pickle.loads(binding) if binding else None)
+            self._start_fresh(ctl, data, _pickle.loads(binding) if binding else None)
             return
         forks.append((ctl, data))
 
-    def _fork_workers(self, forks: list[tuple[socket.socket, socket.socket]]) -> None:
+    def _fork_workers(self, forks: list[tuple[_socket.socket, _socket.socket]]) -> None:
         jobs = []
         for ctl, data in forks:
             try:
@@ -215,7 +228,7 @@ class Server:
         for job in jobs:
             self._register(job)
 
-    def _start_fresh(self, ctl: socket.socket, data: socket.socket, binding: Any) -> None:
+    def _start_fresh(self, ctl: _socket.socket, data: _socket.socket, binding: Any) -> None:
         """"spawn": a new interpreter, but ours, so it gets every guarantee a forked worker
         has (we are its subreaper, its lifeline and its reaper). It reads the call itself.
         A NUMA binding is set on our (only) thread around the spawn: the child has it from
@@ -244,7 +257,7 @@ class Server:
     def _register(self, job: _Job) -> None:
         self.jobs[job.pid] = job
         self.by_ctl[job.ctl.fileno()] = job
-        self.selector.register(job.ctl, selectors.EVENT_READ, lambda: self._on_ctl(job))
+        self._watch(job.ctl.fileno(), lambda: self._on_ctl(job))
 
     def _on_ctl(self, job: _Job) -> None:
         try:
@@ -255,12 +268,12 @@ class Server:
             msg = None
         # End-of-stream means the caller stopped caring (it has its value, or it was
         # cancelled, or it died): nothing of the call may live on.
-        sig = signal.SIGTERM if msg is not None and msg.tag == _protocol.TERM else signal.SIGKILL
+        sig = _signal.SIGTERM if msg is not None and msg.tag == _protocol.TERM else _signal.SIGKILL
         if msg is None:
-            self.selector.unregister(job.ctl)
+            self._unwatch(job.ctl.fileno())
         if job.pid not in self.jobs:
             return
-        if sig == signal.SIGKILL:
+        if sig == _signal.SIGKILL:
             # No tree walk (a scan of all of /proc): the worker is a subreaper, so once it
             # is dead whatever escaped its group is re-parented to us, and _kill_adopted
             # finds it from our own children list.
@@ -315,13 +328,13 @@ class Server:
 
     def _finish_job(self, job: _Job, info: os.waitid_result) -> None:
         # The worker is dead but unreaped: its pid still reserves its group id.
-        _proctree.signal_tree(job.pid, (), signal.SIGKILL)
+        _proctree.signal_tree(job.pid, (), _signal.SIGKILL)
         if job.cgroup is not None:
             _cgroup.kill(job.cgroup)
         job.exitcode = info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
         # Killed (by us, at shutdown, or by the OOM killer) before it read its call: the call
         # never ran and is safe to retry. One that exited by itself failed to start: a crash.
-        job.unstarted = job.exitcode == -signal.SIGKILL and _call_unread(job.data)
+        job.unstarted = job.exitcode == -_signal.SIGKILL and _call_unread(job.data)
         os.waitpid(job.pid, 0)
         job.deadline = time.monotonic() + _KILL_BOUND_S
         self.draining.append(job)
@@ -382,13 +395,12 @@ class Server:
         except OSError:
             pass  # the caller already left
         try:
-            job.data.shutdown(socket.SHUT_RDWR)
+            job.data.shutdown(_socket.SHUT_RDWR)
         except OSError:
             pass
         job.data.close()
         self.by_ctl.pop(job.ctl.fileno(), None)
-        if job.ctl.fileno() in self.selector.get_map():
-            self.selector.unregister(job.ctl)
+        self._unwatch(job.ctl.fileno())
         job.ctl.close()
         if job.cgroup is not None and not _cgroup.remove(job.cgroup):
             self.retired_cgroups.append(job.cgroup)  # something in uninterruptible sleep
@@ -402,12 +414,14 @@ class Server:
         timeout: float | None = None
         try:
             while True:
-                for key, _ in self.selector.select(timeout):
+                ready = [(fd, self.handlers.get(fd)) for fd, _ in self.poller.poll(-1 if timeout is None else timeout)]
+                for fd, handler in ready:
                     # A handler earlier in this batch may have closed this one's socket
-                    # (a worker's exit finishes its call); its event is stale.
-                    if self.selector.get_map().get(key.fd) is key:
+                    # (a worker's exit finishes its call), its number maybe reused since:
+                    # the event is stale unless the same registration still holds.
+                    if handler is not None and self.handlers.get(fd) is handler:
                         try:
-                            key.data()
+                            handler()
                         except (SystemExit, KeyboardInterrupt):
                             raise
                         except Exception as exc:  # one call's trouble must not end every call
@@ -427,7 +441,7 @@ class Server:
     def shutdown(self) -> None:
         """Every call's tree ends, and every caller hears how its call ended (the ones
         whose worker never read its call hear so: they are retried on a new server)."""
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut this short
+        _signal.signal(_signal.SIGTERM, _signal.SIG_IGN)  # a second SIGTERM must not cut this short
         # First: the caller's next request then fails at once (it starts a new server)
         # instead of waiting in a queue nobody reads; the queued ones are dropped unanswered,
         # which tells their callers that those calls never started.
@@ -436,9 +450,9 @@ class Server:
         if self.cgroup_root is not None:
             _cgroup.kill(self.cgroup_root)  # every worker and its tree, at once
         else:  # one scan of /proc for all of them, not one per call
-            _proctree.signal_tree(None, _proctree.descendants(self.pid), signal.SIGKILL)
+            _proctree.signal_tree(None, _proctree.descendants(self.pid), _signal.SIGKILL)
         for pid in ours:
-            _proctree.signal_tree(pid, (), signal.SIGKILL)  # its group (workers lead theirs)
+            _proctree.signal_tree(pid, (), _signal.SIGKILL)  # its group (workers lead theirs)
             _kill_quietly(pid)
         deadline = time.monotonic() + _KILL_BOUND_S
         fds = [fd for fd in map(_proctree.pidfd_open, ours) if fd is not None]
@@ -470,7 +484,7 @@ _stopped_by = [0]  # the signal that asks us to stop, once one has
 def _note_signal(signum: int, frame: object) -> None:
     # Never raise here: this runs between any two bytecodes of the server. A function, not
     # a bound method: a worker resetting its handlers then frees nothing (no pages copied).
-    if signum != signal.SIGCHLD:
+    if signum != _signal.SIGCHLD:
         _stopped_by[0] = signum
 
 
@@ -493,7 +507,7 @@ def _take_context(body: bytes) -> None:
     fork more workers: each inherits them, and a call carries none (nothing to decode or
     apply per call). A cwd we cannot enter is each later call's error, as it would be
     the worker's had it tried."""
-    path, cwd, env = pickle.loads(body)
+    path, cwd, env = _pickle.loads(body)
     sys.path[:] = path
     if env is not None:
         os.environ.clear()
@@ -505,13 +519,13 @@ def _take_context(body: bytes) -> None:
         _worker.context_error = exc
 
 
-def _call_unread(data: socket.socket) -> bool:
+def _call_unread(data: _socket.socket) -> bool:
     """After the worker died: whether its call still sits unread in its socket (so it never
     ran, and the caller may safely retry it). Shut down first: a call the caller sends
     from now on fails at its end instead of joining the queue we look at."""
     try:
-        data.shutdown(socket.SHUT_RD)
-        return bool(data.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+        data.shutdown(_socket.SHUT_RD)
+        return bool(data.recv(1, _socket.MSG_PEEK | _socket.MSG_DONTWAIT))
     except OSError:
         return False
 
@@ -522,7 +536,7 @@ def _remove_cgroup(cgroup: str | None) -> None:
         _cgroup.remove(cgroup)
 
 
-def _hung_up(sock: socket.socket) -> bool:
+def _hung_up(sock: _socket.socket) -> bool:
     # poll first: on the usual path (nothing queued) no BlockingIOError is built. (Not
     # select(): with a thousand calls in flight descriptors pass FD_SETSIZE.)
     poller = select.poll()
@@ -530,7 +544,7 @@ def _hung_up(sock: socket.socket) -> bool:
     if not poller.poll(0):
         return False
     try:
-        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        return sock.recv(1, _socket.MSG_PEEK | _socket.MSG_DONTWAIT) == b""
     except BlockingIOError:
         return False
     except OSError:
@@ -553,7 +567,7 @@ def _drain_pipe(fd: int) -> None:
 
 def _kill_quietly(pid: int) -> None:
     try:
-        os.kill(pid, signal.SIGKILL)
+        os.kill(pid, _signal.SIGKILL)
     except ProcessLookupError:
         pass
 
@@ -585,12 +599,12 @@ def main() -> None:
         pass
     _proctree.set_comm("asyncproc-srv")
     _proctree.make_subreaper()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _signal.signal(_signal.SIGINT, _signal.SIG_IGN)
     _raise_fd_limit()
     global _FAULT_FD
     _FAULT_FD = os.dup(2)
     faulthandler.enable(file=_FAULT_FD, all_threads=True)  # for us, and inherited by workers
-    channel = socket.socket(fileno=3)
+    channel = _socket.socket(fileno=3)
     # Stopped from outside (SIGTERM, SIGHUP): Server turns that into an event of its loop,
     # which ends every call's tree first.
     server = Server(channel, cgroup_root=(sys.argv[2] if len(sys.argv) > 2 else "") or None)

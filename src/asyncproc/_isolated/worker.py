@@ -13,14 +13,13 @@ Shared by the three start methods. A worker:
 
 from __future__ import annotations
 
+import _pickle as pickle  # the C module: the fork server imports us and stays lean
 import _signal
+import _socket
+import _struct
 import faulthandler
 import os
-import pickle
 import resource
-import signal
-import socket
-import struct
 import sys
 
 from .._proc import proctree as _proctree
@@ -39,7 +38,7 @@ else:
 __all__ = ["CallSpec", "ForkedStart", "Job", "bind_prctl", "dumps", "encode_call", "prepare_process", "reset_inherited_signals",
            "run_one", "spawn_main", "forked_from_server", "hello"]
 
-_SPEC_LEN = struct.Struct("<I")
+_SPEC_LEN = _struct.Struct("<I")
 
 
 class CallSpec:
@@ -186,7 +185,7 @@ def prepare_process(fault_fd: int | None, parent_pid: int, cgroup: str | None = 
     if cgroup:
         _attach_cgroup(cgroup)
     if die_with_parent:
-        _proctree.set_parent_death_signal(signal.SIGKILL)
+        _proctree.set_parent_death_signal(_signal.SIGKILL)
     if os.getppid() != parent_pid:  # the parent died before the line above took effect
         os._exit(1)
     _proctree.make_subreaper()
@@ -362,7 +361,7 @@ def _end_descendants() -> None:
     _proctree.reap_exited_children()
 
 
-def _finish(data: socket.socket, tag: bytes, body: bytes, exitcode: int = 0) -> NoReturn:
+def _finish(data: _socket.socket, tag: bytes, body: bytes, exitcode: int = 0) -> NoReturn:
     _flush_stdio()  # before answering: the caller may SIGKILL us as soon as it has the value
     try:
         if tag:
@@ -380,7 +379,7 @@ def _set_comm_running() -> None:
         _proctree.set_comm("asyncproc-run")
 
 
-def run_one(data: socket.socket, job: Job | None = None, spec: CallSpec | None = None) -> NoReturn:
+def run_one(data: _socket.socket, job: Job | None = None, spec: CallSpec | None = None) -> NoReturn:
     """Serve one call on ``data`` (receiving it first unless ``job`` is given) and exit."""
     # The data socket must not be held by anything the call forks, or the caller would not
     # see end-of-stream when we die.
@@ -420,7 +419,7 @@ def run_one(data: socket.socket, job: Job | None = None, spec: CallSpec | None =
 GUARDED = b"g"  # the body of a "fork" worker's go: the caller's guardian will end our tree
 
 
-def forked_main(data: socket.socket, fault_fd: int, parent_pid: int, job: Job, spec: CallSpec, cgroup: str | None) -> NoReturn:
+def forked_main(data: _socket.socket, fault_fd: int, parent_pid: int, job: Job, spec: CallSpec, cgroup: str | None) -> NoReturn:
     """Entry of a "fork" child, still holding the caller's whole state. It waits for the
     caller's go (end-of-stream: the caller died first). GUARDED: the caller's guardian
     ends our whole tree if the caller dies, so no parent-death signal, which would kill us
@@ -432,7 +431,7 @@ def forked_main(data: socket.socket, fault_fd: int, parent_pid: int, job: Job, s
         if go is None:
             os._exit(1)
         if bytes(go.body) != GUARDED:
-            _proctree.set_parent_death_signal(signal.SIGKILL)
+            _proctree.set_parent_death_signal(_signal.SIGKILL)
             if os.getppid() != parent_pid:
                 os._exit(1)
         run_one(data, job, spec)
@@ -446,7 +445,7 @@ def spawn_main() -> NoReturn:
     for fd in (3, 4):  # posix_spawn's dup2 made them inheritable: not for what the call execs
         os.set_inheritable(fd, False)
     prepare_process(4, int(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else None)
-    run_one(socket.socket(fileno=3))
+    run_one(_socket.socket(fileno=3))
 
 
 def hello(pid: int, cgroup: str | None) -> bytes:
@@ -502,7 +501,7 @@ def bind_prctl() -> Callable[[_PrctlArgs], int]:
 _prctl: Callable[[_PrctlArgs], int] | None = None
 
 
-def forked_from_server(ctl: socket.socket, data: socket.socket, server_pid: int, start: ForkedStart) -> NoReturn:
+def forked_from_server(ctl: _socket.socket, data: _socket.socket, server_pid: int, start: ForkedStart) -> NoReturn:
     """Entry of a worker forked by the server: set up, say who we are, wait for the call.
     faulthandler is the server's, inherited, already writing to our fault log. The same
     guarantees as ``prepare_process``, on the lean path."""

@@ -28,11 +28,11 @@ Typical use::
 
 from __future__ import annotations
 
+import _signal  # not signal, which imports enum: the fork server stays lean
 import errno
 import itertools
 import os
 import select
-import signal as _signal
 import time
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: the fork server stays lean

@@ -14,17 +14,18 @@ Shared by every part of asyncproc that ends processes. The rules it encodes:
 
 from __future__ import annotations
 
+import _signal as signal  # not signal (enum) nor ctypes at import: the fork server stays lean
 import _thread
-import ctypes
 import os
 import select
-import signal
 import time
-from collections.abc import Iterable
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (and re) at run time
 
 if TYPE_CHECKING:  # imported where used: the fork server and its workers stay lean
+    import ctypes
+    from collections.abc import Iterable
+
     import psutil
 
     from .._subprocess.guardian_main import Stat
@@ -76,12 +77,16 @@ def libc() -> ctypes.CDLL:
     """The C library (errno kept for ctypes.get_errno), loaded once per process."""
     global _libc
     if _libc is None:
+        import ctypes
+
         _libc = ctypes.CDLL(None, use_errno=True)
     return _libc
 
 
 def libc_address(name: str) -> int | None:
     """The address of the C library's function ``name``, or None."""
+    import ctypes
+
     try:
         return ctypes.cast(getattr(libc(), name), ctypes.c_void_p).value
     except AttributeError:
@@ -89,6 +94,8 @@ def libc_address(name: str) -> int | None:
 
 
 def _prctl(option: int, arg: int) -> None:
+    import ctypes
+
     if libc().prctl(option, ctypes.c_ulong(arg), 0, 0, 0) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
@@ -107,6 +114,8 @@ def make_subreaper() -> None:
 def set_comm(name: str) -> None:
     """Set the name ``ps`` and ``/proc/PID/comm`` show (15 bytes at most)."""
     # PR_SET_NAME: one syscall, where writing /proc/self/comm takes three.
+    import ctypes
+
     libc().prctl(_PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
 
 
