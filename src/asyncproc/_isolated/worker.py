@@ -502,9 +502,8 @@ def bind_prctl() -> Callable[[_PrctlArgs], int]:
         from _ctypes import call_function  # undocumented, in CPython since 2.5
     except ImportError:  # pragma: no cover - another implementation: ctypes' usual path
         call_function = None
-    if call_function is None or address is None:
-        prctl = _proctree.libc().prctl
-        return lambda args: int(prctl(*args))
+    if call_function is None or address is None:  # pragma: no cover - see above
+        return lambda args: int(_proctree.libc().prctl(*args))
 
     def call(args: _PrctlArgs) -> int:
         # Ints go as C ints, sign-extended to full registers (what prctl's unsigned longs

@@ -84,12 +84,13 @@ def libc() -> ctypes.CDLL:
 
 
 def libc_address(name: str) -> int | None:
-    """The address of the C library's function ``name``, or None."""
-    import ctypes
-
+    """The address of the C library's function ``name``, or None. Through _ctypes: ctypes
+    itself would add its modules to the fork server."""
     try:
-        return ctypes.cast(getattr(libc(), name), ctypes.c_void_p).value
-    except AttributeError:
+        import _ctypes
+
+        return int(_ctypes.dlsym(_ctypes.dlopen(None, os.RTLD_NOW), name))  # type: ignore[arg-type]  # None: the program
+    except (ImportError, OSError, AttributeError):
         return None
 
 
