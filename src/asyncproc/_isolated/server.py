@@ -332,7 +332,12 @@ class Server:
         # The worker is dead but unreaped: its pid still reserves its group id.
         _proctree.signal_tree(job.pid, (), _signal.SIGKILL)
         if job.cgroup is not None:
-            _cgroup.kill(job.cgroup)
+            if _removed(job.cgroup):
+                # Nothing alive in it (a zombie does not count): nothing of the call runs,
+                # and nothing can be born there any more. No kill, no look later.
+                job.cgroup = None
+            else:
+                _cgroup.kill(job.cgroup)
         job.exitcode = info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
         # Killed (by us, at shutdown, or by the OOM killer) before it read its call: the call
         # never ran and is safe to retry. One that exited by itself failed to start: a crash.
@@ -555,6 +560,18 @@ def _call_unread(data: _socket.socket) -> bool:
         return bool(data.recv(1, _socket.MSG_PEEK | _socket.MSG_DONTWAIT))
     except OSError:
         return False
+
+
+def _removed(cgroup: str) -> bool:
+    """Whether ``cgroup`` could be removed at once: the usual end of a call, one rmdir where
+    kill, a look at cgroup.events and then the rmdir took three times as long."""
+    try:
+        os.rmdir(cgroup)
+    except FileNotFoundError:
+        return True
+    except OSError:  # EBUSY: something of the call lives on in it (or in a cgroup below)
+        return False
+    return True
 
 
 def _remove_cgroup(cgroup: str | None) -> None:
