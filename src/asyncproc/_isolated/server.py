@@ -65,10 +65,13 @@ if TYPE_CHECKING:
 # may take forever: past this, a call is reported even if some of its tree lingers.
 _KILL_BOUND_S = 2.0
 _REAP_BATCH = 32  # zombies reaped between two looks at requests (~10 ms here)
+# Empty cgroups kept for reuse, at most (more are removed): a burst of concurrent calls
+# must not leave one per call behind.
+SPARE_CGROUPS_MAX = 16
 
 
 class _Job:
-    __slots__ = ("pid", "ctl", "data", "fault_fd", "cgroup", "exitcode", "unstarted", "deadline")
+    __slots__ = ("pid", "ctl", "data", "fault_fd", "cgroup", "exitcode", "unstarted", "deadline", "spare", "caller_done", "reported")
 
     def __init__(self, pid: int, ctl: _socket.socket, data: _socket.socket, fault_fd: int, cgroup: str | None):
         self.pid = pid
@@ -78,6 +81,9 @@ class _Job:
         self.cgroup = cgroup
         self.exitcode = 0
         self.unstarted = False  # the worker died with the call unread: safe to retry
+        self.spare: str | None = None  # its cgroup, found empty: another worker's once the caller lets go
+        self.caller_done = False  # end-of-stream on ctl: the caller holds the cgroup's name no more
+        self.reported = False
         self.deadline = 0.0  # while draining: report by then, whatever is left
 
 
@@ -94,6 +100,10 @@ class Server:
         self.cgroup_root = cgroup_root
         self.cgroup_names = itertools.count()
         self.retired_cgroups: list[str | None] = []
+        # Empty cgroups no caller can name any more, for the next workers: a mkdir and an
+        # rmdir less per call. Never one whose caller could still kill it by name (on a
+        # timeout, or should we die): see _keep_spare.
+        self.spare_cgroups: list[str] = []
         self.killed: set[int] = set()  # adopted orphans SIGKILLed, not yet reaped
         self.reap_pending = False  # the last reaping stopped at its batch size
         wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -122,6 +132,8 @@ class Server:
     def _new_cgroup(self) -> str | None:
         if self.cgroup_root is None:
             return None
+        if self.spare_cgroups:
+            return self.spare_cgroups.pop()
         return _cgroup.create(str(next(self.cgroup_names)), parent=self.cgroup_root)
 
     def _fork_worker(self, ctl: _socket.socket, data: _socket.socket) -> _Job:
@@ -271,6 +283,10 @@ class Server:
         sig = _signal.SIGTERM if msg is not None and msg.tag == _protocol.TERM else _signal.SIGKILL
         if msg is None:
             self._unwatch(job.ctl.fileno())
+            job.caller_done = True
+            self._keep_spare(job)
+            if job.reported:  # kept open until now for this end-of-stream (see _report)
+                job.ctl.close()
         if job.pid not in self.jobs:
             return
         if sig == _signal.SIGKILL:
@@ -332,10 +348,12 @@ class Server:
         # The worker is dead but unreaped: its pid still reserves its group id.
         _proctree.signal_tree(job.pid, (), _signal.SIGKILL)
         if job.cgroup is not None:
-            if _removed(job.cgroup):
+            if not _cgroup.populated(job.cgroup):
                 # Nothing alive in it (a zombie does not count): nothing of the call runs,
-                # and nothing can be born there any more. No kill, no look later.
-                job.cgroup = None
+                # and nothing can be born there any more. No kill, no look later; the
+                # cgroup serves another worker once the caller lets go of its name.
+                job.spare, job.cgroup = job.cgroup, None
+                self._keep_spare(job)
             else:
                 _cgroup.kill(job.cgroup)
         job.exitcode = info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
@@ -393,6 +411,17 @@ class Server:
             return 0.0
         return min((j.deadline for j in waiting), default=now) - now if waiting else None
 
+    def _keep_spare(self, job: _Job) -> None:
+        """Reuse the job's empty cgroup once its worker is reaped (so nothing of the call can
+        enter it again) and its caller has closed ctl: a caller ends a worker's tree by the
+        cgroup's name (HELLO told it) on a timeout or when we die, and must never reach a
+        later call's worker that way. A caller closes ctl only once it is done with the
+        call; a fork of it closes its copy at once (api's _IN_FLIGHT)."""
+        if job.spare is not None and job.caller_done:
+            if len(self.spare_cgroups) < SPARE_CGROUPS_MAX or not _removed(job.spare):
+                self.spare_cgroups.append(job.spare)
+            job.spare = None
+
     def _report(self, job: _Job) -> None:
         fault_log = _protocol.read_text(job.fault_fd) if job.exitcode != 0 else ""
         os.close(job.fault_fd)
@@ -407,8 +436,11 @@ class Server:
             pass
         job.data.close()
         self.by_ctl.pop(job.ctl.fileno(), None)
-        self._unwatch(job.ctl.fileno())
-        job.ctl.close()
+        job.reported = True
+        if job.spare is None or job.caller_done:
+            self._unwatch(job.ctl.fileno())
+            job.ctl.close()
+        # else: ctl stays open and watched, for the end-of-stream that frees the cgroup
         if job.cgroup is not None and not _cgroup.remove(job.cgroup):
             self.retired_cgroups.append(job.cgroup)  # something in uninterruptible sleep
 
