@@ -31,7 +31,7 @@ import textwrap
 
 # module -> functions wrapped (Class.method allowed); missing ones are skipped
 _WRAP = {
-    "asyncproc._isolated.server": ["Server._on_request", "Server._fork_worker", "Server._register", "Server._on_signal",
+    "asyncproc._isolated.server": ["Server._on_request", "Server._prepare_job", "Server._fork_batch", "Server._register", "Server._on_signal",
                           "Server._finish_job", "Server._drain", "Server._report", "Server._on_ctl",
                           "Server._become_worker"],
     "asyncproc._isolated.worker": ["forked_from_server", "_decode_call", "_apply",

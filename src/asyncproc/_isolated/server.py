@@ -58,7 +58,7 @@ from . import worker as _worker
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
-    from typing import Any
+    from typing import Any, NoReturn
 
 
 # After SIGKILL a process normally vanishes in microseconds; one in uninterruptible sleep
@@ -71,7 +71,8 @@ SPARE_CGROUPS_MAX = 16
 
 
 class _Job:
-    __slots__ = ("pid", "ctl", "data", "fault_fd", "cgroup", "exitcode", "unstarted", "deadline", "spare", "caller_done", "reported")
+    __slots__ = ("pid", "ctl", "data", "fault_fd", "cgroup", "exitcode", "unstarted", "deadline", "spare", "caller_done", "reported",
+                 "start")
 
     def __init__(self, pid: int, ctl: _socket.socket, data: _socket.socket, fault_fd: int, cgroup: str | None):
         self.pid = pid
@@ -84,6 +85,7 @@ class _Job:
         self.spare: str | None = None  # its cgroup, found empty: another worker's once the caller lets go
         self.caller_done = False  # end-of-stream on ctl: the caller holds the cgroup's name no more
         self.reported = False
+        self.start: _worker.ForkedStart | None = None  # what a forked worker needs at start-up
         self.deadline = 0.0  # while draining: report by then, whatever is left
 
 
@@ -136,26 +138,25 @@ class Server:
             return self.spare_cgroups.pop()
         return _cgroup.create(str(next(self.cgroup_names)), parent=self.cgroup_root)
 
-    def _fork_worker(self, ctl: _socket.socket, data: _socket.socket) -> _Job:
+    def _prepare_job(self, ctl: _socket.socket, data: _socket.socket) -> _Job:
         fault_fd = os.memfd_create("asyncproc-fault", os.MFD_CLOEXEC)
-        cgroup = self._new_cgroup()  # the worker attaches itself before it reads the call
-        start = _worker.ForkedStart(cgroup)
-        # Objects that exist now move to the permanent generation: a collection in the
-        # worker then never touches (and so never copies) the pages the server shares.
-        gc.freeze()
         try:
-            pid = os.fork()
+            cgroup = self._new_cgroup()  # the worker attaches itself before it reads the call
         except BaseException:
             os.close(fault_fd)
-            _remove_cgroup(cgroup)
             raise
-        if pid == 0:  # the worker
-            try:
-                self._become_worker((ctl.fileno(), data.fileno()), fault_fd)
-                _worker.forked_from_server(ctl, data, self.pid, start)
-            finally:
-                os._exit(70)
-        return _Job(pid, ctl, data, fault_fd, cgroup)
+        job = _Job(0, ctl, data, fault_fd, cgroup)
+        job.start = _worker.ForkedStart(cgroup)
+        return job
+
+    def _run_worker(self, job: _Job) -> NoReturn:
+        """In the child of a fork: become the job's worker, serve its call, exit."""
+        try:
+            assert job.start is not None
+            self._become_worker((job.ctl.fileno(), job.data.fileno()), job.fault_fd)
+            _worker.forked_from_server(job.ctl, job.data, self.pid, job.start)
+        finally:
+            os._exit(70)
 
     def _become_worker(self, keep: tuple[int, ...], fault_fd: int) -> None:
         # Drop every descriptor of the server: the caller's lifeline, other calls' sockets,
@@ -229,16 +230,52 @@ class Server:
         forks.append((ctl, data))
 
     def _fork_workers(self, forks: list[tuple[_socket.socket, _socket.socket]]) -> None:
-        jobs = []
+        # Every worker's needs first, then the forks back to back, then the bookkeeping:
+        # each fork shares all our pages again, and a page written between two forks is
+        # copied again after the next. (With each fork followed by its own bookkeeping,
+        # some 70 pages were copied per fork.)
+        ready: list[_Job] = []
         for ctl, data in forks:
             try:
-                jobs.append(self._fork_worker(ctl, data))
-            except Exception as exc:  # fork or memfd failed (EAGAIN, EMFILE, ENOMEM)
+                ready.append(self._prepare_job(ctl, data))
+            except Exception as exc:  # memfd failed (EMFILE, ENOMEM)
                 ctl.close()  # unanswered: that caller knows its call never started
                 data.close()
                 _complain("could not start a worker", exc)
-        for job in jobs:
+        forked = self._fork_batch(ready)
+        for job in ready[forked:]:
+            os.close(job.fault_fd)
+            _remove_cgroup(job.cgroup)
+            job.ctl.close()  # unanswered: that caller knows its call never started
+            job.data.close()
+        for job in ready[:forked]:
             self._register(job)
+
+    def _fork_worker(self, ctl: _socket.socket, data: _socket.socket) -> _Job:
+        """One worker, forked now; the caller registers it."""
+        job = self._prepare_job(ctl, data)
+        if not self._fork_batch([job]):
+            os.close(job.fault_fd)
+            _remove_cgroup(job.cgroup)
+            raise OSError("asyncproc: could not fork a worker")
+        return job
+
+    def _fork_batch(self, jobs: list[_Job]) -> int:
+        """Fork the jobs' workers back to back, nothing allocated in between; how many
+        were forked (a failed fork ends the batch: the rest are not started)."""
+        # Objects that exist now move to the permanent generation: a collection in a
+        # worker then never touches (and so never copies) the pages we share.
+        gc.freeze()
+        forked = 0
+        try:
+            for job in jobs:
+                job.pid = os.fork()
+                if job.pid == 0:
+                    self._run_worker(job)
+                forked += 1
+        except Exception as exc:  # EAGAIN, ENOMEM
+            _complain("could not start a worker", exc)
+        return forked
 
     def _start_fresh(self, ctl: _socket.socket, data: _socket.socket, binding: Any) -> None:
         """"spawn": a new interpreter, but ours, so it gets every guarantee a forked worker
