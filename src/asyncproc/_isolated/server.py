@@ -11,9 +11,19 @@ but its worker: there is no idle spare to hand the call to first.
 The worker sends HELLO with its pid on ``ctl`` before it reads a call: a caller that got
 no HELLO knows its call never ran and can retry it, should the server die.
 
+The caller's context (sys.path, cwd, environment) reaches the server in CONTEXT when it
+changes; the server makes it its own, so the workers it forks inherit it and a call
+carries none.
+
+Every call costs a fork and an exit here, so the server is kept lean: C modules only on its
+path (each page it holds is a page-table entry every fork copies and every exit drops),
+freed memory handed back after imports, forks back to back with nothing written between
+them, and each worker's cgroup reused by a later worker once nobody can name it (see
+_keep_spare).
+
 When the worker exits the server (1) SIGKILLs the rest of the worker's process group while
-the unreaped worker still reserves the group id, and the worker's cgroup when it has one,
-(2) kills any process it adopted (workers are subreapers, so an orphan reaching the server
+the unreaped worker still reserves the group id, and the worker's cgroup when it has live
+members (an empty one is kept for reuse), (2) kills any process it adopted (workers are subreapers, so an orphan reaching the server
 can only come from a dead worker's tree), (3) reaps, and lets the call *drain*: only once
 its cgroup is empty (or, without one, no adopted process is left; or the kill bound has
 passed) does it (4) send EXITED with the status and faulthandler's output on ``ctl``, and
