@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+import asyncproc
+
 from _children import runner, sys_path
 
 pytestmark = pytest.mark.anyio
@@ -70,3 +72,14 @@ async def test_a_working_directory_gone_fails_the_call_not_the_server(start_meth
         await isolated.call(abs, -1)
     monkeypatch.chdir(tmp_path)
     assert await isolated.call(os.getcwd) == str(tmp_path)
+
+
+async def test_the_path_after_a_preload_is_the_callers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A preload carries the caller's sys.path of that moment to the server; a later call
+    # must still see the caller's sys.path of its own moment.
+    isolated = runner("forkserver")
+    before = await isolated.call(sys_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    asyncproc.preload("json")
+    monkeypatch.undo()
+    assert await isolated.call(sys_path) == before == sys.path

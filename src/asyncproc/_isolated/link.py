@@ -252,6 +252,7 @@ class ServerLink:
             return
         self._preloads += names
         self._drop_reserve()  # forked before the import: each would import them again
+        self._context = None  # the preload sets the server's sys.path: the next call syncs again
         if self._chan is None:
             return  # the server will import them when it starts
         deadline = time.monotonic() + _STOP_BOUND_S
