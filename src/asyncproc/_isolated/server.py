@@ -116,6 +116,7 @@ class Server:
         # rmdir less per call. Never one whose caller could still kill it by name (on a
         # timeout, or should we die): see _keep_spare.
         self.spare_cgroups: list[str] = []
+        self.awaiting: list[_Job] = []  # reported, cgroup spare, waiting for the caller to let go
         self.killed: set[int] = set()  # adopted orphans SIGKILLed, not yet reaped
         self.reap_pending = False  # the last reaping stopped at its batch size
         wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -144,6 +145,8 @@ class Server:
     def _new_cgroup(self) -> str | None:
         if self.cgroup_root is None:
             return None
+        if not self.spare_cgroups and self.awaiting:
+            self._collect_spares()
         if self.spare_cgroups:
             return self.spare_cgroups.pop()
         return _cgroup.create(str(next(self.cgroup_names)), parent=self.cgroup_root)
@@ -330,10 +333,8 @@ class Server:
         sig = _signal.SIGTERM if msg is not None and msg.tag == _protocol.TERM else _signal.SIGKILL
         if msg is None:
             self._unwatch(job.ctl.fileno())
-            job.caller_done = True
+            job.caller_done = True  # before the report (after it ctl is not watched)
             self._keep_spare(job)
-            if job.reported:  # kept open until now for this end-of-stream (see _report)
-                job.ctl.close()
         if job.pid not in self.jobs:
             return
         if sig == _signal.SIGKILL:
@@ -469,6 +470,28 @@ class Server:
                 self.spare_cgroups.append(job.spare)
             job.spare = None
 
+    def _collect_spares(self) -> None:
+        """The cgroups of reported calls whose callers have closed ctl since: one poll."""
+        poller = select.poll()
+        for job in self.awaiting:
+            poller.register(job.ctl, select.POLLIN)
+        readable = {fd for fd, _ in poller.poll(0)}
+        waiting = []
+        for job in self.awaiting:
+            if job.ctl.fileno() in readable and _caller_gone(job.ctl):
+                job.caller_done = True
+                self._keep_spare(job)
+                job.ctl.close()
+            else:
+                waiting.append(job)
+        self.awaiting = waiting
+
+    def _give_up_spare(self, job: _Job) -> None:
+        job.ctl.close()
+        if job.spare is not None and not _removed(job.spare):  # pragma: no cover - an empty cgroup
+            self.retired_cgroups.append(job.spare)
+        job.spare = None
+
     def _report(self, job: _Job) -> None:
         fault_log = _protocol.read_text(job.fault_fd) if job.exitcode != 0 else ""
         os.close(job.fault_fd)
@@ -484,10 +507,17 @@ class Server:
         job.data.close()
         self.by_ctl.pop(job.ctl.fileno(), None)
         job.reported = True
+        self._unwatch(job.ctl.fileno())
         if job.spare is None or job.caller_done:
-            self._unwatch(job.ctl.fileno())
             job.ctl.close()
-        # else: ctl stays open and watched, for the end-of-stream that frees the cgroup
+        else:
+            # ctl stays open for the caller's end-of-stream, which frees the cgroup. Not
+            # watched: a caller may close it only once it has read this report, and being
+            # woken for that alone would cost every call a wake-up. Looked at when a
+            # cgroup is wanted (_collect_spares).
+            self.awaiting.append(job)
+            if len(self.awaiting) > SPARE_CGROUPS_MAX:  # callers that keep theirs open
+                self._give_up_spare(self.awaiting.pop(0))
         if job.cgroup is not None and not _cgroup.remove(job.cgroup):
             self.retired_cgroups.append(job.cgroup)  # something in uninterruptible sleep
 
@@ -639,6 +669,22 @@ def _call_unread(data: _socket.socket) -> bool:
         return bool(data.recv(1, _socket.MSG_PEEK | _socket.MSG_DONTWAIT))
     except OSError:
         return False
+
+
+def _caller_gone(ctl: _socket.socket) -> bool:
+    """Whether the caller has closed its end of ``ctl`` (what it sent before is dropped:
+    its call is over)."""
+    while True:
+        try:
+            msg = _protocol.recv(ctl)
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+        if msg is None:
+            return True
+        for fd in msg.fds:
+            os.close(fd)
 
 
 def _removed(cgroup: str) -> bool:
