@@ -37,7 +37,9 @@ _WRAP = {
     "asyncproc._isolated.worker": ["forked_from_server", "_decode_call", "_apply",
                           "_encode_value", "_flush_stdio", "_end_descendants", "run_one", "_finish"],
     "asyncproc._proc.proctree": ["set_parent_death_signal", "make_subreaper", "set_comm"],
-    "asyncproc._isolated.api": ["Isolated._call_once", "_loads_value", "_ServerWorker.release"],
+    "asyncproc._isolated.api": ["Isolated._call_once"],
+    "asyncproc._isolated.outcome": ["loads_value"],
+    "asyncproc._isolated.handles": ["ServerWorker.release"],
     "asyncproc._isolated.link": ["ServerLink.take", "ServerLink.top_up"],
     "asyncproc._isolated.protocol": ["send", "recv"],
 }
@@ -127,7 +129,7 @@ class _Finder:
             def run(module):
                 exec_module(module)
                 sys.modules[name] = module
-                install({k: v for k, v in WRAP.items() if k != "asyncproc._isolated.api" and k != "asyncproc._isolated.link"})
+                install({k: v for k, v in WRAP.items() if k.rsplit(".", 1)[1] in ("server", "worker", "protocol", "proctree")})
             loader.exec_module = run
             return spec
         return None
