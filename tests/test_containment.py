@@ -36,8 +36,10 @@ pytestmark = pytest.mark.anyio
 
 
 async def _wait_for(path: Path) -> str:
+    # Written, not only created: the writer opens the file before it writes (read between
+    # the two, it is empty).
     with anyio.fail_after(30):
-        while not path.exists():
+        while not path.exists() or not path.read_text():
             await anyio.sleep(0.01)
     return path.read_text()
 
