@@ -5,6 +5,7 @@ changes, and workers forked before a change (the reserve) must never serve a lat
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -83,3 +84,17 @@ async def test_the_path_after_a_preload_is_the_callers(tmp_path: Path, monkeypat
     asyncproc.preload("json")
     monkeypatch.undo()
     assert await isolated.call(sys_path) == before == sys.path
+
+
+def test_a_worker_has_the_callers_descriptor_limit() -> None:
+    # The fork server raises its own soft limit (three descriptors per call in flight);
+    # its workers get the caller's back.
+    code = (
+        "import resource, asyncproc\n"
+        "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (min(512, hard), hard))\n"
+        "print(asyncproc.safe_call_sync(resource.getrlimit, resource.RLIMIT_NOFILE)"
+        " == resource.getrlimit(resource.RLIMIT_NOFILE))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "True", out.stdout + out.stderr

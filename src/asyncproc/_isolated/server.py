@@ -752,8 +752,11 @@ def _raise_fd_limit() -> None:
     # Three descriptors per call in flight: the default soft limit (often 1024) would
     # cap concurrency far below what the hard limit allows. Workers get the usual one back.
     global _worker_nofile
-    _worker_nofile = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (_worker_nofile[1], _worker_nofile[1]))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard:  # nothing to raise, nothing for a worker to restore (a call saved)
+        return
+    _worker_nofile = (soft, hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 _worker_nofile: tuple[int, int] | None = None
