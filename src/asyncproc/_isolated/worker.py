@@ -371,10 +371,9 @@ def _has_children() -> bool:
 def _end_descendants() -> None:
     """Kill and reap whatever the call left running (we are its subreaper, so it is all
     in our tree). SIGKILL: the call is over, nothing may outlive it."""
-    if not _has_children():
+    if not _has_children():  # most calls: one read, nothing else touched
         return
-    _proctree.kill_and_reap(_proctree.descendants(os.getpid()))
-    _proctree.reap_exited_children()
+    _proctree.Adopted().end(_proctree.KILL_BOUND_S)
 
 
 def _finish(data: _socket.socket, tag: bytes, body: bytes, exitcode: int = 0) -> NoReturn:
