@@ -199,7 +199,8 @@ def _nproc(option: str, value: str) -> int:
 
 def _gpu_count() -> int:
     """GPUs as the NUMA code finds them (PCI devices, in CUDA_VISIBLE_DEVICES' order)."""
-    from .. import _numa_place, numa
+    from .. import numa
+    from .._numa import place as _numa_place
 
     try:
         return len(_numa_place.visible_gpus(numa.system_topology()))
