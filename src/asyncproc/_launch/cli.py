@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
 import os
 import resource
 import signal
@@ -494,8 +495,10 @@ def _grace(option: str, value: str | None) -> float:
         grace = float(value)
     except ValueError:
         raise UsageError(option, value, "is not a number of seconds") from None
-    if not grace >= 0:
+    if not grace >= 0:  # NaN too
         raise UsageError(option, value, "must be >= 0")
+    if math.isinf(grace):  # LaunchConfig's rule (_validate.check_seconds), said in this CLI's words
+        raise UsageError(option, value, "must be finite (every wait is bounded)")
     return grace
 
 
