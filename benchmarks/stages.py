@@ -35,7 +35,9 @@ _WRAP = {
                           "Server._finish_job", "Server._drain", "Server._report", "Server._on_ctl"],
     "asyncproc._isolated.worker": ["forked_from_server", "prepare_process", "_decode_call", "_apply", "_encode_value",
                           "_flush_stdio", "_end_descendants"],
-    "asyncproc._isolated.api": ["Isolated._call_once", "_loads_value", "_ServerWorker.release"],
+    "asyncproc._isolated.api": ["Isolated._call_once"],
+    "asyncproc._isolated.outcome": ["loads_value"],
+    "asyncproc._isolated.handles": ["ServerWorker.release"],
     "asyncproc._isolated.link": ["ServerLink.take", "ServerLink.top_up"],
     "asyncproc._isolated.protocol": ["send", "recv"],
 }

@@ -3,10 +3,10 @@ that an upgrade that changes one fails loudly in this file, not as a confusing f
 somewhere else (or, worse, as a feature that silently stops working).
 
 * ``cloudpickle.cloudpickle._should_pickle_by_reference`` and
-  ``_get_or_create_tracker_id`` (``_isolated.api._track_dynamic_classes``): a class defined in
+  ``_get_or_create_tracker_id`` (``_isolated.handles._track_dynamic_classes``): a class defined in
   a function comes back from a "fork" child as the same class, so ``except`` catches it.
 * the bytes ``b"cloudpickle"`` in the pickle of a function sent by value, and not in one
-  sent by reference (``_isolated.api._BY_VALUE_MARK``: when to preload cloudpickle).
+  sent by reference (``_isolated.handles._BY_VALUE_MARK``: when to preload cloudpickle).
 * ``os.environ._data`` (``_isolated.link``): the encoded environment, compared with one
   ``==`` per call to tell whether the fork server's copy is still current.
 """
@@ -19,7 +19,7 @@ import pickle
 import cloudpickle
 from cloudpickle import cloudpickle as cp
 
-from asyncproc._isolated import api as _isolated
+from asyncproc._isolated import handles as _isolated
 
 
 def make_local_class() -> type:

@@ -24,7 +24,8 @@ The tree::
 What is *not* here, on purpose: a call that runs past its timeout raises the builtin
 ``TimeoutError``; a call whose caller is cancelled sees the cancellation unchanged; bad
 arguments raise ``TypeError``/``ValueError`` before any process starts; an exception raised
-by the called function is re-raised as itself.
+by the called function is re-raised as itself. ``ServerLost`` (a call that reached no
+worker) is internal: the call is retried once, then it is a plain ``AsyncprocError``.
 """
 
 from __future__ import annotations
@@ -198,3 +199,11 @@ class SupervisorGaveUp(AsyncprocError):
 
 class ConfigError(AsyncprocError, ValueError):
     """The file cannot be used; the message says where and what was expected."""
+
+
+class ServerLost(AsyncprocError):
+    """Internal, never raised to users: the fork server died before our call reached a
+    worker, so it never ran and is safe to retry."""
+
+    def __init__(self) -> None:
+        super().__init__("the asyncproc fork server died before the call reached a worker (its stderr may say why)")
