@@ -524,7 +524,7 @@ def _leftovers(bound_s: float = 5.0) -> list[str]:
     deadline = time.monotonic() + bound_s
     me = psutil.Process()
     while True:
-        _proctree.reap_exited_children()
+        _proctree.Adopted().step(None)
         kids = [p for p in me.children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE]
         if not kids or time.monotonic() > deadline:
             break
@@ -536,7 +536,7 @@ def _leftovers(bound_s: float = 5.0) -> list[str]:
             p.send_signal(signal.SIGKILL)
         except Exception:  # noqa: BLE001
             pass
-    _proctree.reap_exited_children()
+    _proctree.Adopted().step(None)
     return found
 
 

@@ -240,7 +240,7 @@ def _leftovers(settle: float = 3.0) -> list[str]:
 
     deadline = time.monotonic() + settle
     while True:
-        _proctree.reap_exited_children()  # we are a subreaper: orphans come to us
+        _proctree.Adopted().step(None)  # we are a subreaper: orphans come to us
         found = [f"{p.pid} {_comm(p.pid)} {_origin(p.pid)}" for p in psutil.Process().children(recursive=True)
                  if _comm(p.pid) not in LONG_LIVED and p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
         if not found or time.monotonic() > deadline:
@@ -298,7 +298,7 @@ def run_backend(backend: str, args: argparse.Namespace) -> dict[str, Any]:
     # After its interpreter exited: what it started must be gone with it (its guardian).
     deadline = time.monotonic() + 3.0
     while True:
-        _proctree.reap_exited_children()
+        _proctree.Adopted().step(None)
         after = [p.pid for p in psutil.Process().children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE]
         if not after or time.monotonic() > deadline:
             break
@@ -311,7 +311,7 @@ def run_backend(backend: str, args: argparse.Namespace) -> dict[str, Any]:
         except (ProcessLookupError, psutil.Error):
             pass
     psutil.wait_procs(strays, timeout=2)
-    _proctree.reap_exited_children()
+    _proctree.Adopted().step(None)
     result["left_after"] = after
     return result
 

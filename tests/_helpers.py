@@ -6,9 +6,6 @@ gone for ``gone``), but ``assert_gone`` also wants it reaped (no zombie left beh
 
 from __future__ import annotations
 
-import contextlib
-import os
-
 import psutil
 import pytest
 
@@ -41,16 +38,6 @@ def wait_gone_and_reap(pids: list[int], timeout: float) -> list[int]:
     """Wait up to ``timeout`` (on pidfds: woken by the exits, not by a timer) for ``pids``
     to exit, reap those that are our children (the test process is a subreaper, so
     orphans come to it); the pids still alive."""
-    fds = []
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            fds.append(os.pidfd_open(pid))
-    try:
-        _proctree.wait_fds(fds, timeout)
-    finally:
-        for fd in fds:
-            os.close(fd)
-    for pid in pids:
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, os.WNOHANG)
+    _proctree.wait_pids(pids, timeout)
+    _proctree.Adopted(among=pids).step(None)
     return [pid for pid in pids if alive(pid)]

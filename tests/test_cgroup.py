@@ -68,7 +68,7 @@ def test_kill_ends_every_process_and_remove_leaves_nothing(bomb: bool) -> None:
         os.close(ready_w)
         os.kill(pid, signal.SIGKILL) if not _proctree.has_exited(pid) else None
         os.waitpid(pid, 0)
-        _proctree.reap_exited_children()  # the test process is a subreaper: orphans are ours
+        _proctree.Adopted().step(None)  # the test process is a subreaper: orphans are ours
         _cgroup.kill(path)
         _cgroup.remove(path)
 

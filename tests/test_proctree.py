@@ -73,3 +73,93 @@ async def test_wait_exit_is_event_driven(anyio_backend: object, with_pidfd: bool
             os.close(fd)
     assert _proctree.reap(proc.pid) == -signal.SIGKILL
     proc.returncode = -signal.SIGKILL
+
+
+# A chain of orphans-to-be: a child that starts a setsid session, double-forks and exits;
+# its child and grandchild are re-parented to the nearest subreaper, one level at a time
+# as each dies. The middle one ignores SIGTERM (a graceful stop must escalate). ``chain()``
+# returns its caller's pid and the pids of the two that live on.
+CHAIN = """
+import os, signal, sys
+
+def chain():
+    r, w = os.pipe()
+    if os.fork() == 0:
+        os.setsid()
+        if os.fork() == 0:
+            if os.fork() == 0:
+                os.write(w, b"%d " % os.getpid())
+                signal.pause()
+            os.write(w, b"%d " % os.getpid())
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            signal.pause()
+        os._exit(0)
+    pids = b""
+    while pids.count(b" ") < 2:
+        pids += os.read(r, 64)
+    os.close(r)
+    os.close(w)
+    return os.getpid(), [int(pid) for pid in pids.split()]
+"""
+
+# A subreaper leaves the chain, ends it with the one orphan reaper as ``sys.argv[1]``
+# says, and prints the chain's pids and the children it still has.
+ORPHANS = CHAIN + """
+from asyncproc._proc import proctree as p
+
+p.make_subreaper()
+_, orphans = chain()
+mode = sys.argv[1]
+adopted = p.Adopted()
+if mode == "end":
+    adopted.end(10.0)
+elif mode == "steps":  # single non-blocking steps, one reap each, as the fork server takes them
+    steps = 0
+    while left := adopted.step(batch=1):
+        steps += 1
+        p.wait_pids(left, 10.0)
+    assert steps >= 3, steps  # a level per round: the chain cannot all end in one
+else:
+    import anyio
+
+    anyio.run(adopted.end_async, signal.SIGTERM, 0.5, backend=mode)
+print(*orphans, "|", p.own_children())
+"""
+
+
+@pytest.mark.parametrize("mode", ["end", "steps", "asyncio", "trio"])
+def test_the_orphan_reaper_ends_and_reaps_a_double_forked_setsid_chain(mode: str) -> None:
+    started = time.monotonic()
+    out = subprocess.run([sys.executable, "-c", ORPHANS, mode], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    orphans, left = out.stdout.split("|")
+    assert left.strip() == "[]", "an orphan was left unreaped"
+    for pid in map(int, orphans.split()):
+        assert not os.path.exists(f"/proc/{pid}"), f"orphan {pid} outlived the reaper"
+    assert time.monotonic() - started < 20  # at once, not at a bound
+
+
+# The isolated-call users of the reaper: a call returns and leaves the chain. The worker
+# (a subreaper) ends and reaps it before it exits; a worker the fork server ended first
+# leaves it to the server, which does the same. Without cgroups, so no cgroup kill does
+# the work instead. Prints the chain's pids still there (as processes or zombies) once the
+# worker has exited and the server, if any, has stopped.
+WORKER_CHAIN = CHAIN + """
+import anyio, asyncproc
+from asyncproc._isolated.link import link
+from asyncproc._proc import proctree as p
+
+p.make_subreaper()
+worker, pids = anyio.run(asyncproc.Isolated(start_method=sys.argv[1], timeout=30).call, chain)
+p.wait_pids([worker], 30.0)  # its reaper runs after it answered, before it exits
+link.stop()  # the server ends and reaps what it adopted before it exits
+print([pid for pid in pids if os.path.exists(f"/proc/{pid}")])
+"""
+
+
+@pytest.mark.parametrize("method", ["fork", "forkserver"])
+def test_an_isolated_call_leaves_no_part_of_a_setsid_chain(method: str) -> None:
+    env = {**os.environ, "ASYNCPROC_NO_CGROUP": "1"}
+    out = subprocess.run([sys.executable, "-c", WORKER_CHAIN, method], capture_output=True, text=True, timeout=90, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", "part of the chain was left behind"

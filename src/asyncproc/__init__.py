@@ -34,8 +34,9 @@ if TYPE_CHECKING:
         SupervisorGaveUp,
     )
     from ._isolated.api import Isolated, preload, safe_call, safe_call_sync
+    from ._launch.config import LaunchConfig, LaunchResult, RankResult
     from ._launch.errorfile import record
-    from ._launch.launcher import LaunchConfig, LaunchResult, RankResult, start_processes
+    from ._launch.launcher import start_processes
     from ._subprocess.handler import SubprocessHandler, get_subprocess_handler
     from ._supervise.specs import Backoff, Call, ChildStatus, Command, Event, Task
     from ._supervise.supervisor import Supervisor
@@ -52,12 +53,12 @@ _EXPORTS = {
     "Command": "._supervise.specs",
     "Event": "._supervise.specs",
     "Isolated": "._isolated.api",
-    "LaunchConfig": "._launch.launcher",
+    "LaunchConfig": "._launch.config",
     "LaunchFailed": "._exceptions",
-    "LaunchResult": "._launch.launcher",
+    "LaunchResult": "._launch.config",
     "MemoryLimitExceeded": "._exceptions",
     "NumaOptions": ".numa",
-    "RankResult": "._launch.launcher",
+    "RankResult": "._launch.config",
     "RemoteError": "._exceptions",
     "SubprocessHandler": "._subprocess.handler",
     "Supervisor": "._supervise.supervisor",

@@ -217,14 +217,14 @@ class ServerWorker(Worker):
             members = _cgroup.procs(self.cgroup)
             _cgroup.kill(self.cgroup)
             await _cgroup.wait_empty_async(self.cgroup, KILL_BOUND_S)
-            _proctree.reap_each(members)  # re-parented to us if we are a subreaper
+            _proctree.Adopted(among=members).step(None)  # re-parented to us if we are a subreaper
         else:
             # The group id stays reserved while any member lives, so these are the
             # worker's group (or, with the group empty, nothing).
             group = _proctree.group_members(self.pid)
             _proctree.signal_tree(None, group, signal.SIGKILL)
             with anyio.move_on_after(KILL_BOUND_S):
-                await _proctree.reap_adopted(self.pid, group)
+                await _proctree.Adopted.left_by(self.pid, group).reap_when_exited()
         link.check_server()  # reap the dead server, remove its cgroups
 
     def release(self) -> None:
@@ -296,8 +296,8 @@ class OwnWorker(Worker):
             if self.cgroup is not None:
                 self._kill_cgroup(self.cgroup)
                 await _cgroup.wait_empty_async(self.cgroup, KILL_BOUND_S)
-                _proctree.reap_each(self.members - {self.pid})
-            await _proctree.reap_adopted(self.pid, self.tree)
+                _proctree.Adopted(keep=(self.pid,), among=self.members).step(None)
+            await _proctree.Adopted.left_by(self.pid, self.tree).reap_when_exited()
         if self.cgroup is not None and _cgroup.remove(self.cgroup):
             self.cgroup = None
         code = _proctree.reap(self.pid)

@@ -251,7 +251,7 @@ class ServerLink:
             members = _cgroup.procs(cgroup, recursive=True)
             _cgroup.kill(cgroup)
             _cgroup.wait_empty(cgroup, _STOP_BOUND_S)
-            _proctree.reap_each(members)  # re-parented to us if we are a subreaper
+            _proctree.Adopted(among=members).step(None)  # re-parented to us if we are a subreaper
             _cgroup.remove(cgroup)
 
     def server_stopped(self) -> bool:

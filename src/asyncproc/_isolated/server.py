@@ -89,7 +89,7 @@ class Server:
         self.cgroup_root = cgroup_root
         self.cgroup_names = itertools.count()
         self.retired_cgroups: list[str | None] = []
-        self.killed: set[int] = set()  # adopted orphans SIGKILLed, not yet reaped
+        self.adopted = _proctree.Adopted(keep=self.jobs)  # orphans of dead workers' trees
         self.reap_pending = False  # the last reaping stopped at its batch size
         self.stop_signal = 0
         wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -260,7 +260,7 @@ class Server:
             return
         if sig == signal.SIGKILL:
             # No tree walk (a scan of all of /proc): the worker is a subreaper, so once it
-            # is dead whatever escaped its group is re-parented to us, and _kill_adopted
+            # is dead whatever escaped its group is re-parented to us, and self.adopted
             # finds it from our own children list.
             _proctree.signal_tree(job.pid, (), sig)
             if job.cgroup is not None:
@@ -306,8 +306,7 @@ class Server:
             if job is not None:
                 self._finish_job(job, info)
             else:
-                self.killed.discard(info.si_pid)
-                os.waitpid(info.si_pid, 0)  # already exited: returns at once
+                self.adopted.reap(info.si_pid)  # an orphan; already exited: returns at once
         else:
             self.reap_pending = True  # back to select() with no wait, then on
 
@@ -323,23 +322,6 @@ class Server:
         os.waitpid(job.pid, 0)
         job.deadline = time.monotonic() + _KILL_BOUND_S
         self.draining.append(job)
-
-    def _kill_adopted(self) -> bool:
-        """SIGKILL every live child we did not fork: orphans of dead workers' trees (their
-        own children come to us when they die: the next round gets those). Whether any
-        was found. By pid and safely: an unreaped child's pid cannot be reused."""
-        known = set(self.jobs)
-        children = _proctree.own_children()
-        if children is None:  # pragma: no cover - kernels without CONFIG_PROC_CHILDREN
-            children = [p.pid for p in _proctree.descendants(self.pid) if p.ppid() == self.pid]
-        found = False
-        for pid in children:
-            if pid not in known:
-                found = True
-                if pid not in self.killed:  # once each: a thousand orphans, a thousand kills
-                    self.killed.add(pid)
-                    _kill_quietly(pid)
-        return found
 
     def _drain(self) -> float | None:
         """Report the draining calls whose trees are gone (or out of time); the seconds
@@ -357,8 +339,9 @@ class Server:
         # would hear nothing until its own timeout.
         self._reap_all(_REAP_BATCH)
         started = self.draining
-        # SIGKILLs each orphan once (cgroup.kill did already); with zombies still to reap, later.
-        adopted = self.reap_pending or self._kill_adopted()
+        # SIGKILLs each orphan once (cgroup.kill did already; workers are subreapers, so an
+        # orphan reaching us comes from a dead worker's tree); with zombies to reap, later.
+        adopted = self.reap_pending or bool(self.adopted.step(batch=_REAP_BATCH))
         now = time.monotonic()
         waiting = []
         for job, job_empty in zip(draining, empty, strict=True):
@@ -448,12 +431,12 @@ class Server:
         self._reap_all()
         while time.monotonic() < deadline:
             populated = self.cgroup_root is not None and _cgroup.populated(self.cgroup_root)
-            if not self._kill_adopted() and not populated:
+            if not self.adopted.step() and not populated:
                 break
             _proctree.wait_fds([self.wake_r], 0.01)  # SIGCHLD: the next one died
             _drain_pipe(self.wake_r)
             self._reap_all()
-        _proctree.reap_exited_children()  # before the reports: every report means "reaped"
+        _proctree.Adopted().step(None)  # every exited child, before the reports: each means "reaped"
         while self.draining:  # a round may start some draining: each is reported
             for job in self.draining:
                 job.deadline = 0.0

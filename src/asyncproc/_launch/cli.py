@@ -29,7 +29,8 @@ from typing import Any
 import anyio
 
 from .._subprocess.handler import DEFAULT_GRACE_S
-from .launcher import BOTH, DEFAULT_PREFIX, DEFAULT_SIGNALS, LaunchConfig, StdSpec, start_processes
+from .config import BOTH, DEFAULT_PREFIX, DEFAULT_SIGNALS, LaunchConfig, StdSpec
+from .launcher import start_processes
 
 __all__ = ["configure_parser", "cli"]
 

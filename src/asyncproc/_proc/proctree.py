@@ -20,21 +20,20 @@ import os
 import select
 import signal
 import time
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (and re) at run time
 
 if TYPE_CHECKING:  # imported where used: the fork server and its workers stay lean
     import psutil
 
-    from .._subprocess.guardian_main import Stat
+    from .procfs import Stat
 
 __all__ = [
     "KILL_BOUND_S",
-    "kill_and_reap",
+    "Adopted",
     "libc",
     "pidfds_of",
-    "reap_pidfds",
     "descendants",
     "exitcode_of",
     "make_subreaper",
@@ -51,12 +50,10 @@ __all__ = [
     "has_exited",
     "own_children",
     "children_of",
-    "reap_exited_children",
-    "reap_adopted",
-    "reap_each",
     "group_members",
     "wait_exit",
     "wait_gone",
+    "wait_pids",
 ]
 
 _PR_SET_PDEATHSIG = 1
@@ -170,7 +167,7 @@ def shared_scan() -> dict[int, Stat]:
     scans, not one per caller (each takes tens of milliseconds with hundreds of processes).
     """
     global _latest_scan
-    from .._subprocess.guardian_main import scan
+    from .procfs import scan
 
     asked = time.monotonic()
     with _scan_lock:
@@ -185,10 +182,10 @@ def shared_scan() -> dict[int, Stat]:
 def family_of(pid: int, starttime: int, table: dict[int, Stat]) -> list[psutil.Process]:
     """What belongs to our child ``pid`` besides itself, from one /proc ``table``: its
     descendants and the members of the group or session it leads (see
-    ``_subprocess.guardian_main.family``: after ``pid`` is reaped, only while its group id is ours)."""
+    ``procfs.family``: after ``pid`` is reaped, only while its group id is ours)."""
     import psutil
 
-    from .._subprocess.guardian_main import family
+    from .procfs import family
 
     found = []
     for member in family({pid: starttime}, table):
@@ -259,50 +256,42 @@ def pidfds_of(procs: Iterable[psutil.Process]) -> tuple[dict[int, psutil.Process
     """pidfds of the processes of a snapshot that are still those processes, and those
     still running that have none (a kernel without pidfds).
 
-    Checked after pidfd_open, by create time: the pid may have been recycled between the
-    snapshot and pidfd_open, and once the pidfd is open it can no longer be. Zombies stay:
-    they may be ours to reap.
+    Checked after pidfd_open (``procfs.pidfd_if``), by psutil's create time: the pid may
+    have been recycled since the snapshot. Zombies stay: they may be ours to reap.
     """
-    import psutil
+    from functools import partial
+
+    from .procfs import pidfd_if
 
     fds: dict[int, psutil.Process] = {}
     unwatched: list[psutil.Process] = []
     for proc in procs:
-        fd = pidfd_open(proc.pid)
-        running = False
-        try:
-            running = proc.is_running()
-            if fd is None and running and proc.status() != psutil.STATUS_ZOMBIE:
-                unwatched.append(proc)
-        except psutil.Error:
-            pass
-        if fd is not None and running:
+        fd = pidfd_if(proc.pid, partial(_running, proc))
+        if fd is not None:
             fds[fd] = proc
-        elif fd is not None:
-            os.close(fd)
+        elif _running(proc) and not _zombie(proc):
+            unwatched.append(proc)
     return fds, unwatched
 
 
-def reap_pidfds(fds: Iterable[int]) -> None:
-    """Reap those of ``fds`` that exited and are our children (re-parented to us when we
-    are a child subreaper), or they would stay zombies; other parents reap their own."""
-    for fd in fds:
-        try:  # P_PIDFD: exactly the process the pidfd names, never a recycled pid
-            os.waitid(os.P_PIDFD, fd, os.WEXITED | os.WNOHANG)
-        except ChildProcessError:  # not ours to reap
-            pass
+def _running(proc: psutil.Process) -> bool:
+    """Still the process of the snapshot (psutil compares the create time), zombie or not."""
+    import psutil
+
+    try:
+        return proc.is_running()
+    except psutil.Error:
+        return False
 
 
-def kill_and_reap(procs: list[psutil.Process]) -> None:
-    """SIGKILL a snapshot, wait (``KILL_BOUND_S`` at most) for it to vanish, and reap those
-    that are our children (adopted orphans, when we are a subreaper)."""
-    signal_tree(None, procs, signal.SIGKILL)
-    wait_gone(procs, KILL_BOUND_S)
-    for proc in procs:
-        try:
-            os.waitpid(proc.pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
+def _zombie(proc: psutil.Process) -> bool:
+    import psutil
+
+    try:
+        return proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return True
+
 
 
 def wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
@@ -347,16 +336,6 @@ def has_exited(pid: int) -> bool:
         return True
 
 
-def reap_exited_children() -> None:
-    """Reap every child of ours that has exited, without waiting for the others."""
-    while True:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
-
 
 def group_members(pgid: int) -> list[psutil.Process]:
     """Every live process of group ``pgid``: one pass over /proc with a getpgid() each
@@ -397,14 +376,6 @@ def _task_children(pid: str) -> list[int]:
     return pids
 
 
-def reap_each(pids: Iterable[int]) -> None:
-    """Reap those of ``pids`` that are our exited children; skip the rest."""
-    for pid in pids:
-        try:
-            os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
-
 
 def own_children() -> list[int] | None:
     """This process's direct children, from /proc (cheap: no scan of every process);
@@ -415,33 +386,164 @@ def own_children() -> list[int] | None:
         return None
 
 
-async def reap_adopted(leader: int, snapshot: Iterable[psutil.Process]) -> None:
-    """Reap what the death of ``leader`` (our exited, *unreaped* child) re-parented to us.
-
-    That happens only when we are a subreaper; otherwise init adopts and reaps them and
-    nothing here finds a child. Members of ``leader``'s group are found among our own
-    children; those that had left the group are in ``snapshot``. Each is awaited on a pidfd
-    (the caller bounds the wait) and reaped; ``leader`` itself is left for last, so its pid
-    keeps reserving the group id meanwhile.
-    """
-    import anyio
-
-    members = [pid for pid in own_children() or () if pid != leader and _pgid_of(pid) == leader]
-    for pid in {*members, *(p.pid for p in snapshot)} - {leader}:
-        fd = pidfd_open(pid)
-        if fd is not None:
-            try:
-                await anyio.wait_readable(fd)
-            finally:
-                os.close(fd)
-        try:
-            os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
-
 
 def _pgid_of(pid: int) -> int | None:
     try:
         return os.getpgid(pid)
     except OSError:
         return None
+
+
+class Adopted:
+    """The one orphan reaper: ends and reaps what was re-parented to us (we are a child
+    subreaper) that we did not start ourselves: the leftovers of a dead child's tree.
+
+    Found from our own children list (one read, never a scan of /proc) or, on the caller
+    side where other children belong to their handlers, among the pids given. Each is
+    signalled by pid, and that is safe: the pid of a child we have not reaped cannot be
+    reused. A killed orphan's own children are re-parented to us when it dies: the next
+    round finds them, so rounds go on until none is left.
+
+    ``step`` is one bounded round that never blocks (the fork server takes one between
+    requests); ``end`` drives rounds to the end, blocking (a worker), and ``end_async``
+    awaits them (the launcher), each within a bound. ``left_by`` + ``reap_when_exited``
+    reap what a dead worker left (the isolated caller); ``reap_pidfds`` what a handler's
+    tree left, by pidfd.
+    """
+
+    __slots__ = ("keep", "among", "signalled")
+
+    def __init__(self, keep: Container[int] = (), among: Iterable[int] | None = None) -> None:
+        self.keep = keep  # our own children (a live view: the fork server's jobs): never touched
+        self.among = None if among is None else list(among)  # None: every child not kept
+        self.signalled: dict[int, int] = {}  # pid -> the signal sent it, until it is reaped
+
+    @classmethod
+    def left_by(cls, leader: int, snapshot: Iterable[psutil.Process]) -> Adopted:
+        """What the death of ``leader`` (our exited, *unreaped* child) re-parented to us:
+        the members of its group among our children, and those of ``snapshot`` (they had
+        left the group). ``leader`` is kept: reaped last by the caller, its pid reserves
+        the group id meanwhile. Only when we are a subreaper: otherwise init adopts them,
+        and none is ours to reap."""
+        members = [pid for pid in own_children() or () if pid != leader and _pgid_of(pid) == leader]
+        return cls(keep=(leader,), among={*members, *(p.pid for p in snapshot)})
+
+    def found(self) -> list[int]:
+        """Those of ours now: living, or exited and not reaped yet."""
+        if self.among is not None:
+            return [pid for pid in self.among if pid not in self.keep]
+        children = own_children()
+        if children is None:  # pragma: no cover - kernels without CONFIG_PROC_CHILDREN
+            me = os.getpid()
+            children = [p.pid for p in descendants(me) if p.ppid() == me]
+        return [pid for pid in children if pid not in self.keep]
+
+    def reap(self, pid: int) -> bool:
+        """Reap ``pid`` if it has exited; whether it is done with (reaped, or not ours)."""
+        try:
+            done = os.waitpid(pid, os.WNOHANG)[0] == pid
+        except ChildProcessError:  # not our child (any more): its parent reaps it
+            done = True
+        if done:
+            self.signalled.pop(pid, None)
+        return done
+
+    def step(self, sig: int | None = signal.SIGKILL, batch: int = 1 << 30) -> list[int]:
+        """One round that never blocks: reap (``batch`` at most: the kernel takes a while
+        to release each) those that have exited, send ``sig`` once to each other one
+        (None: signal nobody); those left, unreaped."""
+        left: list[int] = []
+        for pid in self.found():
+            if sig is not None and self.signalled.get(pid) != sig:
+                self.signalled[pid] = sig
+                _kill_quietly(pid, sig)
+            elif batch > 0:  # signalled before: it may be a zombie by now
+                batch -= 1
+                if self.reap(pid):
+                    continue
+            left.append(pid)
+        return left
+
+    def end(self, bound: float) -> None:
+        """SIGKILL and reap every one, and those their deaths hand us, blocking up to
+        ``bound`` seconds."""
+        deadline = time.monotonic() + bound
+        while left := self.step(signal.SIGKILL):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            # ``left`` are our unreaped children: only a kernel without pidfds (< 5.3) has
+            # none to watch, and there we can but poll, bounded.
+            if not wait_pids(left, remaining):  # pragma: no cover
+                time.sleep(min(remaining, 0.005))
+
+    @staticmethod
+    def reap_pidfds(fds: Iterable[int]) -> None:
+        """Reap those of ``fds`` (pidfds of a tree snapshot) that have exited and were
+        re-parented to us; other parents reap their own. By pidfd (P_PIDFD): exactly
+        those processes, never a recycled pid that may now be another handler's child."""
+        for fd in fds:
+            try:
+                os.waitid(os.P_PIDFD, fd, os.WEXITED | os.WNOHANG)
+            except ChildProcessError:  # not ours to reap
+                pass
+
+    async def reap_when_exited(self) -> None:
+        """Wait for each one to exit (they were signalled: on its pidfd; the caller bounds
+        the wait) and reap it."""
+        import anyio
+
+        for pid in self.found():
+            fd = pidfd_open(pid)
+            if fd is not None:
+                try:
+                    await anyio.wait_readable(fd)
+                finally:
+                    os.close(fd)
+            self.reap(pid)
+
+    async def end_async(self, sig: int | None, grace: float) -> None:
+        """Send ``sig`` to each one's whole tree (None: they are signalled already), wait
+        up to ``grace`` seconds, then SIGKILL what is left, and reap; rounds bounded.
+
+        Trees, from one /proc scan on a worker thread: a graceful signal to an orphan does
+        not reach its descendants, which must get the chance to stop cleanly too.
+        """
+        import anyio
+
+        for _ in range(_ADOPTED_ROUNDS):
+            found = self.step(None)  # reaps those that have exited
+            tree = await anyio.to_thread.run_sync(trees_of, found) if found else []
+            if not tree:
+                return
+            for each, bound in ((sig, grace), (signal.SIGKILL, KILL_BOUND_S)):
+                if each is not None:
+                    signal_tree(None, tree, each)
+                tree = await anyio.to_thread.run_sync(wait_gone, tree, bound)
+                if not tree:
+                    break
+        self.step(None)
+
+
+# A killed orphan's own descendants are re-parented to us in turn: that many rounds at most.
+_ADOPTED_ROUNDS = 3
+
+
+def _kill_quietly(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def wait_pids(pids: Iterable[int], timeout: float) -> bool:
+    """Until each of ``pids`` has exited (on pidfds: woken by the exits, not a timer),
+    ``timeout`` at most; one already gone counts as exited. Whether any could be watched
+    (False too where the kernel has no pidfds)."""
+    fds = [fd for fd in map(pidfd_open, pids) if fd is not None]
+    try:
+        wait_fds(fds, timeout)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return bool(fds)

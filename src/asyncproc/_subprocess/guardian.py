@@ -37,6 +37,8 @@ import sys
 import threading
 from pathlib import Path
 
+from .._proc import cgroup as _cgroup
+from .._proc import procfs as _procfs
 from .._proc import proctree as _proctree
 from . import guardian_main as _guardian_main
 
@@ -46,7 +48,8 @@ __all__ = ["register", "unregister", "register_cgroup", "register_folder", "unre
 
 log = logging.getLogger("asyncproc")
 
-_MAIN = str(Path(_guardian_main.__file__).resolve())
+# The script and the stdlib-only core modules it loads by path (it runs outside the package).
+_COMMAND = [str(Path(m.__file__ or "").resolve()) for m in (_guardian_main, _procfs, _cgroup)]
 _EXIT_BOUND_S = 2.0  # at interpreter exit, how long the guardian may take to sweep and exit
 
 _lock = threading.RLock()  # handlers may spawn from several threads / event loops
@@ -61,7 +64,7 @@ _warned = False
 
 def register(pid: int) -> None:
     """Have ``pid`` (our unreaped child) killed if this process dies before reaping it."""
-    stat = _guardian_main.read_stat(pid)
+    stat = _procfs.read_stat(pid)
     if stat is None:  # pragma: no cover - an unreaped child always has a /proc entry
         return
     with _lock:
@@ -164,7 +167,7 @@ def _start() -> bool:
         if early:
             os.write(write_end, state)
         _proc = subprocess.Popen(
-            [sys.executable, "-I", "-S", _MAIN],
+            [sys.executable, "-I", "-S", *_COMMAND],
             stdin=read_end,
             stdout=subprocess.DEVNULL,
             # Its own session: Ctrl-C or a kill of our process group must not reach it

@@ -1,8 +1,10 @@
 """The guardian process: kills a parent's children when the parent dies.
 
-Run as a script (``python -I -S .../guardian_main.py``), never imported into it, so the
-guardian boots in a few milliseconds with nothing but the standard library. The parent side
-lives in ``guardian.py`` and imports the /proc helpers below.
+Run as a script (``python -I -S .../guardian_main.py PROCFS CGROUP``), never imported into
+it, so the guardian boots in a few milliseconds with nothing but the standard library. The
+parent side lives in ``guardian.py``. The /proc, pidfd and cgroup helpers are the process
+core's own stdlib-only modules (``_proc/procfs.py``, ``_proc/cgroup.py``), loaded from the
+paths the parent passes (their ``__file__``): the library and the guardian share one copy.
 
 Protocol, on stdin (the read end of the parent's *lifeline* pipe; only the parent holds the
 write end)::
@@ -31,101 +33,15 @@ import signal
 import sys
 from typing import NamedTuple
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from types import ModuleType
+
+    from .._proc.procfs import Stat
+
 COMM = "asyncproc-srv"  # the name the test suite's leak check accepts as long-lived
 MAX_SWEEPS = 10  # a fork bomb could outrun one sweep; stop retrying after this many
 CGROUP_EMPTY_BOUND_S = 2.0  # after cgroup.kill; only uninterruptible sleep takes longer
-
-
-class Stat(NamedTuple):
-    """The fields of /proc/PID/stat that identify a process and its family."""
-
-    ppid: int
-    pgrp: int
-    session: int
-    starttime: int  # clock ticks after boot: with the pid, unique for the machine's uptime
-    zombie: bool
-
-
-def read_stat(pid: int) -> Stat | None:
-    """``pid``'s stat, or None when there is no such process."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            raw = f.read()
-    except OSError:
-        return None
-    # The command name (field 2) is in parentheses and may itself hold ") " or spaces:
-    # split after the *last* closing parenthesis.
-    fields = raw[raw.rindex(b")") + 2 :].split()
-    return Stat(
-        ppid=int(fields[1]),
-        pgrp=int(fields[2]),
-        session=int(fields[3]),
-        starttime=int(fields[19]),
-        zombie=fields[0] == b"Z",
-    )
-
-
-def scan() -> dict[int, Stat]:
-    """Every process on the machine (in our pid namespace)."""
-    table: dict[int, Stat] = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            stat = read_stat(int(name))
-            if stat is not None:
-                table[int(name)] = stat
-    return table
-
-
-def family(roots: dict[int, int], table: dict[int, Stat]) -> dict[int, int]:
-    """Living processes that belong to ``roots`` (pid -> starttime): the roots that are still
-    themselves, their descendants, and members of a group or session a root leads.
-
-    A group or session id stays reserved while any member lives (the kernel frees a pid
-    number only when no task uses it as pid, group or session id), so a member of group
-    ``R`` is ours even after root ``R`` itself was reaped -- unless ``R`` now names another
-    process, which proves our group is empty.
-    """
-    mine: set[int] = set()
-    leaders: set[int] = set()
-    for pid, start in roots.items():
-        stat = table.get(pid)
-        if stat is None:
-            leaders.add(pid)
-        elif stat.starttime == start:
-            mine.add(pid)
-            leaders.add(pid)
-    children: dict[int, list[int]] = {}
-    for pid, stat in table.items():
-        children.setdefault(stat.ppid, []).append(pid)
-        if stat.pgrp in leaders or stat.session in leaders:
-            mine.add(pid)
-    pending = list(mine)
-    while pending:
-        for child in children.get(pending.pop(), ()):
-            if child not in mine:
-                mine.add(child)
-                pending.append(child)
-    return {pid: table[pid].starttime for pid in mine if not table[pid].zombie}
-
-
-def kill_exactly(pid: int, starttime: int, sig: int = signal.SIGKILL) -> None:
-    """Signal ``pid`` only if it is still the process that started at ``starttime``.
-
-    Through a pidfd: once it is open, the pid cannot be recycled under us, so checking
-    the start time and then signalling is free of races.
-    """
-    try:
-        fd = os.pidfd_open(pid)
-    except OSError:
-        return
-    try:
-        stat = read_stat(pid)
-        if stat is not None and stat.starttime == starttime:
-            signal.pidfd_send_signal(fd, sig)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def marked(markers: set[bytes], table: dict[int, Stat]) -> dict[int, int]:
@@ -146,17 +62,17 @@ def marked(markers: set[bytes], table: dict[int, Stat]) -> dict[int, int]:
     return found
 
 
-def sweep(roots: dict[int, int], markers: set[bytes] = frozenset()) -> None:  # type: ignore[assignment]
+def sweep(procfs: ModuleType, roots: dict[int, int], markers: set[bytes] = frozenset()) -> None:  # type: ignore[assignment]
     """SIGKILL everything that belongs to ``roots`` or carries one of ``markers``, again
     until nothing new turns up (a process may fork between our scan and our signal)."""
     killed: set[tuple[int, int]] = set()
     for _ in range(MAX_SWEEPS):
-        table = scan()
-        found = (set(family(roots, table).items()) | set(marked(markers, table).items())) - killed
+        table = procfs.scan()
+        found = (set(procfs.family(roots, table).items()) | set(marked(markers, table).items())) - killed
         if not found:
             return
         for pid, start in found:
-            kill_exactly(pid, start)
+            procfs.kill_exactly(pid, start)
         killed |= found
 
 
@@ -207,19 +123,25 @@ def apply(reg: Registrations, line: bytes) -> None:
         reg.markers.add(bytes.fromhex(rest.decode()))
 
 
-def end_cgroups(paths: list[str]) -> None:
+def load_core(path: str) -> ModuleType:
+    """One of the process core's stdlib-only modules, from the path our parent gave (its
+    ``__file__``): we run with -I -S, outside the package, so it cannot be imported."""
+    import importlib.util
+
+    name = "_asyncproc_" + os.path.basename(path).partition(".")[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def end_cgroups(cgroup_path: str, paths: list[str]) -> None:
     """``cgroup.kill`` each cgroup (its children too), wait (bounded) and remove them."""
     if not paths:
         return
-    import importlib.util  # only now: most guardians never see a cgroup
-
-    # Loaded by path: we run with -I -S, outside the package, and it needs only the stdlib.
-    spec = importlib.util.spec_from_file_location(
-        "_asyncproc_cgroup", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "_proc", "cgroup.py")
-    )
-    assert spec is not None and spec.loader is not None
-    cgroup = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cgroup)
+    cgroup = load_core(cgroup_path)  # only now: most guardians never see a cgroup
     for path in paths:
         cgroup.kill(path)
     for path in paths:
@@ -244,9 +166,11 @@ def main() -> None:
     # (and we run in our own session, so a kill of the parent's group misses us).
     for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
+    procfs_path, cgroup_path = sys.argv[1:3]
+    procfs = load_core(procfs_path)  # now, not at EOF: the kills must not wait for imports
     reg = read_registrations(sys.stdin.fileno())
-    sweep(reg.roots, reg.markers)
-    end_cgroups(list(reg.cgroups))
+    sweep(procfs, reg.roots, reg.markers)
+    end_cgroups(cgroup_path, list(reg.cgroups))
     remove_folders(list(reg.folders))  # last: the processes writing into them are dead
 
 

@@ -44,10 +44,10 @@ from anyio.lowlevel import RunVar
 
 from .._proc import cgroup as _cgroup
 from .._proc import proctree as _proctree
+from .._proc.procfs import read_stat
 from .._validate import check_args, check_count, check_env, check_path, check_redirect, check_seconds, check_signal
 from . import guardian as _guardian
 from . import spawner as _spawner
-from .guardian_main import read_stat
 
 __all__ = ["SubprocessHandler", "get_subprocess_handler", "DEFAULT_GRACE_S", "KILL_BOUND_S"]
 
@@ -60,7 +60,7 @@ StrPath = Union[str, "os.PathLike[str]"]
 # A file path (truncated), None/"" to inherit, or -- for callers that pipe -- an open fd.
 Redirect = Union[StrPath, int, None]
 _T = TypeVar("_T")
-_Table = dict[int, Any]  # pid -> _guardian_main.Stat
+_Table = dict[int, Any]  # pid -> _proc.procfs.Stat
 
 
 class SubprocessHandler:
@@ -384,7 +384,7 @@ class SubprocessHandler:
                         tg.start_soon(_until_readable, fd)
             # Only now: a process's children are re-parented when it exits, so once the
             # whole tree has exited every orphan has reached its final parent.
-            _reap_adopted(fds)
+            _proctree.Adopted.reap_pidfds(fds)
         finally:
             for fd in fds:
                 os.close(fd)
@@ -656,12 +656,6 @@ async def _until_exited(pid: int, pidfd: int | None) -> None:
 def _pidfds(procs: list[psutil.Process]) -> list[int]:
     """pidfds of the processes of a snapshot that are still those processes."""
     return list(_proctree.pidfds_of(procs)[0])
-
-
-def _reap_adopted(fds: list[int]) -> None:
-    """Reap those of ``fds`` that exited and were re-parented to us (when this process is
-    a child subreaper), or they would stay zombies; other parents reap their own."""
-    _proctree.reap_pidfds(fds)
 
 
 def _is_alive(proc: psutil.Process) -> bool:

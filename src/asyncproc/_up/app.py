@@ -4,7 +4,7 @@ control socket, reload, and signals.
 Output: a program that writes to the console gets one pipe per stream for the life of its
 name (not per run), created here and handed to each run as ``/proc/self/fd/N`` (a
 ``Command`` takes paths; opening that path opens the same pipe). So restarts keep one
-reader, and the launcher's pump (``_launch.launcher._Pump``: whole lines, one prefixed block at a
+reader, and the launcher's pump (``_launch.output._Pump``: whole lines, one prefixed block at a
 time, through one non-blocking writer per console stream) is reused unchanged. With the
 live view, blocks go through rich above the table instead of to the raw terminal.
 
@@ -39,7 +39,7 @@ from . import control
 if TYPE_CHECKING:
     import psutil
 
-    from .._launch.launcher import _Console, _ConsoleStream, _Pump
+    from .._launch.output import _Console, _ConsoleStream, _Pump
     from .view import LiveView
 
 __all__ = ["configure_parser", "cli", "UpApp"]
@@ -79,7 +79,7 @@ class _Outputs:
         """A path that opens this child's console pipe (created on first use)."""
         key = (name, stream)
         if key not in self.write_ends:
-            from .._launch.launcher import _Pump
+            from .._launch.output import _Pump
 
             read_end, write_end = os.pipe()
             self.write_ends[key] = write_end
@@ -149,7 +149,7 @@ class UpApp:
     async def run(self) -> int:
         import asyncproc
 
-        from .._launch.launcher import _Console
+        from .._launch.output import _Console
 
         listener = await control.open_listener(self.socket_path)  # a second `up` on this socket: refused before anything starts
         console = _Console.of_this_process()
