@@ -303,7 +303,7 @@ def test_calls_leave_no_cgroup_behind(tmp_path: Path) -> None:
         for i in range(3 * _server.SPARE_CGROUPS_MAX):  # more calls than cgroups may stay
             assert await runner("forkserver").call(add, i) == i
 
-    base = _cgroup.base()
+    base = _cgroup._find_base()
     assert base is not None
     anyio.run(calls)
     assert link.cgroup is not None and link.pid is not None

@@ -216,7 +216,7 @@ def test_sigkill_of_up_leaves_nothing(tmp_path: Path, sock: Path) -> None:
     ("[programs.a]\ncommand = 'true'\nrestart = \n", r"asyncproc.toml:3: TOML syntax error"),
     ("[programs.a]\ncommand = 'true'\nmemroy_limit = '1 GiB'\n", r"asyncproc.toml:3: programs.a.memroy_limit: unknown key"),
     ("[programs.a]\ncommand = 'true'\nmemory_limit = '512 MiBs'\n", r"asyncproc.toml:3: programs.a.memory_limit: expected a size"),
-    ("[programs.a]\ncommand = 'true'\nrestart = 'sometimes'\n", r"asyncproc.toml:3: programs.a.restart: expected one of permanent"),
+    ("[programs.a]\ncommand = 'true'\nrestart = 'sometimes'\n", r"asyncproc.toml:3: programs.a.restart must be one of 'permanent'"),
 ])
 def test_bad_file_is_refused_before_anything_starts(tmp_path: Path, sock: Path, body: str, expected: str) -> None:
     marker = tmp_path / "started"
@@ -313,22 +313,42 @@ def test_live_view_under_a_pty(tmp_path: Path, sock: Path) -> None:
         os.chdir(tmp_path)
         os.environ.update(COLUMNS="110", LINES="40", TERM="xterm")
         os.execv(PY, [PY, "-m", "asyncproc", "up", "--socket", str(sock)])
+    stopping = False
     try:
-        # the table redrawn until all three are running, the programs' lines printed above it
-        screen = _read_pty(fd, re.compile(rb"(?s)(\[db\] ready.*){1}"))
+        # Every program's line printed above the table (a row shows "running" once the
+        # process started, before its interpreter printed anything: wait for the lines
+        # themselves), then the table redrawn with all three running.
+        screen = _read_pty(fd, re.compile(rb"(?s)(?=.*\[web-0\] ready 0)(?=.*\[web-1\] ready 1)(?=.*\[db\] ready)"))
         screen += _read_pty(fd, re.compile(rb"(?s)web-0.*running.*web-1.*running.*db.*running"))
         text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.decode(errors="replace"))
         for header in ("NAME", "PID", "STATE", "UPTIME", "RESTARTS", "CPU %", "RSS", "LAST EXIT"):
             assert header in text
-        assert re.search(r"\[web-0\] ready 0", text) and re.search(r"\[web-1\] ready 1", text)
         assert re.search(r"db: started \(pid \d+\)", text)  # the events beneath
         os.kill(pid, signal.SIGTERM)
+        stopping = True
         rest = _read_pty(fd, None)
         assert b"stopped" in rest
     finally:
-        _, status = os.waitpid(pid, 0)
+        if not stopping:  # an assertion failed: end up now rather than wait on it forever
+            os.kill(pid, signal.SIGKILL)
+        status = _reaped_within(pid, BOUND_S)
         os.close(fd)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def _reaped_within(pid: int, timeout: float) -> int:
+    """The wait status of our child ``pid``, waiting at most ``timeout`` (on a pidfd); a
+    child still running then is killed and reaped, and the test fails naming it."""
+    pidfd = os.pidfd_open(pid)
+    try:
+        exited = bool(select.select([pidfd], [], [], timeout)[0])
+    finally:
+        os.close(pidfd)
+    if not exited:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise AssertionError(f"asyncproc up (pid {pid}) still ran {timeout} s after SIGTERM")
+    return os.waitpid(pid, 0)[1]
 
 
 def test_help_lists_up_and_ctl() -> None:
