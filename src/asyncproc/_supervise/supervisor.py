@@ -421,10 +421,23 @@ class EventStream:
                 raise StopAsyncIteration
             self._wakeup = anyio.Event()
             await self._wakeup.wait()
+        self._report_dropped()
+        return self._buffer.popleft()
+
+    def _take_pending(self) -> list[Event]:
+        """Every event buffered now, without waiting (the iteration goes on after them).
+        For ``asyncproc up``'s view: it reads ``status()`` for its table, and must first
+        print every event that ``status()`` already reflects, or the two disagree."""
+        if self._buffer:
+            self._report_dropped()
+        pending = list(self._buffer)
+        self._buffer.clear()
+        return pending
+
+    def _report_dropped(self) -> None:
         if self._unreported:
             log.warning("asyncproc: an events() reader fell behind: %d event(s) dropped (%d in all)", self._unreported, self.dropped)
             self._unreported = 0
-        return self._buffer.popleft()
 
     def put(self, event: Event) -> None:
         if len(self._buffer) >= self._maxlen:
