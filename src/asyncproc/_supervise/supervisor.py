@@ -428,16 +428,16 @@ class EventStream:
         """Every event buffered now, without waiting (the iteration goes on after them).
         For ``asyncproc up``'s view: it reads ``status()`` for its table, and must first
         print every event that ``status()`` already reflects, or the two disagree."""
-        if self._buffer:
-            self._report_dropped()
         pending = list(self._buffer)
         self._buffer.clear()
+        if pending:  # after taking them: the warning may reach a log handler that reads us again
+            self._report_dropped()
         return pending
 
     def _report_dropped(self) -> None:
-        if self._unreported:
-            log.warning("asyncproc: an events() reader fell behind: %d event(s) dropped (%d in all)", self._unreported, self.dropped)
-            self._unreported = 0
+        unreported, self._unreported = self._unreported, 0
+        if unreported:
+            log.warning("asyncproc: an events() reader fell behind: %d event(s) dropped (%d in all)", unreported, self.dropped)
 
     def put(self, event: Event) -> None:
         if len(self._buffer) >= self._maxlen:
