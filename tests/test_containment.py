@@ -298,7 +298,7 @@ def test_calls_leave_no_cgroup_behind(tmp_path: Path) -> None:
                 await runner(method).call(setsid_children_then_crash, 5, str(tmp_path / method))
             assert await runner(method).call(add, 2) == 2
 
-    base = _cgroup.base()
+    base = _cgroup._find_base()
     assert base is not None
     anyio.run(calls)
     assert link.cgroup is not None and link.pid is not None

@@ -219,7 +219,7 @@ def test_sigkill_of_up_leaves_nothing(tmp_path: Path, sock: Path) -> None:
     ("[programs.a]\ncommand = 'true'\nrestart = \n", r"asyncproc.toml:3: TOML syntax error"),
     ("[programs.a]\ncommand = 'true'\nmemroy_limit = '1 GiB'\n", r"asyncproc.toml:3: programs.a.memroy_limit: unknown key"),
     ("[programs.a]\ncommand = 'true'\nmemory_limit = '512 MiBs'\n", r"asyncproc.toml:3: programs.a.memory_limit: expected a size"),
-    ("[programs.a]\ncommand = 'true'\nrestart = 'sometimes'\n", r"asyncproc.toml:3: programs.a.restart: expected one of permanent"),
+    ("[programs.a]\ncommand = 'true'\nrestart = 'sometimes'\n", r"asyncproc.toml:3: programs.a.restart must be one of 'permanent'"),
 ])
 def test_bad_file_is_refused_before_anything_starts(tmp_path: Path, sock: Path, body: str, expected: str) -> None:
     marker = tmp_path / "started"

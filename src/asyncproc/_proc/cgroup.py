@@ -41,7 +41,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "available",
-    "base",
     "create",
     "attach",
     "kill",
@@ -106,11 +105,6 @@ def _find_base() -> str | None:
         own = own[len(root.rstrip("/")) :] or "/"
     path = os.path.normpath(point + "/" + own.lstrip("/"))
     return path if os.path.isdir(path) else None
-
-
-def base() -> str | None:
-    """Where our cgroups go (our own cgroup v2 directory), or None."""
-    return _base if available() else None
 
 
 def available() -> bool:
