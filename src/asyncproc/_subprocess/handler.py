@@ -144,8 +144,10 @@ class SubprocessHandler:
         # process's cgroups; the guardian's start): after Popen, only what must follow it,
         # so spawn() returns before the child can have done much (said anything, say).
         leaf = _HANDLERS.new_leaf(f"h{next(_LEAF_NAMES)}")
-        self._stdout = _open_log(self._stdout_target)
+        # Everything that can fail from here to Popen is in the try: a failure must remove
+        # the cgroup just made (no child will ever be in it, so nothing else would).
         try:
+            self._stdout = _open_log(self._stdout_target)
             self._stderr = _open_log(self._stderr_target)
             env = self.env if leaf is not None else {**self.env, **_marker()}
             with self._numa_binding():

@@ -422,10 +422,23 @@ class EventStream:
                 raise StopAsyncIteration
             self._wakeup = anyio.Event()
             await self._wakeup.wait()
-        if self._unreported:
-            log.warning("asyncproc: an events() reader fell behind: %d event(s) dropped (%d in all)", self._unreported, self.dropped)
-            self._unreported = 0
+        self._report_dropped()
         return self._buffer.popleft()
+
+    def _take_pending(self) -> list[Event]:
+        """Every event buffered now, without waiting (the iteration goes on after them).
+        For ``asyncproc up``'s view: it reads ``status()`` for its table, and must first
+        print every event that ``status()`` already reflects, or the two disagree."""
+        pending = list(self._buffer)
+        self._buffer.clear()
+        if pending:  # after taking them: the warning may reach a log handler that reads us again
+            self._report_dropped()
+        return pending
+
+    def _report_dropped(self) -> None:
+        unreported, self._unreported = self._unreported, 0
+        if unreported:
+            log.warning("asyncproc: an events() reader fell behind: %d event(s) dropped (%d in all)", unreported, self.dropped)
 
     def put(self, event: Event) -> None:
         if len(self._buffer) >= self._maxlen:
