@@ -44,35 +44,14 @@ import psutil
 import asyncproc
 from asyncproc._isolated.link import link
 
+# What the calls run is what the tests run (workers import these by reference: sys.path
+# reaches them).
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from _children import raise_on_sigusr1  # noqa: E402
+from _children import setsid_children_then_crash as children_then_crash  # noqa: E402
+from _children import start_pair_then_hang as pair_then_hang  # noqa: E402
+
 CALL = asyncproc.Isolated(timeout=120)
-
-
-def children_then_crash(n: int, pidfile: str) -> None:
-    pids = []
-    for _ in range(n):
-        pid = os.fork()
-        if pid == 0:
-            os.setsid()
-            signal.pause()
-            os._exit(0)
-        pids.append(pid)
-    Path(pidfile).write_text(" ".join(map(str, pids)))
-    os._exit(1)
-
-
-def pair_then_hang(pidfile: str) -> None:
-    kept = subprocess.Popen(["sleep", "120"])
-    escaped = subprocess.Popen(["sleep", "120"], start_new_session=True)
-    Path(pidfile + ".tmp").write_text(f"{kept.pid} {escaped.pid}")
-    os.rename(pidfile + ".tmp", pidfile)
-    time.sleep(120)
-
-
-def raise_on_sigusr1(pidfile: str) -> None:
-    signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR1])
-    Path(pidfile).write_text(str(os.getpid()))
-    signal.sigtimedwait([signal.SIGUSR1], 60)
-    raise ValueError("raised")
 
 
 def alive(pids: list[int]) -> int:

@@ -31,10 +31,12 @@ import textwrap
 
 # module -> functions wrapped (Class.method allowed); missing ones are skipped
 _WRAP = {
-    "asyncproc._isolated.server": ["Server._on_request", "Server._fork_worker", "Server._register", "Server._on_signal",
-                          "Server._finish_job", "Server._drain", "Server._report", "Server._on_ctl"],
-    "asyncproc._isolated.worker": ["forked_from_server", "prepare_process", "_decode_call", "_apply", "_encode_value",
-                          "_flush_stdio", "_end_descendants"],
+    "asyncproc._isolated.server": ["Server._on_request", "Server._prepare_job", "Server._fork_batch", "Server._register", "Server._on_signal",
+                          "Server._finish_job", "Server._drain", "Server._report", "Server._on_ctl",
+                          "Server._become_worker"],
+    "asyncproc._isolated.worker": ["forked_from_server", "_decode_call", "_apply",
+                          "_encode_value", "_flush_stdio", "_end_descendants", "run_one", "_finish"],
+    "asyncproc._proc.proctree": ["set_parent_death_signal", "make_subreaper", "set_comm"],
     "asyncproc._isolated.api": ["Isolated._call_once"],
     "asyncproc._isolated.outcome": ["loads_value"],
     "asyncproc._isolated.handles": ["ServerWorker.release"],
@@ -57,9 +59,23 @@ def _flush():
             f.write("".join(f"{n} {t} {m}\n" for n, t, m in _buf))
         _buf.clear()
 
-os.register_at_fork(after_in_child=_buf.clear)
+_parents_stamps = []
+
+def _forked():
+    # A forked child's fault count starts at 0: what it took to get here (the fork's
+    # return, the interpreter's after-fork work) shows as "boot". The parent's stamps are
+    # kept, not freed: freeing them would touch (and copy) every page they sit on.
+    global _buf
+    _parents_stamps.append(_buf)
+    _buf = []
+    _buf.append(("boot<", _pc(), 0))
+    stamp("boot>")
+    _buf.append(("life<", _pc(), 0))
+
+os.register_at_fork(after_in_child=_forked)
 _real_exit = os._exit
 def _exit(code):
+    stamp("life>")  # every fault of a forked child before its exit
     _flush()
     _real_exit(code)
 os._exit = _exit
@@ -113,7 +129,7 @@ class _Finder:
             def run(module):
                 exec_module(module)
                 sys.modules[name] = module
-                install({k: v for k, v in WRAP.items() if k in ("asyncproc._isolated.server", "asyncproc._isolated.worker", "asyncproc._isolated.protocol")})
+                install({k: v for k, v in WRAP.items() if k.rsplit(".", 1)[1] in ("server", "worker", "protocol", "proctree")})
             loader.exec_module = run
             return spec
         return None

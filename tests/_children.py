@@ -23,6 +23,13 @@ from _helpers import alive, assert_gone  # noqa: F401 - assert_gone: imported fr
 LONG = 30.0
 
 
+def publish(path: str, text: str) -> None:
+    """Write ``path`` whole or not at all (a temporary file renamed): a test that waits for
+    it to exist must never read it created but still empty."""
+    Path(path + ".tmp").write_text(text)
+    os.rename(path + ".tmp", path)
+
+
 def runner(method: str, **options: object) -> Isolated:
     return Isolated(start_method=method, **{"timeout": LONG, **options})  # type: ignore[arg-type]
 
@@ -91,7 +98,7 @@ def start_then(what: str, pidfile: str, *, escape: bool = False) -> int:
     """Start a grandchild (optionally in a new session, out of our group), record its pid,
     then end as ``what`` says."""
     proc = subprocess.Popen(["sleep", "60"], start_new_session=escape)
-    Path(pidfile).write_text(str(proc.pid))
+    publish(pidfile, str(proc.pid))
     if what == "segfault":
         crash_segfault()
     if what == "hang":
@@ -140,8 +147,7 @@ def start_pair_then_hang(pidfile: str) -> None:
     (one line), then hang."""
     kept = subprocess.Popen(["sleep", "60"])
     escaped = subprocess.Popen(["sleep", "60"], start_new_session=True)
-    Path(pidfile + ".tmp").write_text(f"{kept.pid} {escaped.pid}")
-    os.rename(pidfile + ".tmp", pidfile)  # whole or absent: the test reads it when it exists
+    publish(pidfile, f"{kept.pid} {escaped.pid}")
     time.sleep(60)
 
 
@@ -156,7 +162,7 @@ def setsid_children_then_crash(n: int, pidfile: str) -> None:
             signal.pause()
             os._exit(0)
         pids.append(pid)
-    Path(pidfile).write_text(" ".join(map(str, pids)))
+    publish(pidfile, " ".join(map(str, pids)))
     os._exit(1)
 
 
@@ -173,10 +179,14 @@ def recurse_forever() -> None:
 def raise_on_sigusr1(pidfile: str) -> None:
     """Record our pid, wait for SIGUSR1 (bounded), then raise."""
     signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR1])
-    Path(pidfile).write_text(str(os.getpid()))
+    publish(pidfile, str(os.getpid()))  # the test signals the pid it reads: never an empty file
     signal.sigtimedwait([signal.SIGUSR1], LONG)
     raise ValueError("raised on SIGUSR1")
 
 
 def hang() -> None:
     time.sleep(LONG)
+
+
+def sys_path() -> list[str]:
+    return list(sys.path)

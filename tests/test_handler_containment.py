@@ -293,3 +293,20 @@ async def test_a_cgroup_still_busy_at_close_is_removed_once_empty(anyio_backend:
         assert not leaf.exists(), "the abandoned cgroup was not removed by the next spawn"
         await second.wait()
     assert not leaf.parent.exists(), f"cgroup {leaf.parent} left behind after the last handler"
+
+
+@needs_cgroups
+@pytest.mark.anyio
+@pytest.mark.parametrize("bad", ["stdout", "stderr"])
+async def test_a_spawn_that_cannot_open_its_log_leaves_no_cgroup(anyio_backend: object, tmp_path: Path, bad: str) -> None:
+    # A log path that is a folder: the spawn fails before any child exists, and the cgroup
+    # made for that child must go with it (it used to stay, one more per failed spawn, for
+    # the life of the process, keeping the handlers' cgroup too).
+    folder = tmp_path / "log"
+    folder.mkdir()
+    logs = {"stdout": None, "stderr": None, bad: folder}
+    handlers = cgroup_dir(os.getpid()) / f"asyncproc-{os.getpid()}-handlers"  # no handler of ours runs now
+    for _ in range(2):
+        with pytest.raises(IsADirectoryError):
+            await get_subprocess_handler("/bin/true", [], {}, logs["stdout"], logs["stderr"], 0).spawn()
+        assert not handlers.exists(), f"cgroups left behind by a failed spawn: {[p.name for p in handlers.iterdir()]}"

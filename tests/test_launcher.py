@@ -295,7 +295,10 @@ def test_a_helper_in_its_own_session_does_not_outlive_the_run(tmp_path: Path) ->
     # Rank 0 starts a helper with setsid and exits: nothing can find the helper from the
     # rank any more; the launcher (a subreaper) adopts it and ends it.
     pid_file = tmp_path / "pid"
-    helper = "import os, time; open(os.environ['PID_FILE'], 'w').write(f'{os.getpid()}\\n'); time.sleep(60)"
+    # Written whole, then renamed: the rank exits (and the launcher ends the helper) as soon
+    # as the file exists, which must not be before the pid is in it.
+    helper = ("import os, time; path = os.environ['PID_FILE']; open(path + '.tmp', 'w').write(f'{os.getpid()}\\n'); "
+              "os.rename(path + '.tmp', path); time.sleep(60)")
     code = f"""
         import os, subprocess, sys, time
         if os.environ["RANK"] == "0":

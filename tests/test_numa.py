@@ -391,7 +391,7 @@ def _parse_child(out: str) -> tuple[frozenset[int], str]:
 
 
 def _memory_policy_works() -> bool:
-    from asyncproc import _numa_memory
+    from asyncproc._numa import memory as _numa_memory
 
     try:
         _numa_memory.current()

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from asyncproc import _cli, _numa_cli
+from asyncproc import _cli
+from asyncproc._numa import cli as _numa_cli
 
 from numa_sysfs import DGX_GPUS, build_sysfs, gpus
 

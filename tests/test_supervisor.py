@@ -19,7 +19,7 @@ import anyio
 import pytest
 
 import asyncproc
-from asyncproc import Backoff, Call, Command, Event, Supervisor, SupervisorGaveUp, Task
+from asyncproc import Backoff, Call, ChildStatus, Command, Event, Supervisor, SupervisorGaveUp, Task
 
 pytestmark = pytest.mark.anyio
 
@@ -204,34 +204,34 @@ def test_bad_specs_raise_at_construction() -> None:
     Call("c", plain)
 
 
-async def test_one_for_all_stops_the_others_in_reverse_then_starts_all_in_order() -> None:
-    sup = Supervisor([sleeper("a"), sleeper("b"), sleeper("c")], strategy="one_for_all", backoff=FAST)
+async def _kill_b_under(strategy: str) -> tuple[list[int | None], list[tuple[str, str]], list[ChildStatus]]:
+    """Start a, b, c under ``strategy``, SIGKILL b: the pids before, the events until c runs
+    again, and the status then (taken while the supervisor still runs)."""
+    sup = Supervisor([sleeper("a"), sleeper("b"), sleeper("c")], strategy=strategy, backoff=FAST)
     stream = sup.events()
     async with sup:
         await events_until(stream, "started", "c")
         before = [s.pid for s in sup.status()]
+        assert before[1] is not None
         os.kill(before[1], signal.SIGKILL)
         seen = [(e.kind, e.child) for e in await events_until(stream, "started", "c")]
-        assert seen == [("exited", "b"), ("restarting", "b"), ("stopped", "c"), ("stopped", "a"),
-                        ("started", "a"), ("started", "b"), ("started", "c")]
-        after = sup.status()
-        assert all(s.state == "running" and s.restarts == 1 for s in after)
-        assert not {s.pid for s in after} & set(before)
-        assert not any(alive(pid) for pid in before)
+        return before, seen, sup.status()
+
+
+async def test_one_for_all_stops_the_others_in_reverse_then_starts_all_in_order() -> None:
+    before, seen, after = await _kill_b_under("one_for_all")
+    assert seen == [("exited", "b"), ("restarting", "b"), ("stopped", "c"), ("stopped", "a"),
+                    ("started", "a"), ("started", "b"), ("started", "c")]
+    assert all(s.state == "running" and s.restarts == 1 for s in after)
+    assert not {s.pid for s in after} & set(before)
+    assert not any(alive(pid) for pid in before if pid is not None)
 
 
 async def test_rest_for_one_restarts_the_failed_child_and_those_started_after_it() -> None:
-    sup = Supervisor([sleeper("a"), sleeper("b"), sleeper("c")], strategy="rest_for_one", backoff=FAST)
-    stream = sup.events()
-    async with sup:
-        await events_until(stream, "started", "c")
-        before = [s.pid for s in sup.status()]
-        os.kill(before[1], signal.SIGKILL)
-        seen = [(e.kind, e.child) for e in await events_until(stream, "started", "c")]
-        assert seen == [("exited", "b"), ("restarting", "b"), ("stopped", "c"), ("started", "b"), ("started", "c")]
-        after = sup.status()
-        assert after[0].pid == before[0] and after[0].restarts == 0
-        assert [s.restarts for s in after[1:]] == [1, 1]
+    before, seen, after = await _kill_b_under("rest_for_one")
+    assert seen == [("exited", "b"), ("restarting", "b"), ("stopped", "c"), ("started", "b"), ("started", "c")]
+    assert after[0].pid == before[0] and after[0].restarts == 0
+    assert [s.restarts for s in after[1:]] == [1, 1]
 
 
 async def test_a_temporary_child_stopped_by_a_strategy_is_not_restarted() -> None:

@@ -389,6 +389,8 @@ def test_record_leaves_the_python_stack_of_a_segfaulting_rank() -> None:
         (["--log-line-prefix-template", "${host}"], "--log-line-prefix-template '${host}': may use only ${rank}, ${local_rank} and ${role_name}"),
         (["-m", "--no-python"], "--module: cannot be used with --no-python"),
         (["--grace", "-1"], "--grace '-1': must be >= 0"),
+        (["--grace", "nan"], "--grace 'nan': must be >= 0"),
+        (["--grace", "inf"], "--grace 'inf': must be finite"),
         (["--logs-specs", "mine"], "--logs-specs 'mine': asyncproc has no LogsSpecs plugins"),
         (["--rdzv-id", "a/b"], "--rdzv-id 'a/b': must be a name without '/'"),
         (["--monitor-interval", "often"], "--monitor-interval 'often': is not a number of seconds"),

@@ -3,6 +3,7 @@ pseudo-terminal. Every wait is on something printed, a status answer, or a proce
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pty
@@ -18,6 +19,8 @@ from pathlib import Path
 
 import psutil
 import pytest
+
+from asyncproc._proc import proctree as _proctree
 
 from _up_helpers import BOUND_S, PY, Up, ctl, program, wait_gone
 
@@ -216,7 +219,7 @@ def test_sigkill_of_up_leaves_nothing(tmp_path: Path, sock: Path) -> None:
     ("[programs.a]\ncommand = 'true'\nrestart = \n", r"asyncproc.toml:3: TOML syntax error"),
     ("[programs.a]\ncommand = 'true'\nmemroy_limit = '1 GiB'\n", r"asyncproc.toml:3: programs.a.memroy_limit: unknown key"),
     ("[programs.a]\ncommand = 'true'\nmemory_limit = '512 MiBs'\n", r"asyncproc.toml:3: programs.a.memory_limit: expected a size"),
-    ("[programs.a]\ncommand = 'true'\nrestart = 'sometimes'\n", r"asyncproc.toml:3: programs.a.restart: expected one of permanent"),
+    ("[programs.a]\ncommand = 'true'\nrestart = 'sometimes'\n", r"asyncproc.toml:3: programs.a.restart must be one of 'permanent'"),
 ])
 def test_bad_file_is_refused_before_anything_starts(tmp_path: Path, sock: Path, body: str, expected: str) -> None:
     marker = tmp_path / "started"
@@ -284,8 +287,13 @@ def _as_nobody(path: Path) -> str:
     return result
 
 
-def _read_pty(fd: int, until: re.Pattern[bytes] | None, timeout: float = BOUND_S) -> bytes:
-    out = b""
+def _plain(screen: bytes) -> str:
+    """What the terminal shows, as text: escape sequences (colours, cursor moves) removed."""
+    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.decode(errors="replace"))
+
+
+def _read_pty(fd: int, until: re.Pattern[str] | None, timeout: float = BOUND_S, out: bytes = b"") -> bytes:
+    """Read the terminal (after ``out``) until ``until`` matches its plain text, or to its end."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         ready, _, _ = select.select([fd], [], [], deadline - time.monotonic())
@@ -298,11 +306,21 @@ def _read_pty(fd: int, until: re.Pattern[bytes] | None, timeout: float = BOUND_S
         if not data:
             break
         out += data
-        if until is not None and until.search(out):
+        if until is not None and until.search(_plain(out)):
             return out
     if until is not None:
-        raise AssertionError(f"never saw {until.pattern!r} on the terminal:\n{out.decode(errors='replace')}")
+        raise AssertionError(f"never saw {until.pattern!r} on the terminal:\n{_plain(out)}")
     return out
+
+
+def _row(name: str) -> str:
+    return rf"{name}\s+│\s+(\d+)\s+│\s+running\s+│"
+
+
+# One frame's rows (consecutive lines): all three running. Then the next header: the frame is whole.
+ALL_RUNNING = re.compile(rf"{_row('web-0')}[^\n]*\n[^\n]*{_row('web-1')}[^\n]*\n[^\n]*{_row('db')}")
+ALL_RUNNING_THEN_NEXT = re.compile(ALL_RUNNING.pattern + r"(?s:.*)NAME")
+EVERY_READY = re.compile(r"(?s)^(?=.*\[web-0\] ready 0 )(?=.*\[web-1\] ready 1 )(?=.*\[db\] ready )")
 
 
 def test_live_view_under_a_pty(tmp_path: Path, sock: Path) -> None:
@@ -313,22 +331,52 @@ def test_live_view_under_a_pty(tmp_path: Path, sock: Path) -> None:
         os.chdir(tmp_path)
         os.environ.update(COLUMNS="110", LINES="40", TERM="xterm")
         os.execv(PY, [PY, "-m", "asyncproc", "up", "--socket", str(sock)])
+    terminated = False
     try:
-        # the table redrawn until all three are running, the programs' lines printed above it
-        screen = _read_pty(fd, re.compile(rb"(?s)(\[db\] ready.*){1}"))
-        screen += _read_pty(fd, re.compile(rb"(?s)web-0.*running.*web-1.*running.*db.*running"))
-        text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.decode(errors="replace"))
+        # the programs' lines printed above the table (each through its own pipe: any order)
+        screen = _read_pty(fd, EVERY_READY)
+        # the table redrawn until all three are running; the frame goes on to its events,
+        # and the next redraw (at most a second later) ends it
+        text = _plain(_read_pty(fd, ALL_RUNNING_THEN_NEXT, out=screen))
+        rows = ALL_RUNNING.search(text)
+        assert rows is not None
+        frame = text[text.rindex("NAME", 0, rows.start()):text.index("NAME", rows.end())]
         for header in ("NAME", "PID", "STATE", "UPTIME", "RESTARTS", "CPU %", "RSS", "LAST EXIT"):
-            assert header in text
-        assert re.search(r"\[web-0\] ready 0", text) and re.search(r"\[web-1\] ready 1", text)
-        assert re.search(r"db: started \(pid \d+\)", text)  # the events beneath
+            assert header in frame
+        # the events beneath agree with the table: each child shown running has its
+        # "started" line, with the pid shown, in the same frame
+        for name, shown_pid in zip(("web-0", "web-1", "db"), rows.groups()):
+            assert f"{name}: started (pid {shown_pid})" in frame, frame
         os.kill(pid, signal.SIGTERM)
+        terminated = True
         rest = _read_pty(fd, None)
         assert b"stopped" in rest
     finally:
-        _, status = os.waitpid(pid, 0)
+        code = _end_up_under_pty(pid, fd, terminated)
+    assert code == 0
+
+
+def _end_up_under_pty(pid: int, fd: int, terminated: bool) -> int:
+    """Bounded whatever the test got to: SIGTERM ``up`` unless the test did (a second one
+    would mean "kill now"), read the terminal to its end (``up`` must never block writing to
+    it), SIGKILL it if it is still there BOUND_S later (its guardian ends the programs), reap
+    it and them; its exit code."""
+    programs: list[int] = []
+    with contextlib.suppress(psutil.Error):
+        programs = [p.pid for p in psutil.Process(pid).children(recursive=True)]
+    try:
+        if not terminated:
+            os.kill(pid, signal.SIGTERM)
+        _read_pty(fd, None)
+        _proctree.wait_pids([pid], BOUND_S)  # on a pidfd; a zombie counts as exited
+        reaped, status = os.waitpid(pid, os.WNOHANG)
+        if not reaped:
+            os.kill(pid, signal.SIGKILL)
+            _, status = os.waitpid(pid, 0)
+    finally:
         os.close(fd)
-    assert os.waitstatus_to_exitcode(status) == 0
+        wait_gone(programs)
+    return os.waitstatus_to_exitcode(status)
 
 
 def test_help_lists_up_and_ctl() -> None:

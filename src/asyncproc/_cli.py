@@ -17,7 +17,7 @@ import asyncproc
 _COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("asyncproc._demo", "show isolated calls surviving a segfault, a timeout and an exception"),
     "run": ("asyncproc._launch.cli", "run NPROC local ranks of a command (torchrun's command line); the first failure stops them all"),
-    "numa": ("asyncproc._numa_cli", "show this machine's NUMA topology and the CPUs each local rank would get"),
+    "numa": ("asyncproc._numa.cli", "show this machine's NUMA topology and the CPUs each local rank would get"),
     "up": ("asyncproc._up.app", "run every program of a TOML file, supervised, with a live view"),
     "ctl": ("asyncproc._up.ctl", "control a running `asyncproc up`: status, start, stop, restart, reload, down"),
 }

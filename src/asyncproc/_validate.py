@@ -14,6 +14,10 @@ The rules, and why:
 * A grace or a bound is finite: every wait in asyncproc is bounded. Only an overall
   ``timeout`` may be infinite (``None`` says the same), where the caller asks for it.
 
+A caller with context to give (a supervisor child's id) puts it in the name:
+``check_count("Command 'web': memory_limit", ...)``. ``_up.config`` turns these errors into
+``ConfigError``s that name the file, the line and the dotted key.
+
 Standard library only: the handler and the launcher import it (never the fork server).
 """
 
@@ -28,11 +32,13 @@ from typing import Literal, TypeVar, overload
 T = TypeVar("T")
 
 __all__ = [
+    "check_args",
     "check_choice",
     "check_count",
     "check_env",
     "check_flag",
     "check_instance",
+    "check_number",
     "check_path",
     "check_redirect",
     "check_seconds",
@@ -42,19 +48,35 @@ __all__ = [
 
 
 @overload
-def check_seconds(name: str, value: object, *, allow_none: Literal[False] = ..., allow_inf: bool = ...) -> float: ...
+def check_seconds(
+    name: str, value: object, *, allow_none: Literal[False] = ..., allow_inf: bool = ..., positive: bool = ...
+) -> float: ...
 @overload
-def check_seconds(name: str, value: object, *, allow_none: bool, allow_inf: bool = ...) -> float | None: ...
-def check_seconds(name: str, value: object, *, allow_none: bool = False, allow_inf: bool = False) -> float | None:
-    """A duration: an int or float, >= 0, not NaN, finite unless ``allow_inf``."""
+def check_seconds(name: str, value: object, *, allow_none: bool, allow_inf: bool = ..., positive: bool = ...) -> float | None: ...
+def check_seconds(
+    name: str, value: object, *, allow_none: bool = False, allow_inf: bool = False, positive: bool = False
+) -> float | None:
+    """A duration: an int or float, >= 0 (> 0 if ``positive``), not NaN, finite unless
+    ``allow_inf``."""
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number of seconds{' or None' if allow_none else ''}, got {value!r}")
-    if math.isnan(value) or value < 0:
-        raise ValueError(f"{name} must be >= 0 seconds, got {value!r}")
+    if math.isnan(value) or value < 0 or (positive and value == 0):
+        raise ValueError(f"{name} must be {'>' if positive else '>='} 0 seconds, got {value!r}")
     if math.isinf(value) and not allow_inf:
         raise ValueError(f"{name} must be finite (every wait is bounded), got {value!r}")
+    return value
+
+
+def check_number(name: str, value: object, *, minimum: float, maximum: float | None = None) -> float:
+    """A finite real number (not a bool, not NaN) in ``[minimum, maximum]``: a factor, a
+    fraction."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    if not (math.isfinite(value) and value >= minimum and (maximum is None or value <= maximum)):
+        bound = f">= {minimum}" if maximum is None else f"within [{minimum}, {maximum}]"
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
     return value
 
 
@@ -115,6 +137,25 @@ def check_redirect(name: str, value: object) -> str | os.PathLike[str] | int | N
         return value
     hint = " (pass its path, or its fileno())" if hasattr(value, "fileno") else ""
     raise TypeError(f"{name} must be a file path, None or '' (inherit), or a file descriptor{hint}; got {value!r}")
+
+
+def check_args(name: str, value: object, *, numbers: bool = False, command: bool = False) -> tuple[object, ...]:
+    """Command-line arguments: an iterable (not a string) of ``str`` or paths (and of ints
+    and floats if ``numbers``). Each becomes ``str(arg)`` on the child's command line, so
+    None (or any other object) would run as the word "None". A ``command`` is non-empty
+    with a non-empty program name first. An iterator is read once, here: use the tuple."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise TypeError(f"{name} must be a sequence of arguments (not a string), got {value!r}")
+    items = tuple(value)
+    kinds = (str, os.PathLike, int, float) if numbers else (str, os.PathLike)
+    for i, arg in enumerate(items):
+        if isinstance(arg, bool) or not isinstance(arg, kinds):
+            raise TypeError(f"{name}[{i}] must be a str{', path or number' if numbers else ' or path'}, got {arg!r}")
+    if command and not items:
+        raise ValueError(f"{name} must not be empty, got {value!r}")
+    if command and isinstance(items[0], (str, os.PathLike)) and not os.fspath(items[0]):
+        raise ValueError(f"{name}[0] (the program) must not be empty, got {items[0]!r}")
+    return items
 
 
 def check_choice(name: str, value: object, choices: Iterable[str]) -> str:

@@ -33,10 +33,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
 
-from . import _numa_memory
 from ._exceptions import NumaBindingError
-from ._numa_place import cpus_in_mode, slot_of, slots
-from ._numa_topology import Gpu, Topology, format_cpulist, parse_cpulist
+from ._numa import memory as _numa_memory
+from ._numa.place import cpus_in_mode, slot_of, slots
+from ._numa.topology import Gpu, Topology, format_cpulist, parse_cpulist
 from ._validate import check_count, check_flag
 
 # Defined below this module to keep the imports one-way; shown (and pickled) as public names.

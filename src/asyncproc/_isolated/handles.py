@@ -348,11 +348,16 @@ async def _start_spawn(spec: _worker.CallSpec, job: _worker.Job) -> Worker:
 
 
 async def _start_via_server(spec: _worker.CallSpec, job: _worker.Job, kind: bytes) -> Worker:
+    # A forked worker has the caller's context from the server (sync_context); a fresh
+    # interpreter has not the caller's sys.path: its call carries the context.
+    if kind[:1] == _protocol.FRESH:
+        spec = _with_context(spec, env=link.env_if_changed())  # a cwd gone raises here, as itself
     try:
-        call = _worker.encode_call(_with_context(spec, env=link.env_if_changed()), job)
+        call = _worker.encode_call(spec, job)
     except Exception as exc:
         raise _unpicklable_call(job, exc) from exc
     _learn_needs(call)
+    await link.sync_context()
     for _ in range(3):
         data, ctl = await link.take(kind)
         cgroup_root = link.cgroup  # of the server that gave us this worker

@@ -11,6 +11,7 @@ import atexit
 import collections
 import logging
 import os
+import pickle
 import select
 import socket
 import sys
@@ -102,6 +103,7 @@ class ServerLink:
         self._cgroup: str | None = None  # the server's workers each get a cgroup below it
         self._starts = 0
         self._env: dict[bytes, bytes] = {}
+        self._context: tuple[tuple[str, ...], str, dict[bytes, bytes]] | None = None  # what the server has
         self._preloads = _env_preloads()
         self._reserve_size = _RESERVE_DEFAULT  # from the environment when the server starts
         self._reserve: collections.deque[tuple[socket.socket, socket.socket]] = collections.deque()
@@ -120,7 +122,7 @@ class ServerLink:
         return tuple(self._preloads)
 
     def env_if_changed(self) -> dict[str, str] | None:
-        """The caller's environment when it differs from the one the server started with."""
+        """The caller's environment when it differs from the one the server has."""
         data = getattr(os.environ, "_data", None)
         if data is not None and data == self._env:
             return None
@@ -147,6 +149,41 @@ class ServerLink:
         ours.setblocking(False)
         self._chan = ours
         self._env = dict(getattr(os.environ, "_data", {}))
+        # First on the fresh (empty) channel, so before any request: whatever happens to
+        # the server, each worker it forks has the caller's context.
+        context = self._context_now()
+        _protocol.send(ours, _protocol.CONTEXT, self._context_message(context))
+        self._context = context
+
+    def _context_now(self) -> tuple[tuple[str, ...], str, dict[bytes, bytes]]:
+        data = getattr(os.environ, "_data", None)
+        return tuple(sys.path), os.getcwd(), dict(data) if data is not None else {}
+
+    def _context_message(self, context: tuple[tuple[str, ...], str, dict[bytes, bytes]]) -> bytes:
+        path, cwd, env = context
+        changed = env != self._env  # the environment the server has
+        self._env = env
+        return pickle.dumps((path, cwd, dict(os.environ) if changed else None))
+
+    async def sync_context(self) -> None:
+        """Have the server, and so each worker it forks from now on, take the caller's
+        sys.path, cwd and environment when they changed since the last call: the worker
+        imports and opens what the caller would, and a call carries no context. Workers
+        forked before (the reserve) are dropped. Called before ``take``."""
+        data = getattr(os.environ, "_data", {})
+        old = self._context
+        if old is not None and old[0] == tuple(sys.path) and old[1] == os.getcwd() and old[2] == data:
+            return
+        context = self._context_now()
+        body = self._context_message(context)
+        while True:
+            try:
+                self._send(_protocol.CONTEXT, body, [])  # (re)starts the server as needed
+                break
+            except BlockingIOError:
+                await _room_on(self._chan)
+        self._context = context
+        self._drop_reserve()  # after the message: what a racing refill asked for is dropped too
 
     def _send(self, tag: bytes, body: bytes, fds: list[int]) -> None:
         """Send to the server, (re)starting it as needed; BlockingIOError when it is full."""
@@ -275,6 +312,7 @@ class ServerLink:
             return
         self._preloads += names
         self._drop_reserve()  # forked before the import: each would import them again
+        self._context = None  # the preload sets the server's sys.path: the next call syncs again
         if self._chan is None:
             return  # the server will import them when it starts
         deadline = time.monotonic() + _STOP_BOUND_S

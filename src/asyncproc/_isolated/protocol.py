@@ -11,10 +11,14 @@ the last attached descriptor instead.
 
 from __future__ import annotations
 
+import _socket
 import array
 import mmap
 import os
-import socket
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import socket
 
 __all__ = ["Message", "recv", "read_text", "send", "seqpacket_pair", "INLINE_MAX"]
 
@@ -37,6 +41,7 @@ EXITED = b"X"  # server -> caller: the worker exited; status and fault log
 TERM = b"T"  # caller -> server: SIGTERM the worker's tree
 KILL = b"K"  # caller -> server: SIGKILL the worker's tree
 PRELOAD = b"P"  # caller -> server: import these modules before forking more workers
+CONTEXT = b"c"  # caller -> server: take my sys.path, cwd and environment (workers inherit them)
 
 
 class Message:
@@ -49,6 +54,8 @@ class Message:
 
 
 def seqpacket_pair() -> tuple[socket.socket, socket.socket]:
+    import socket  # the caller's: the fork server and workers never make pairs
+
     return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 
 
@@ -61,7 +68,7 @@ def _to_memfd(body: bytes | memoryview) -> int:
     return fd
 
 
-def send(sock: socket.socket, tag: bytes, body: bytes | memoryview = b"", fds: list[int] | tuple[int, ...] = ()) -> None:
+def send(sock: _socket.socket, tag: bytes, body: bytes | memoryview = b"", fds: list[int] | tuple[int, ...] = ()) -> None:
     """Send one message; blocks only if the peer's buffer is full (never for our sizes)."""
     fds = list(fds)
     memfd = None
@@ -72,26 +79,26 @@ def send(sock: socket.socket, tag: bytes, body: bytes | memoryview = b"", fds: l
         body, flags = b"", FLAG_MEMFD
     try:
         head = tag + bytes((flags,))
-        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+        ancillary = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
         sock.sendmsg([head, body], ancillary)
     finally:
         if memfd is not None:
             os.close(memfd)
 
 
-def recv(sock: socket.socket) -> Message | None:
+def recv(sock: _socket.socket) -> Message | None:
     """Receive one message; None at end of stream. Received fds are the caller's to close."""
     # MSG_CMSG_CLOEXEC: a received descriptor must not leak into what the receiver execs
     # (a grandchild holding a worker's data socket would hide the worker's death).
     data, ancillary, msg_flags, _ = sock.recvmsg(
-        INLINE_MAX + 2, socket.CMSG_SPACE(_MAX_FDS * 4), socket.MSG_CMSG_CLOEXEC
+        INLINE_MAX + 2, _socket.CMSG_SPACE(_MAX_FDS * 4), _socket.MSG_CMSG_CLOEXEC
     )
     fds = _fds_from(ancillary)
     if not data:
         for fd in fds:
             os.close(fd)
         return None
-    if msg_flags & socket.MSG_CTRUNC:
+    if msg_flags & _socket.MSG_CTRUNC:
         for fd in fds:
             os.close(fd)
         raise OSError("asyncproc: a message carried more file descriptors than expected")
@@ -104,7 +111,7 @@ def recv(sock: socket.socket) -> Message | None:
 def _fds_from(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
     fds: list[int] = []
     for level, kind, raw in ancillary:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+        if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
             arr = array.array("i")
             arr.frombytes(raw[: len(raw) - (len(raw) % arr.itemsize)])
             fds.extend(arr)

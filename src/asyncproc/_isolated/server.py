@@ -11,9 +11,19 @@ but its worker: there is no idle spare to hand the call to first.
 The worker sends HELLO with its pid on ``ctl`` before it reads a call: a caller that got
 no HELLO knows its call never ran and can retry it, should the server die.
 
+The caller's context (sys.path, cwd, environment) reaches the server in CONTEXT when it
+changes; the server makes it its own, so the workers it forks inherit it and a call
+carries none.
+
+Every call costs a fork and an exit here, so the server is kept lean: C modules only on its
+path (each page it holds is a page-table entry every fork copies and every exit drops),
+freed memory handed back after imports, forks back to back with nothing written between
+them, and each worker's cgroup reused by a later worker once nobody can name it (see
+_keep_spare).
+
 When the worker exits the server (1) SIGKILLs the rest of the worker's process group while
-the unreaped worker still reserves the group id, and the worker's cgroup when it has one,
-(2) kills any process it adopted (workers are subreapers, so an orphan reaching the server
+the unreaped worker still reserves the group id, and the worker's cgroup when it has live
+members (an empty one is kept for reuse), (2) kills any process it adopted (workers are subreapers, so an orphan reaching the server
 can only come from a dead worker's tree), (3) reaps, and lets the call *drain*: only once
 its cgroup is empty (or, without one, no adopted process is left; or the kill bound has
 passed) does it (4) send EXITED with the status and faulthandler's output on ``ctl``, and
@@ -33,17 +43,20 @@ the server ends every worker's tree and exits. Workers die with the server
 
 from __future__ import annotations
 
+# C modules only (_pickle, not pickle; _socket, not socket; _signal, not signal; epoll,
+# not selectors): their pure-Python wrappers pull in re, enum, functools and collections,
+# some 2 MB whose page tables every fork copies and every worker's exit tears down again
+# (measured: 40 us more per fork, 50 us more per worker exit).
+import _pickle
+import _signal
+import _socket
 import faulthandler
 import gc
 import importlib
 import itertools
 import os
-import pickle
 import resource
 import select
-import selectors
-import signal
-import socket
 import sys
 import time
 
@@ -54,19 +67,24 @@ from . import worker as _worker
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any
+    from collections.abc import Callable
+    from typing import Any, NoReturn
 
 
 # After SIGKILL a process normally vanishes in microseconds; one in uninterruptible sleep
 # may take forever: past this, a call is reported even if some of its tree lingers.
 _KILL_BOUND_S = 2.0
 _REAP_BATCH = 32  # zombies reaped between two looks at requests (~10 ms here)
+# Empty cgroups kept for reuse, at most (more are removed): a burst of concurrent calls
+# must not leave one per call behind.
+SPARE_CGROUPS_MAX = 16
 
 
 class _Job:
-    __slots__ = ("pid", "ctl", "data", "fault_fd", "cgroup", "exitcode", "unstarted", "deadline")
+    __slots__ = ("pid", "ctl", "data", "fault_fd", "cgroup", "exitcode", "unstarted", "deadline", "spare", "caller_done", "reported",
+                 "start")
 
-    def __init__(self, pid: int, ctl: socket.socket, data: socket.socket, fault_fd: int, cgroup: str | None):
+    def __init__(self, pid: int, ctl: _socket.socket, data: _socket.socket, fault_fd: int, cgroup: str | None):
         self.pid = pid
         self.ctl = ctl  # to the caller
         self.data = data  # our copy of the worker's data socket; shut down at the end
@@ -74,63 +92,84 @@ class _Job:
         self.cgroup = cgroup
         self.exitcode = 0
         self.unstarted = False  # the worker died with the call unread: safe to retry
+        self.spare: str | None = None  # its cgroup, found empty: another worker's once the caller lets go
+        self.caller_done = False  # end-of-stream on ctl: the caller holds the cgroup's name no more
+        self.reported = False
+        self.start: _worker.ForkedStart | None = None  # what a forked worker needs at start-up
         self.deadline = 0.0  # while draining: report by then, whatever is left
 
 
 class Server:
-    def __init__(self, channel: socket.socket, cgroup_root: str | None = None):
+    def __init__(self, channel: _socket.socket, cgroup_root: str | None = None):
         self.channel = channel
         self.jobs: dict[int, _Job] = {}
         self.draining: list[_Job] = []
         self.by_ctl: dict[int, _Job] = {}
-        self.selector = selectors.DefaultSelector()
+        self.poller = select.epoll()
+        self.handlers: dict[int, Callable[[], None]] = {}  # by descriptor, what its readiness calls
         self.pid = os.getpid()
         # Created for us by the caller, who kills it whole if we die; a cgroup per worker below.
         self.cgroup_root = cgroup_root
         self.cgroup_names = itertools.count()
         self.retired_cgroups: list[str | None] = []
+        # Empty cgroups no caller can name any more, for the next workers: a mkdir and an
+        # rmdir less per call. Never one whose caller could still kill it by name (on a
+        # timeout, or should we die): see _keep_spare.
+        self.spare_cgroups: list[str] = []
+        self.awaiting: list[_Job] = []  # reported, cgroup spare, waiting for the caller to let go
         self.adopted = _proctree.Adopted(keep=self.jobs)  # orphans of dead workers' trees
         self.reap_pending = False  # the last reaping stopped at its batch size
-        self.stop_signal = 0
         wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.wake_r = wake_r
-        signal.set_wakeup_fd(self.wake_w)  # before the handlers: no signal can come unseen
-        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, self._note_signal)
-        self.selector.register(channel, selectors.EVENT_READ, self._on_request)
-        self.selector.register(wake_r, selectors.EVENT_READ, self._on_signal)
+        _signal.set_wakeup_fd(self.wake_w)  # before the handlers: no signal can come unseen
+        for sig in (_signal.SIGCHLD, _signal.SIGTERM, _signal.SIGHUP):
+            _signal.signal(sig, _note_signal)
+        self._watch(channel.fileno(), self._on_request)
+        self._watch(wake_r, self._on_signal)
+        _worker._prctl = _worker.bind_prctl()  # for every worker's start-up
 
-    def _note_signal(self, signum: int, frame: object) -> None:
-        # Never raise here: this runs between any two bytecodes of the server.
-        if signum != signal.SIGCHLD:
-            self.stop_signal = signum
+    @property
+    def stop_signal(self) -> int:
+        return _stopped_by[0]
+
+    def _watch(self, fd: int, handler: Callable[[], None]) -> None:
+        self.poller.register(fd, select.EPOLLIN)
+        self.handlers[fd] = handler
+
+    def _unwatch(self, fd: int) -> None:
+        if self.handlers.pop(fd, None) is not None:
+            self.poller.unregister(fd)
 
     # -- workers --------------------------------------------------------------------------
 
     def _new_cgroup(self) -> str | None:
         if self.cgroup_root is None:
             return None
+        if not self.spare_cgroups and self.awaiting:
+            self._collect_spares()
+        if self.spare_cgroups:
+            return self.spare_cgroups.pop()
         return _cgroup.create(str(next(self.cgroup_names)), parent=self.cgroup_root)
 
-    def _fork_worker(self, ctl: socket.socket, data: socket.socket) -> _Job:
+    def _prepare_job(self, ctl: _socket.socket, data: _socket.socket) -> _Job:
         fault_fd = os.memfd_create("asyncproc-fault", os.MFD_CLOEXEC)
-        cgroup = self._new_cgroup()  # the worker attaches itself before it reads the call
-        # Objects that exist now move to the permanent generation: a collection in the
-        # worker then never touches (and so never copies) the pages the server shares.
-        gc.freeze()
         try:
-            pid = os.fork()
+            cgroup = self._new_cgroup()  # the worker attaches itself before it reads the call
         except BaseException:
             os.close(fault_fd)
-            _remove_cgroup(cgroup)
             raise
-        if pid == 0:  # the worker
-            try:
-                self._become_worker((ctl.fileno(), data.fileno()), fault_fd)
-                _worker.forked_from_server(ctl, data, self.pid, cgroup)
-            finally:
-                os._exit(70)
-        return _Job(pid, ctl, data, fault_fd, cgroup)
+        job = _Job(0, ctl, data, fault_fd, cgroup)
+        job.start = _worker.ForkedStart(cgroup)
+        return job
+
+    def _run_worker(self, job: _Job) -> NoReturn:
+        """In the child of a fork: become the job's worker, serve its call, exit."""
+        try:
+            assert job.start is not None
+            self._become_worker((job.ctl.fileno(), job.data.fileno()), job.fault_fd)
+            _worker.forked_from_server(job.ctl, job.data, self.pid, job.start)
+        finally:
+            os._exit(70)
 
     def _become_worker(self, keep: tuple[int, ...], fault_fd: int) -> None:
         # Drop every descriptor of the server: the caller's lifeline, other calls' sockets,
@@ -154,7 +193,7 @@ class Server:
         # Every queued request first, then their forks back to back: each fork shares all our
         # pages again, and a page written between two forks is copied again after the next
         # (about 4 us a page here). The caller asks for its reserve in batches.
-        forks: list[tuple[socket.socket, socket.socket]] = []
+        forks: list[tuple[_socket.socket, _socket.socket]] = []
         try:
             while True:
                 self._take_request(forks)
@@ -163,7 +202,7 @@ class Server:
         finally:
             self._fork_workers(forks)
 
-    def _take_request(self, forks: list[tuple[socket.socket, socket.socket]]) -> None:
+    def _take_request(self, forks: list[tuple[_socket.socket, _socket.socket]]) -> None:
         try:
             msg = _protocol.recv(self.channel)
         except (ConnectionResetError, BrokenPipeError):
@@ -184,36 +223,74 @@ class Server:
                 _complain("could not start a worker", exc)
         elif msg.tag == _protocol.PRELOAD:
             self._preload(*_decode_preload(bytes(msg.body)))
+        elif msg.tag == _protocol.CONTEXT:
+            _take_context(bytes(msg.body))
         else:  # pragma: no cover - a protocol bug, not a user error
             for fd in msg.fds:
                 os.close(fd)
 
-    def _start_job(self, fds: list[int], forks: list[tuple[socket.socket, socket.socket]], fresh: bool = False, binding: bytes = b"") -> None:
-        ctl = socket.socket(fileno=fds[0])
+    def _start_job(self, fds: list[int], forks: list[tuple[_socket.socket, _socket.socket]], fresh: bool = False, binding: bytes = b"") -> None:
+        ctl = _socket.socket(fileno=fds[0])
         ctl.setblocking(False)  # a stale readiness event must never block the server
-        data = socket.socket(fileno=fds[1])
+        data = _socket.socket(fileno=fds[1])
         if _hung_up(ctl):  # the caller gave up while this request waited: fork nothing
             ctl.close()
             data.close()
             return
         if fresh:
-            self._start_fresh(ctl, data, pickle.loads(binding) if binding else None)
+            self._start_fresh(ctl, data, _pickle.loads(binding) if binding else None)
             return
         forks.append((ctl, data))
 
-    def _fork_workers(self, forks: list[tuple[socket.socket, socket.socket]]) -> None:
-        jobs = []
+    def _fork_workers(self, forks: list[tuple[_socket.socket, _socket.socket]]) -> None:
+        # Every worker's needs first, then the forks back to back, then the bookkeeping:
+        # each fork shares all our pages again, and a page written between two forks is
+        # copied again after the next. (With each fork followed by its own bookkeeping,
+        # some 70 pages were copied per fork.)
+        ready: list[_Job] = []
         for ctl, data in forks:
             try:
-                jobs.append(self._fork_worker(ctl, data))
-            except Exception as exc:  # fork or memfd failed (EAGAIN, EMFILE, ENOMEM)
+                ready.append(self._prepare_job(ctl, data))
+            except Exception as exc:  # memfd failed (EMFILE, ENOMEM)
                 ctl.close()  # unanswered: that caller knows its call never started
                 data.close()
                 _complain("could not start a worker", exc)
-        for job in jobs:
+        forked = self._fork_batch(ready)
+        for job in ready[forked:]:
+            os.close(job.fault_fd)
+            _remove_cgroup(job.cgroup)
+            job.ctl.close()  # unanswered: that caller knows its call never started
+            job.data.close()
+        for job in ready[:forked]:
             self._register(job)
 
-    def _start_fresh(self, ctl: socket.socket, data: socket.socket, binding: Any) -> None:
+    def _fork_worker(self, ctl: _socket.socket, data: _socket.socket) -> _Job:
+        """One worker, forked now; the caller registers it."""
+        job = self._prepare_job(ctl, data)
+        if not self._fork_batch([job]):
+            os.close(job.fault_fd)
+            _remove_cgroup(job.cgroup)
+            raise OSError("asyncproc: could not fork a worker")
+        return job
+
+    def _fork_batch(self, jobs: list[_Job]) -> int:
+        """Fork the jobs' workers back to back, nothing allocated in between; how many
+        were forked (a failed fork ends the batch: the rest are not started)."""
+        # Objects that exist now move to the permanent generation: a collection in a
+        # worker then never touches (and so never copies) the pages we share.
+        gc.freeze()
+        forked = 0
+        try:
+            for job in jobs:
+                job.pid = os.fork()
+                if job.pid == 0:
+                    self._run_worker(job)
+                forked += 1
+        except Exception as exc:  # EAGAIN, ENOMEM
+            _complain("could not start a worker", exc)
+        return forked
+
+    def _start_fresh(self, ctl: _socket.socket, data: _socket.socket, binding: Any) -> None:
         """"spawn": a new interpreter, but ours, so it gets every guarantee a forked worker
         has (we are its subreaper, its lifeline and its reaper). It reads the call itself.
         A NUMA binding is set on our (only) thread around the spawn: the child has it from
@@ -242,7 +319,7 @@ class Server:
     def _register(self, job: _Job) -> None:
         self.jobs[job.pid] = job
         self.by_ctl[job.ctl.fileno()] = job
-        self.selector.register(job.ctl, selectors.EVENT_READ, lambda: self._on_ctl(job))
+        self._watch(job.ctl.fileno(), lambda: self._on_ctl(job))
 
     def _on_ctl(self, job: _Job) -> None:
         try:
@@ -253,12 +330,14 @@ class Server:
             msg = None
         # End-of-stream means the caller stopped caring (it has its value, or it was
         # cancelled, or it died): nothing of the call may live on.
-        sig = signal.SIGTERM if msg is not None and msg.tag == _protocol.TERM else signal.SIGKILL
+        sig = _signal.SIGTERM if msg is not None and msg.tag == _protocol.TERM else _signal.SIGKILL
         if msg is None:
-            self.selector.unregister(job.ctl)
+            self._unwatch(job.ctl.fileno())
+            job.caller_done = True  # before the report (after it ctl is not watched)
+            self._keep_spare(job)
         if job.pid not in self.jobs:
             return
-        if sig == signal.SIGKILL:
+        if sig == _signal.SIGKILL:
             # No tree walk (a scan of all of /proc): the worker is a subreaper, so once it
             # is dead whatever escaped its group is re-parented to us, and self.adopted
             # finds it from our own children list.
@@ -280,6 +359,8 @@ class Server:
                 importlib.import_module(name)
             except (Exception, SystemExit) as exc:  # a bad preload must not take the server down
                 print(f"asyncproc: could not preload {name!r}: {exc!r}", file=sys.stderr)
+        if fresh:
+            _release_free_memory()
 
     # -- exits ----------------------------------------------------------------------------
 
@@ -312,13 +393,20 @@ class Server:
 
     def _finish_job(self, job: _Job, info: os.waitid_result) -> None:
         # The worker is dead but unreaped: its pid still reserves its group id.
-        _proctree.signal_tree(job.pid, (), signal.SIGKILL)
+        _proctree.signal_tree(job.pid, (), _signal.SIGKILL)
         if job.cgroup is not None:
-            _cgroup.kill(job.cgroup)
+            if not _cgroup.populated(job.cgroup):
+                # Nothing alive in it (a zombie does not count): nothing of the call runs,
+                # and nothing can be born there any more. No kill, no look later; the
+                # cgroup serves another worker once the caller lets go of its name.
+                job.spare, job.cgroup = job.cgroup, None
+                self._keep_spare(job)
+            else:
+                _cgroup.kill(job.cgroup)
         job.exitcode = info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
         # Killed (by us, at shutdown, or by the OOM killer) before it read its call: the call
         # never ran and is safe to retry. One that exited by itself failed to start: a crash.
-        job.unstarted = job.exitcode == -signal.SIGKILL and _call_unread(job.data)
+        job.unstarted = job.exitcode == -_signal.SIGKILL and _call_unread(job.data)
         os.waitpid(job.pid, 0)
         job.deadline = time.monotonic() + _KILL_BOUND_S
         self.draining.append(job)
@@ -354,6 +442,39 @@ class Server:
             return 0.0
         return min((j.deadline for j in waiting), default=now) - now if waiting else None
 
+    def _keep_spare(self, job: _Job) -> None:
+        """Reuse the job's empty cgroup once its worker is reaped (so nothing of the call can
+        enter it again) and its caller has closed ctl: a caller ends a worker's tree by the
+        cgroup's name (HELLO told it) on a timeout or when we die, and must never reach a
+        later call's worker that way. A caller closes ctl only once it is done with the
+        call; a fork of it closes its copy at once (api's _IN_FLIGHT)."""
+        if job.spare is not None and job.caller_done:
+            if len(self.spare_cgroups) < SPARE_CGROUPS_MAX or not _removed(job.spare):
+                self.spare_cgroups.append(job.spare)
+            job.spare = None
+
+    def _collect_spares(self) -> None:
+        """The cgroups of reported calls whose callers have closed ctl since: one poll."""
+        poller = select.poll()
+        for job in self.awaiting:
+            poller.register(job.ctl, select.POLLIN)
+        readable = {fd for fd, _ in poller.poll(0)}
+        waiting = []
+        for job in self.awaiting:
+            if job.ctl.fileno() in readable and _caller_gone(job.ctl):
+                job.caller_done = True
+                self._keep_spare(job)
+                job.ctl.close()
+            else:
+                waiting.append(job)
+        self.awaiting = waiting
+
+    def _give_up_spare(self, job: _Job) -> None:
+        job.ctl.close()
+        if job.spare is not None and not _removed(job.spare):  # pragma: no cover - an empty cgroup
+            self.retired_cgroups.append(job.spare)
+        job.spare = None
+
     def _report(self, job: _Job) -> None:
         fault_log = _protocol.read_text(job.fault_fd) if job.exitcode != 0 else ""
         os.close(job.fault_fd)
@@ -363,14 +484,23 @@ class Server:
         except OSError:
             pass  # the caller already left
         try:
-            job.data.shutdown(socket.SHUT_RDWR)
+            job.data.shutdown(_socket.SHUT_RDWR)
         except OSError:
             pass
         job.data.close()
         self.by_ctl.pop(job.ctl.fileno(), None)
-        if job.ctl.fileno() in self.selector.get_map():
-            self.selector.unregister(job.ctl)
-        job.ctl.close()
+        job.reported = True
+        self._unwatch(job.ctl.fileno())
+        if job.spare is None or job.caller_done:
+            job.ctl.close()
+        else:
+            # ctl stays open for the caller's end-of-stream, which frees the cgroup. Not
+            # watched: a caller may close it only once it has read this report, and being
+            # woken for that alone would cost every call a wake-up. Looked at when a
+            # cgroup is wanted (_collect_spares).
+            self.awaiting.append(job)
+            if len(self.awaiting) > SPARE_CGROUPS_MAX:  # callers that keep theirs open
+                self._give_up_spare(self.awaiting.pop(0))
         if job.cgroup is not None and not _cgroup.remove(job.cgroup):
             self.retired_cgroups.append(job.cgroup)  # something in uninterruptible sleep
 
@@ -383,12 +513,14 @@ class Server:
         timeout: float | None = None
         try:
             while True:
-                for key, _ in self.selector.select(timeout):
+                ready = [(fd, self.handlers.get(fd)) for fd, _ in self.poller.poll(-1 if timeout is None else timeout)]
+                for fd, handler in ready:
                     # A handler earlier in this batch may have closed this one's socket
-                    # (a worker's exit finishes its call); its event is stale.
-                    if self.selector.get_map().get(key.fd) is key:
+                    # (a worker's exit finishes its call), its number maybe reused since:
+                    # the event is stale unless the same registration still holds.
+                    if handler is not None and self.handlers.get(fd) is handler:
                         try:
-                            key.data()
+                            handler()
                         except (SystemExit, KeyboardInterrupt):
                             raise
                         except Exception as exc:  # one call's trouble must not end every call
@@ -408,7 +540,7 @@ class Server:
     def shutdown(self) -> None:
         """Every call's tree ends, and every caller hears how its call ended (the ones
         whose worker never read its call hear so: they are retried on a new server)."""
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut this short
+        _signal.signal(_signal.SIGTERM, _signal.SIG_IGN)  # a second SIGTERM must not cut this short
         # First: the caller's next request then fails at once (it starts a new server)
         # instead of waiting in a queue nobody reads; the queued ones are dropped unanswered,
         # which tells their callers that those calls never started.
@@ -417,9 +549,9 @@ class Server:
         if self.cgroup_root is not None:
             _cgroup.kill(self.cgroup_root)  # every worker and its tree, at once
         else:  # one scan of /proc for all of them, not one per call
-            _proctree.signal_tree(None, _proctree.descendants(self.pid), signal.SIGKILL)
+            _proctree.signal_tree(None, _proctree.descendants(self.pid), _signal.SIGKILL)
         for pid in ours:
-            _proctree.signal_tree(pid, (), signal.SIGKILL)  # its group (workers lead theirs)
+            _proctree.signal_tree(pid, (), _signal.SIGKILL)  # its group (workers lead theirs)
             _kill_quietly(pid)
         deadline = time.monotonic() + _KILL_BOUND_S
         fds = [fd for fd in map(_proctree.pidfd_open, ours) if fd is not None]
@@ -445,6 +577,16 @@ class Server:
             _cgroup.remove(self.cgroup_root)
 
 
+_stopped_by = [0]  # the signal that asks us to stop, once one has
+
+
+def _note_signal(signum: int, frame: object) -> None:
+    # Never raise here: this runs between any two bytecodes of the server. A function, not
+    # a bound method: a worker resetting its handlers then frees nothing (no pages copied).
+    if signum != _signal.SIGCHLD:
+        _stopped_by[0] = signum
+
+
 # ASCII unit/record separators: never in a module name or a path, and allowed in argv
 # (the first preloads travel there), unlike NUL.
 _UNIT, _RECORD = "\x1f", "\x1e"
@@ -459,15 +601,85 @@ def _decode_preload(body: bytes) -> tuple[list[str], list[str]]:
     return [n for n in names.split(_UNIT) if n], path.split(_UNIT)
 
 
-def _call_unread(data: socket.socket) -> bool:
+def _take_context(body: bytes) -> None:
+    """The caller's sys.path, cwd and environment (None: unchanged), made ours before we
+    fork more workers: each inherits them, and a call carries none (nothing to decode or
+    apply per call). A cwd we cannot enter is each later call's error, as it would be
+    the worker's had it tried."""
+    path, cwd, env = _pickle.loads(body)
+    sys.path[:] = path
+    if env is not None:
+        os.environ.clear()
+        os.environ.update(env)
+    try:
+        os.chdir(cwd)
+        _worker.context_error = None
+    except OSError as exc:
+        _worker.context_error = exc
+
+
+def _release_free_memory() -> None:
+    """Give the memory that imports used and freed back to the kernel: every page we hold is
+    a page-table entry each fork copies and each worker's exit drops. Compiling a module
+    with no .pyc (PYTHONDONTWRITEBYTECODE, a read-only tree) leaves some 1.7 MB of such
+    holes in the heap; malloc_trim returns about half of it (the rest shares pages with
+    live objects). Once per import, never per call."""
+    gc.collect()
+    if _malloc_trim is not None:
+        _malloc_trim((0,))
+
+
+def _bind_malloc_trim() -> Callable[[tuple[int]], object] | None:
+    address = _proctree.libc_address("malloc_trim")  # glibc only
+    try:
+        from _ctypes import call_function
+    except ImportError:  # pragma: no cover - not CPython
+        return None
+    if address is None:
+        return None
+    return lambda args: call_function(address, args)
+
+
+_malloc_trim = _bind_malloc_trim()
+
+
+def _call_unread(data: _socket.socket) -> bool:
     """After the worker died: whether its call still sits unread in its socket (so it never
     ran, and the caller may safely retry it). Shut down first: a call the caller sends
     from now on fails at its end instead of joining the queue we look at."""
     try:
-        data.shutdown(socket.SHUT_RD)
-        return bool(data.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+        data.shutdown(_socket.SHUT_RD)
+        return bool(data.recv(1, _socket.MSG_PEEK | _socket.MSG_DONTWAIT))
     except OSError:
         return False
+
+
+def _caller_gone(ctl: _socket.socket) -> bool:
+    """Whether the caller has closed its end of ``ctl`` (what it sent before is dropped:
+    its call is over)."""
+    while True:
+        try:
+            msg = _protocol.recv(ctl)
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+        if msg is None:
+            return True
+        for fd in msg.fds:
+            os.close(fd)
+
+
+def _removed(cgroup: str) -> bool:
+    """Whether ``cgroup`` could be removed at once: the usual end of a call, one rmdir where
+    kill, a look at cgroup.events and then the rmdir took three times as long."""
+    try:
+        os.rmdir(cgroup)
+    except FileNotFoundError:
+        return True
+    except OSError:  # EBUSY: something of the call lives on in it (or in a cgroup below)
+        return False
+    return True
 
 
 def _remove_cgroup(cgroup: str | None) -> None:
@@ -476,7 +688,7 @@ def _remove_cgroup(cgroup: str | None) -> None:
         _cgroup.remove(cgroup)
 
 
-def _hung_up(sock: socket.socket) -> bool:
+def _hung_up(sock: _socket.socket) -> bool:
     # poll first: on the usual path (nothing queued) no BlockingIOError is built. (Not
     # select(): with a thousand calls in flight descriptors pass FD_SETSIZE.)
     poller = select.poll()
@@ -484,7 +696,7 @@ def _hung_up(sock: socket.socket) -> bool:
     if not poller.poll(0):
         return False
     try:
-        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        return sock.recv(1, _socket.MSG_PEEK | _socket.MSG_DONTWAIT) == b""
     except BlockingIOError:
         return False
     except OSError:
@@ -507,7 +719,7 @@ def _drain_pipe(fd: int) -> None:
 
 def _kill_quietly(pid: int) -> None:
     try:
-        os.kill(pid, signal.SIGKILL)
+        os.kill(pid, _signal.SIGKILL)
     except ProcessLookupError:
         pass
 
@@ -523,8 +735,11 @@ def _raise_fd_limit() -> None:
     # Three descriptors per call in flight: the default soft limit (often 1024) would
     # cap concurrency far below what the hard limit allows. Workers get the usual one back.
     global _worker_nofile
-    _worker_nofile = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (_worker_nofile[1], _worker_nofile[1]))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard:  # nothing to raise, nothing for a worker to restore (a call saved)
+        return
+    _worker_nofile = (soft, hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 _worker_nofile: tuple[int, int] | None = None
@@ -539,17 +754,18 @@ def main() -> None:
         pass
     _proctree.set_comm("asyncproc-srv")
     _proctree.make_subreaper()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _signal.signal(_signal.SIGINT, _signal.SIG_IGN)
     _raise_fd_limit()
     global _FAULT_FD
     _FAULT_FD = os.dup(2)
     faulthandler.enable(file=_FAULT_FD, all_threads=True)  # for us, and inherited by workers
-    channel = socket.socket(fileno=3)
+    channel = _socket.socket(fileno=3)
     # Stopped from outside (SIGTERM, SIGHUP): Server turns that into an event of its loop,
     # which ends every call's tree first.
     server = Server(channel, cgroup_root=(sys.argv[2] if len(sys.argv) > 2 else "") or None)
     if len(sys.argv) > 1 and sys.argv[1]:
         server._preload(*_decode_preload(sys.argv[1].encode()))
+    _release_free_memory()
     try:
         server.serve_forever()
     except SystemExit:

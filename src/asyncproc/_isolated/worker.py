@@ -13,14 +13,14 @@ Shared by the three start methods. A worker:
 
 from __future__ import annotations
 
+import _pickle as pickle  # the C module: the fork server imports us and stays lean
 import _signal
+import _socket
+import _struct
+import _thread
 import faulthandler
 import os
-import pickle
 import resource
-import signal
-import socket
-import struct
 import sys
 
 from .._proc import proctree as _proctree
@@ -36,9 +36,10 @@ if TYPE_CHECKING:  # the fork server imports this module: no runtime typing, no 
 else:
     Job = tuple  # at run time too: __all__ names only what imports
 
-__all__ = ["CallSpec", "Job", "dumps", "encode_call", "prepare_process", "reset_inherited_signals", "run_one", "spawn_main", "forked_from_server", "hello"]
+__all__ = ["CallSpec", "ForkedStart", "Job", "bind_prctl", "dumps", "encode_call", "prepare_process", "reset_inherited_signals",
+           "run_one", "spawn_main", "forked_from_server", "hello"]
 
-_SPEC_LEN = struct.Struct("<I")
+_SPEC_LEN = _struct.Struct("<I")
 
 
 class CallSpec:
@@ -73,7 +74,9 @@ def dumps(obj: Any) -> bytes:
 
 
 def encode_call(spec: CallSpec, job: Job) -> bytes:
-    head = pickle.dumps(spec, protocol=5)
+    # No options (the usual call): no header to unpickle, a class to look up less.
+    empty = spec.memory_limit is None and spec.binding is None and spec.sys_path is None and spec.cwd is None and spec.env is None
+    head = b"" if empty else pickle.dumps(spec, protocol=5)
     return _SPEC_LEN.pack(len(head)) + head + by_value_dumps(job)
 
 
@@ -115,10 +118,18 @@ def _make_pickler_class() -> Any:
     return Pickler
 
 
+_NO_OPTIONS = CallSpec()
+
+# Set by the fork server when it could not take the caller's cwd: each call it forks a
+# worker for fails with it, as it would have had the worker tried.
+context_error: OSError | None = None
+
+
 def _decode_call(body: bytes | memoryview) -> tuple[CallSpec, bytes | memoryview]:
     (size,) = _SPEC_LEN.unpack_from(body)
     start = _SPEC_LEN.size
-    return pickle.loads(body[start : start + size]), body[start + size :]
+    spec = pickle.loads(body[start : start + size]) if size else _NO_OPTIONS
+    return spec, body[start + size :]
 
 
 # -- process set-up ---------------------------------------------------------------------
@@ -175,7 +186,7 @@ def prepare_process(fault_fd: int | None, parent_pid: int, cgroup: str | None = 
     if cgroup:
         _attach_cgroup(cgroup)
     if die_with_parent:
-        _proctree.set_parent_death_signal(signal.SIGKILL)
+        _proctree.set_parent_death_signal(_signal.SIGKILL)
     if os.getppid() != parent_pid:  # the parent died before the line above took effect
         os._exit(1)
     _proctree.make_subreaper()
@@ -341,15 +352,31 @@ def _flush_stdio() -> None:
             pass
 
 
+def _has_children() -> bool:
+    """Whether we have a child, alive or not (the usual answer: no). With no other thread
+    alive, one read of our own thread's list, by a constant path: what listing every
+    thread costs (a directory read, a path built per thread) is pages copied per call."""
+    if _thread._count():  # another thread's children are on its own list
+        return _proctree.own_children() != []
+    try:
+        fd = os.open(b"/proc/thread-self/children", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:  # no CONFIG_PROC_CHILDREN: look the long way
+        return _proctree.own_children() != []
+    try:
+        return os.read(fd, 1) != b""
+    finally:
+        os.close(fd)
+
+
 def _end_descendants() -> None:
     """Kill and reap whatever the call left running (we are its subreaper, so it is all
     in our tree). SIGKILL: the call is over, nothing may outlive it."""
-    if _proctree.own_children() == []:  # most calls: one read, nothing else touched
+    if not _has_children():  # most calls: one read, nothing else touched
         return
     _proctree.Adopted().end(_proctree.KILL_BOUND_S)
 
 
-def _finish(data: socket.socket, tag: bytes, body: bytes, exitcode: int = 0) -> NoReturn:
+def _finish(data: _socket.socket, tag: bytes, body: bytes, exitcode: int = 0) -> NoReturn:
     _flush_stdio()  # before answering: the caller may SIGKILL us as soon as it has the value
     try:
         if tag:
@@ -360,7 +387,14 @@ def _finish(data: socket.socket, tag: bytes, body: bytes, exitcode: int = 0) -> 
     os._exit(exitcode)
 
 
-def run_one(data: socket.socket, job: Job | None = None, spec: CallSpec | None = None) -> NoReturn:
+def _set_comm_running() -> None:
+    if _prctl is not None:  # forked by the server, which bound it
+        _prctl((_PR_SET_NAME, b"asyncproc-run", 0, 0, 0))
+    else:
+        _proctree.set_comm("asyncproc-run")
+
+
+def run_one(data: _socket.socket, job: Job | None = None, spec: CallSpec | None = None) -> NoReturn:
     """Serve one call on ``data`` (receiving it first unless ``job`` is given) and exit."""
     # The data socket must not be held by anything the call forks, or the caller would not
     # see end-of-stream when we die.
@@ -370,12 +404,14 @@ def run_one(data: socket.socket, job: Job | None = None, spec: CallSpec | None =
             msg = _protocol.recv(data)
             if msg is None or msg.tag != _protocol.CALL:
                 os._exit(0)  # the caller gave up before sending the call
-            _proctree.set_comm("asyncproc-run")
+            _set_comm_running()
             spec, payload = _decode_call(msg.body)
+            if context_error is not None:
+                raise context_error
             _apply(spec)
             job = pickle.loads(payload)
         else:
-            _proctree.set_comm("asyncproc-run")
+            _set_comm_running()
             spec = spec or CallSpec()
             _apply(spec)
         func, args, kwargs = job
@@ -398,7 +434,7 @@ def run_one(data: socket.socket, job: Job | None = None, spec: CallSpec | None =
 GUARDED = b"g"  # the body of a "fork" worker's go: the caller's guardian will end our tree
 
 
-def forked_main(data: socket.socket, fault_fd: int, parent_pid: int, job: Job, spec: CallSpec, cgroup: str | None) -> NoReturn:
+def forked_main(data: _socket.socket, fault_fd: int, parent_pid: int, job: Job, spec: CallSpec, cgroup: str | None) -> NoReturn:
     """Entry of a "fork" child, still holding the caller's whole state. It waits for the
     caller's go (end-of-stream: the caller died first). GUARDED: the caller's guardian
     ends our whole tree if the caller dies, so no parent-death signal, which would kill us
@@ -410,7 +446,7 @@ def forked_main(data: socket.socket, fault_fd: int, parent_pid: int, job: Job, s
         if go is None:
             os._exit(1)
         if bytes(go.body) != GUARDED:
-            _proctree.set_parent_death_signal(signal.SIGKILL)
+            _proctree.set_parent_death_signal(_signal.SIGKILL)
             if os.getppid() != parent_pid:
                 os._exit(1)
         run_one(data, job, spec)
@@ -424,7 +460,7 @@ def spawn_main() -> NoReturn:
     for fd in (3, 4):  # posix_spawn's dup2 made them inheritable: not for what the call execs
         os.set_inheritable(fd, False)
     prepare_process(4, int(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else None)
-    run_one(socket.socket(fileno=3))
+    run_one(_socket.socket(fileno=3))
 
 
 def hello(pid: int, cgroup: str | None) -> bytes:
@@ -433,15 +469,81 @@ def hello(pid: int, cgroup: str | None) -> bytes:
     return f"{pid} {os.path.basename(cgroup) if cgroup else ''}".encode()
 
 
-def forked_from_server(ctl: socket.socket, data: socket.socket, server_pid: int, cgroup: str | None) -> NoReturn:
-    """Entry of a worker forked by the server: say who we are, then wait for the call.
-    faulthandler is the server's, inherited, already writing to our fault log."""
-    prepare_process(None, server_pid, cgroup)  # exits if the server is already gone
-    _proctree.set_comm("asyncproc-idle")
+# -- a worker forked by the fork server: its start-up, kept lean --------------------------
+# What a forked worker does before it can take a call is paid by every call, and in a fresh
+# fork every page written is a copy-on-write fault (2.5-4 us here): the cost is the pages
+# touched, not the syscalls. So the server works out ahead what the start-up needs (see
+# ForkedStart), and prctl goes through _ctypes.call_function on an address bound in the
+# server: ctypes' usual path (the CDLL lookup, argument objects, the errno swap) copies
+# some 40 pages per call in a fresh child, this about 10.
+
+_PR_SET_PDEATHSIG, _PR_SET_NAME, _PR_SET_CHILD_SUBREAPER = 1, 15, 36
+if TYPE_CHECKING:
+    _PrctlArgs = tuple[int, int | bytes, int, int, int]
+
+
+class ForkedStart:
+    """Worked out in the server, once per worker before it forks: its cgroup's
+    ``cgroup.procs`` (bytes: no path joining in the child) and HELLO's cgroup part."""
+
+    __slots__ = ("procs", "leaf")
+
+    def __init__(self, cgroup: str | None):
+        self.procs = os.fsencode(cgroup + "/cgroup.procs") if cgroup else b""
+        self.leaf = os.fsencode(os.path.basename(cgroup)) if cgroup else b""
+
+
+def bind_prctl() -> Callable[[_PrctlArgs], int]:
+    """``prctl(*args)`` for workers, bound in the server before it forks them."""
+    address = _proctree.libc_address("prctl")
+    call_function: Callable[[int, tuple[Any, ...]], Any] | None
+    try:
+        from _ctypes import call_function  # undocumented, in CPython since 2.5
+    except ImportError:  # pragma: no cover - another implementation: ctypes' usual path
+        call_function = None
+    if call_function is None or address is None:  # pragma: no cover - see above
+        return lambda args: int(_proctree.libc().prctl(*args))
+
+    def call(args: _PrctlArgs) -> int:
+        # Ints go as C ints, sign-extended to full registers (what prctl's unsigned longs
+        # read for our small values); bytes as a pointer to their NUL-terminated buffer.
+        return int(call_function(address, args))
+
+    return call
+
+
+_prctl: Callable[[_PrctlArgs], int] | None = None
+
+
+def forked_from_server(ctl: _socket.socket, data: _socket.socket, server_pid: int, start: ForkedStart) -> NoReturn:
+    """Entry of a worker forked by the server: set up, say who we are, wait for the call.
+    faulthandler is the server's, inherited, already writing to our fault log. The same
+    guarantees as ``prepare_process``, on the lean path."""
+    prctl = _prctl
+    assert prctl is not None  # bound by the server before forking
+    try:
+        os.setsid()
+    except PermissionError:  # pragma: no cover - a fork of the server never leads a group
+        pass
+    if start.procs:  # before anything of the call runs: all it starts is born there
+        try:
+            fd = os.open(start.procs, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.write(fd, b"0")
+            finally:
+                os.close(fd)
+        except OSError:  # a racing removal: the scans still apply
+            pass
+    if prctl((_PR_SET_PDEATHSIG, _signal.SIGKILL, 0, 0, 0)) != 0:
+        os._exit(1)
+    if os.getppid() != server_pid:  # the server died before the line above took effect
+        os._exit(1)
+    prctl((_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0))
+    prctl((_PR_SET_NAME, b"asyncproc-idle", 0, 0, 0))
     try:
         # Before we can read the call: from here on the caller knows the call may have run
         # and never retries it (a caller with no HELLO knows it never ran).
-        _protocol.send(ctl, _protocol.HELLO, hello(os.getpid(), cgroup))
+        ctl.send(b"%s\0%d %s" % (_protocol.HELLO, os.getpid(), start.leaf))  # protocol.send's frame, no fds
     except OSError:
         os._exit(0)  # the caller gave up on this call already
     ctl.close()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
 import os
 import resource
 import signal
@@ -200,7 +201,8 @@ def _nproc(option: str, value: str) -> int:
 
 def _gpu_count() -> int:
     """GPUs as the NUMA code finds them (PCI devices, in CUDA_VISIBLE_DEVICES' order)."""
-    from .. import _numa_place, numa
+    from .. import numa
+    from .._numa import place as _numa_place
 
     try:
         return len(_numa_place.visible_gpus(numa.system_topology()))
@@ -494,8 +496,10 @@ def _grace(option: str, value: str | None) -> float:
         grace = float(value)
     except ValueError:
         raise UsageError(option, value, "is not a number of seconds") from None
-    if not grace >= 0:
+    if not grace >= 0:  # NaN too
         raise UsageError(option, value, "must be >= 0")
+    if math.isinf(grace):  # LaunchConfig's rule (_validate.check_seconds), said in this CLI's words
+        raise UsageError(option, value, "must be finite (every wait is bounded)")
     return grace
 
 

@@ -28,11 +28,11 @@ Typical use::
 
 from __future__ import annotations
 
+import _signal  # not signal, which imports enum: the fork server stays lean
 import errno
 import itertools
 import os
 import select
-import signal as _signal
 import time
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: the fork server stays lean
@@ -41,7 +41,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "available",
-    "base",
     "create",
     "attach",
     "kill",
@@ -106,11 +105,6 @@ def _find_base() -> str | None:
         own = own[len(root.rstrip("/")) :] or "/"
     path = os.path.normpath(point + "/" + own.lstrip("/"))
     return path if os.path.isdir(path) else None
-
-
-def base() -> str | None:
-    """Where our cgroups go (our own cgroup v2 directory), or None."""
-    return _base if available() else None
 
 
 def available() -> bool:

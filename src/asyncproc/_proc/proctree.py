@@ -14,17 +14,18 @@ Shared by every part of asyncproc that ends processes. The rules it encodes:
 
 from __future__ import annotations
 
+import _signal as signal  # not signal (enum) nor ctypes at import: the fork server stays lean
 import _thread
-import ctypes
 import os
 import select
-import signal
 import time
-from collections.abc import Container, Iterable
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (and re) at run time
 
 if TYPE_CHECKING:  # imported where used: the fork server and its workers stay lean
+    import ctypes
+    from collections.abc import Container, Iterable
+
     import psutil
 
     from .procfs import Stat
@@ -33,6 +34,7 @@ __all__ = [
     "KILL_BOUND_S",
     "Adopted",
     "libc",
+    "libc_address",
     "pidfds_of",
     "descendants",
     "exitcode_of",
@@ -72,11 +74,26 @@ def libc() -> ctypes.CDLL:
     """The C library (errno kept for ctypes.get_errno), loaded once per process."""
     global _libc
     if _libc is None:
+        import ctypes
+
         _libc = ctypes.CDLL(None, use_errno=True)
     return _libc
 
 
+def libc_address(name: str) -> int | None:
+    """The address of the C library's function ``name``, or None. Through _ctypes: ctypes
+    itself would add its modules to the fork server."""
+    try:
+        import _ctypes
+
+        return int(_ctypes.dlsym(_ctypes.dlopen(None, os.RTLD_NOW), name))  # type: ignore[arg-type]  # None: the program
+    except (ImportError, OSError, AttributeError):
+        return None
+
+
 def _prctl(option: int, arg: int) -> None:
+    import ctypes
+
     if libc().prctl(option, ctypes.c_ulong(arg), 0, 0, 0) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
@@ -95,6 +112,8 @@ def make_subreaper() -> None:
 def set_comm(name: str) -> None:
     """Set the name ``ps`` and ``/proc/PID/comm`` show (15 bytes at most)."""
     # PR_SET_NAME: one syscall, where writing /proc/self/comm takes three.
+    import ctypes
+
     libc().prctl(_PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
 
 

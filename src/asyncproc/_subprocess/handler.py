@@ -34,7 +34,7 @@ import signal
 import subprocess
 import threading
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import IO, Any, TypeVar, Union
 
@@ -45,7 +45,7 @@ from anyio.lowlevel import RunVar
 from .._proc import cgroup as _cgroup
 from .._proc import proctree as _proctree
 from .._proc.procfs import read_stat
-from .._validate import check_count, check_env, check_path, check_redirect, check_seconds, check_signal
+from .._validate import check_args, check_count, check_env, check_path, check_redirect, check_seconds, check_signal
 from . import guardian as _guardian
 from . import spawner as _spawner
 
@@ -89,7 +89,7 @@ class SubprocessHandler:
     ) -> None:
         # Checked here, not at spawn: the error then points at the line that made the handler.
         check_path("entrypoint", entrypoint)
-        args = _check_args(args)
+        args = check_args("args", args, numbers=True)
         check_env("env", env)
         check_redirect("stdout", stdout)
         check_redirect("stderr", stderr)
@@ -144,8 +144,10 @@ class SubprocessHandler:
         # process's cgroups; the guardian's start): after Popen, only what must follow it,
         # so spawn() returns before the child can have done much (said anything, say).
         leaf = _HANDLERS.new_leaf(f"h{next(_LEAF_NAMES)}")
-        self._stdout = _open_log(self._stdout_target)
+        # Everything that can fail from here to Popen is in the try: a failure must remove
+        # the cgroup just made (no child will ever be in it, so nothing else would).
         try:
+            self._stdout = _open_log(self._stdout_target)
             self._stderr = _open_log(self._stderr_target)
             env = self.env if leaf is not None else {**self.env, **_marker()}
             with self._numa_binding():
@@ -193,8 +195,6 @@ class SubprocessHandler:
         check_signal("sig", sig)
         check_seconds("grace", grace)
         self._started()
-        if grace < 0:
-            raise ValueError(f"grace must be >= 0 seconds, got {grace!r}")
         tree = await _off_loop(self._snapshot_and_signal, sig, await self._table())
         try:
             left = await self._wait_gone(tree, grace)
@@ -425,29 +425,14 @@ def _numa_options(options: Any) -> Any:
     return numa.as_numa_options(options, "numa_options")
 
 
-def _check_args(args: object) -> tuple[object, ...]:
-    """A sequence of str, path or number arguments: each becomes ``str(arg)`` on the child's
-    command line, so None (or any other object) would run as the word "None"."""
-    if isinstance(args, (str, bytes)) or not isinstance(args, Iterable):
-        raise TypeError(f"args must be a sequence of arguments (not a string), got {args!r}")
-    items = tuple(args)  # an iterator is read once, here
-    for i, arg in enumerate(items):
-        if isinstance(arg, bool) or not isinstance(arg, (str, os.PathLike, int, float)):
-            raise TypeError(f"args[{i}] must be a str, path or number, got {arg!r}")
-    return items
-
-
 def _merged_env(env: Mapping[str, str | None] | None) -> dict[str, str]:
+    """``os.environ`` overlaid by ``env`` (checked by ``check_env``): None removes a variable."""
     merged = dict(os.environ)
     for key, value in (env or {}).items():
-        if not isinstance(key, str):
-            raise TypeError(f"env keys must be str, got {key!r}")
         if value is None:
             merged.pop(key, None)
-        elif isinstance(value, str):
-            merged[key] = value
         else:
-            raise TypeError(f"env[{key!r}] must be a str or None, got {value!r}")
+            merged[key] = value
     return merged
 
 

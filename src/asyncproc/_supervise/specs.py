@@ -9,12 +9,23 @@ Specs are plain, immutable descriptions, checked when built: a bad spec raises
 from __future__ import annotations
 
 import inspect
-import math
 import os
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any, Union, cast
+
+from .._validate import (
+    check_args,
+    check_choice,
+    check_count,
+    check_env,
+    check_instance,
+    check_number,
+    check_path,
+    check_seconds,
+    check_text,
+)
 
 if TYPE_CHECKING:
     from .._isolated.api import Isolated
@@ -29,28 +40,8 @@ EVENT_KINDS = ("started", "exited", "restarting", "stopped", "memory_exceeded", 
 StrPath = Union[str, "os.PathLike[str]"]
 
 
-def check_seconds(name: str, value: object, *, allow_inf: bool = False, positive: bool = False) -> float:
-    """A number of seconds: not a bool, not NaN, >= 0 (> 0 if ``positive``), finite unless
-    ``allow_inf``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number of seconds, got {value!r}")
-    if math.isnan(value) or value < 0 or (positive and value == 0):
-        raise ValueError(f"{name} must be {'>' if positive else '>='} 0 seconds, got {value!r}")
-    if math.isinf(value) and not allow_inf:
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    return float(value)
-
-
 def check_id(value: object) -> str:
-    if not isinstance(value, str) or not value:
-        raise TypeError(f"a child's id must be a non-empty str, got {value!r}")
-    return value
-
-
-def check_restart(value: object) -> str:
-    if value not in RESTART_TYPES:
-        raise ValueError(f"restart must be one of {', '.join(map(repr, RESTART_TYPES))}, got {value!r}")
-    return str(value)
+    return check_text("a child's id", value)
 
 
 @dataclass(frozen=True)
@@ -68,15 +59,9 @@ class Backoff:
 
     def __post_init__(self) -> None:
         check_seconds("Backoff initial", self.initial)
-        if isinstance(self.factor, bool) or not isinstance(self.factor, (int, float)):
-            raise TypeError(f"Backoff factor must be a number, got {self.factor!r}")
-        if not (self.factor >= 1 and math.isfinite(self.factor)):
-            raise ValueError(f"Backoff factor must be a finite number >= 1, got {self.factor!r}")
+        check_number("Backoff factor", self.factor, minimum=1)
         check_seconds("Backoff max", self.max)
-        if isinstance(self.jitter, bool) or not isinstance(self.jitter, (int, float)):
-            raise TypeError(f"Backoff jitter must be a number, got {self.jitter!r}")
-        if not 0 <= self.jitter <= 1:
-            raise ValueError(f"Backoff jitter must be within [0, 1], got {self.jitter!r}")
+        check_number("Backoff jitter", self.jitter, minimum=0, maximum=1)
         check_seconds("Backoff reset_after", self.reset_after, allow_inf=True)
 
     def delay(self, k: int) -> float:
@@ -99,10 +84,14 @@ class _Spec:
     restart: str
     shutdown: float
 
-    def _set_common(self, id: object, restart: object, shutdown: object) -> None:
+    def _set_common(self, id: object, restart: object, shutdown: object) -> str:
+        """Checks and sets what every spec has; returns the prefix that names this child in
+        the messages of its other checks ("Command 'web': ")."""
         self.id = check_id(id)
-        self.restart = check_restart(restart)
-        self.shutdown = check_seconds("shutdown", shutdown, allow_inf=True)
+        where = f"{type(self).__name__} {self.id!r}: "
+        self.restart = check_choice(f"{where}restart", restart, RESTART_TYPES)
+        self.shutdown = float(check_seconds(f"{where}shutdown", shutdown, allow_inf=True))
+        return where
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.id!r}, restart={self.restart!r})"
@@ -134,40 +123,19 @@ class Command(_Spec):
         local_rank_id: int | None = None,
         local_world_size: int | None = None,
     ) -> None:
-        self._set_common(id, restart, shutdown)
-        if isinstance(argv, (str, bytes)) or not isinstance(argv, Sequence):
-            raise TypeError(f"Command {id!r}: argv must be a sequence of arguments (not a string), got {argv!r}")
-        if not argv:
-            raise ValueError(f"Command {id!r}: argv must not be empty")
-        for arg in argv:
-            if not isinstance(arg, (str, os.PathLike)):
-                raise TypeError(f"Command {id!r}: every argument must be a str or path, got {arg!r}")
-        if not os.fspath(argv[0]):
-            raise ValueError(f"Command {id!r}: argv[0] must not be empty")
-        if env is not None:
-            if not isinstance(env, Mapping):
-                raise TypeError(f"Command {id!r}: env must be a mapping of str to str or None, got {env!r}")
-            for key, value in env.items():
-                if not isinstance(key, str) or not (value is None or isinstance(value, str)):
-                    raise TypeError(f"Command {id!r}: env must map str to str or None, got {key!r}: {value!r}")
+        where = self._set_common(id, restart, shutdown)
+        args = cast("tuple[StrPath, ...]", check_args(f"{where}argv", argv, command=True))
+        check_env(f"{where}env", env)
         for name, path in (("cwd", cwd), ("stdout", stdout), ("stderr", stderr)):
-            if path is not None and not isinstance(path, (str, os.PathLike)):
-                raise TypeError(f"Command {id!r}: {name} must be a path or None, got {path!r}")
-        if memory_limit is not None:
-            if isinstance(memory_limit, bool) or not isinstance(memory_limit, int):
-                raise TypeError(f"Command {id!r}: memory_limit must be a number of bytes (int) or None, got {memory_limit!r}")
-            if memory_limit <= 0:
-                raise ValueError(f"Command {id!r}: memory_limit must be > 0 bytes, got {memory_limit!r}")
-        if local_rank_id is not None and (isinstance(local_rank_id, bool) or not isinstance(local_rank_id, int)):
-            raise TypeError(f"Command {id!r}: local_rank_id must be an int or None, got {local_rank_id!r}")
+            check_path(f"{where}{name}", path, allow_none=True)
+        check_count(f"{where}memory_limit", memory_limit, minimum=1, allow_none=True)  # bytes
+        check_count(f"{where}local_rank_id", local_rank_id, allow_none=True)
         if numa_options is not None and local_rank_id is None:
-            raise ValueError(f"Command {id!r}: numa_options needs local_rank_id (which local rank to bind)")
+            raise ValueError(f"{where}numa_options needs local_rank_id (which local rank to bind)")
         # Beyond API.md: how many local ranks share the node (asyncproc up's replicas); None:
         # $LOCAL_WORLD_SIZE or one per NUMA node, as SubprocessHandler reads it.
-        if local_world_size is not None and (isinstance(local_world_size, bool) or not isinstance(local_world_size, int)
-                                             or local_world_size <= (local_rank_id or 0)):
-            raise ValueError(f"Command {id!r}: local_world_size must be an int > local_rank_id, got {local_world_size!r}")
-        self.argv: tuple[str, ...] = tuple(os.fspath(a) for a in argv)
+        check_count(f"{where}local_world_size", local_world_size, minimum=(local_rank_id or 0) + 1, allow_none=True)
+        self.argv: tuple[str, ...] = tuple(os.fspath(a) for a in args)
         self.env = dict(env) if env is not None else None
         self.cwd = cwd
         self.stdout = stdout
@@ -186,11 +154,11 @@ class Task(_Spec):
     Stopping it cancels it; it has ``shutdown`` seconds to finish."""
 
     def __init__(self, id: str, async_fn: Callable[..., Any], *args: Any, restart: str = "permanent", shutdown: float = 5.0) -> None:
-        self._set_common(id, restart, shutdown)
+        where = self._set_common(id, restart, shutdown)
         if not callable(async_fn):
-            raise TypeError(f"Task {id!r}: async_fn must be an async function, got {async_fn!r}")
+            raise TypeError(f"{where}async_fn must be an async function, got {async_fn!r}")
         if not _is_async_function(async_fn):
-            raise TypeError(f"Task {id!r}: async_fn must be an async def (a coroutine function), got {async_fn!r}")
+            raise TypeError(f"{where}async_fn must be an async def (a coroutine function), got {async_fn!r}")
         self.async_fn = async_fn
         self.args = args
 
@@ -211,15 +179,12 @@ class Call(_Spec):
     ) -> None:
         from .._isolated.api import Isolated
 
-        self._set_common(id, restart, shutdown)
+        where = self._set_common(id, restart, shutdown)
         if not callable(func):
-            raise TypeError(f"Call {id!r}: func must be callable, got {func!r}")
+            raise TypeError(f"{where}func must be callable, got {func!r}")
         if _is_async_function(func):
-            raise TypeError(f"Call {id!r}: func runs in another process and must be a plain def, got the async {func!r}")
-        if isolated is None:
-            isolated = Isolated(timeout=None)
-        elif not isinstance(isolated, Isolated):
-            raise TypeError(f"Call {id!r}: isolated must be an asyncproc.Isolated, got {isolated!r}")
+            raise TypeError(f"{where}func runs in another process and must be a plain def, got the async {func!r}")
+        isolated = check_instance(f"{where}isolated", isolated, Isolated, allow_none=True) or Isolated(timeout=None)
         self.func = func
         self.args = args
         self.isolated = isolated

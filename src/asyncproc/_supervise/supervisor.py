@@ -44,7 +44,8 @@ import anyio
 import anyio.abc
 
 from .._exceptions import ChildCrashed, MemoryLimitExceeded, SupervisorGaveUp, describe_exitcode
-from .specs import Backoff, Call, ChildStatus, Command, Event, Task, check_id, check_seconds
+from .._validate import check_choice, check_count, check_instance, check_seconds
+from .specs import Backoff, Call, ChildStatus, Command, Event, Task, check_id
 
 if TYPE_CHECKING:
     from .._subprocess.handler import SubprocessHandler
@@ -421,10 +422,23 @@ class EventStream:
                 raise StopAsyncIteration
             self._wakeup = anyio.Event()
             await self._wakeup.wait()
-        if self._unreported:
-            log.warning("asyncproc: an events() reader fell behind: %d event(s) dropped (%d in all)", self._unreported, self.dropped)
-            self._unreported = 0
+        self._report_dropped()
         return self._buffer.popleft()
+
+    def _take_pending(self) -> list[Event]:
+        """Every event buffered now, without waiting (the iteration goes on after them).
+        For ``asyncproc up``'s view: it reads ``status()`` for its table, and must first
+        print every event that ``status()`` already reflects, or the two disagree."""
+        pending = list(self._buffer)
+        self._buffer.clear()
+        if pending:  # after taking them: the warning may reach a log handler that reads us again
+            self._report_dropped()
+        return pending
+
+    def _report_dropped(self) -> None:
+        unreported, self._unreported = self._unreported, 0
+        if unreported:
+            log.warning("asyncproc: an events() reader fell behind: %d event(s) dropped (%d in all)", unreported, self.dropped)
 
     def put(self, event: Event) -> None:
         if len(self._buffer) >= self._maxlen:
@@ -475,17 +489,10 @@ class Supervisor:
             if spec.id in seen:
                 raise ValueError(f"duplicate child id {spec.id!r}: ids must be unique within a supervisor")
             seen.add(spec.id)
-        if strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {', '.join(map(repr, STRATEGIES))}, got {strategy!r}")
-        if isinstance(max_restarts, bool) or not isinstance(max_restarts, int):
-            raise TypeError(f"max_restarts must be an int, got {max_restarts!r}")
-        if max_restarts < 0:
-            raise ValueError(f"max_restarts must be >= 0, got {max_restarts!r}")
+        check_choice("strategy", strategy, STRATEGIES)
+        check_count("max_restarts", max_restarts)
         check_seconds("max_seconds", max_seconds, positive=True, allow_inf=True)
-        if backoff is None:
-            backoff = Backoff()
-        elif not isinstance(backoff, Backoff):
-            raise TypeError(f"backoff must be an asyncproc.Backoff, got {backoff!r}")
+        backoff = check_instance("backoff", backoff, Backoff, allow_none=True) or Backoff()
         self.id = check_id(id)
         self.strategy = strategy
         self.max_restarts = max_restarts
@@ -586,8 +593,7 @@ class Supervisor:
 
     def events(self, *, buffer: int = EVENT_BUFFER) -> EventStream:
         """Events from now on (``async for event in sup.events()``); see ``EventStream``."""
-        if isinstance(buffer, bool) or not isinstance(buffer, int) or buffer < 1:
-            raise ValueError(f"buffer must be an int >= 1, got {buffer!r}")
+        check_count("buffer", buffer, minimum=1)
         stream = EventStream(buffer)
         self._streams.add(stream)
         return stream

@@ -56,7 +56,7 @@ class _Child:
     """What ``up`` knows about a child beyond ``ChildStatus``: for the table."""
 
     def __init__(self) -> None:
-        self.started_at: float | None = None  # monotonic, for uptime
+        self.started_at: float | None = None  # monotonic, for uptime; set by its "started" event
         self.last_exit: str | None = None
         self.exitcode: int | None = None
         self.over_memory = False
@@ -143,6 +143,7 @@ class UpApp:
         self._lock = anyio.Lock()  # one change at a time: reload, restart, SIGHUP
         self.view: LiveView | None = None
         self.sup: Any = None
+        self.stream: Any = None  # the supervisor's EventStream, read by _consume_events
 
     # -- running -----------------------------------------------------------------------
 
@@ -190,7 +191,8 @@ class UpApp:
                 backoff=asyncproc.Backoff(**dict(self.config.supervisor.backoff)),
                 id="up",
             )
-            outer.start_soon(self._consume_events, self.sup.events(), console)
+            self.stream = self.sup.events()
+            outer.start_soon(self._consume_events, self.stream, console)
             await outer.start(self._watch_signals)  # installed before anything starts: no signal finds the default action
             outer.start_soon(control.serve, listener, self._handle)
             self._notice(f"{len(self.config.children)} children from {self.config.path}; control socket {self.socket_path}")
@@ -320,9 +322,24 @@ class UpApp:
 
     def _redraw(self) -> None:
         if self.view is not None:
-            self.view.update(self.rows(), list(self.events))
+            rows = self.rows()  # first: it takes in the events not read yet
+            self.view.update(rows, list(self.events))
+
+    def _catch_up(self) -> None:
+        """Take in every event the supervisor has emitted but ``_consume_events`` has not
+        read yet. ``status()`` already reflects them: a table drawn from it beside event
+        lines that lag would show a child running whose "started" line is not there yet."""
+        if self.stream is not None:
+            for event in self.stream._take_pending():
+                self._note(event)
 
     def rows(self) -> list[dict[str, Any]]:
+        """The table. Under the live view (and its ``ctl status``) it agrees with the events
+        shown beside it: a child the supervisor counts as running from the moment its spawn
+        begins is "starting" until its "started" event is in (``_Child.started_at``)."""
+        agree = self.view is not None
+        if agree:
+            self._catch_up()
         statuses = {s.id: s for s in self.sup.status()} if self.sup is not None else {}
         rows = []
         now = time.monotonic()
@@ -330,11 +347,13 @@ class UpApp:
             status = statuses.get(name)
             child = self.children.setdefault(name, _Child())
             running = status is not None and status.state == "running"
+            starting = running and agree and child.started_at is None
+            running = running and not starting
             rows.append({
                 "name": name,
                 "program": self._program_of(name),
-                "state": status.state if status is not None else "stopped",
-                "pid": status.pid if status is not None else None,
+                "state": "starting" if starting else status.state if status is not None else "stopped",
+                "pid": status.pid if status is not None and not starting else None,
                 "restarts": status.restarts if status is not None else 0,
                 "uptime": now - child.started_at if running and child.started_at is not None else None,
                 "cpu": child.cpu if running else None,
@@ -386,7 +405,8 @@ class UpApp:
     async def _handle(self, req: dict[str, Any]) -> Any:
         command = req["command"]
         if command == "status":
-            return {"children": self.rows(), "events": list(self.events)}
+            rows = self.rows()  # first: under the live view it takes in the events not read yet
+            return {"children": rows, "events": list(self.events)}
         if command == "down":
             self._notice("down requested: stopping everything")
             self.done.set()

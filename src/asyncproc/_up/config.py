@@ -12,17 +12,17 @@ compare an old and a new file child by child with ``==``.
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import shlex
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .._exceptions import ConfigError
+from .._validate import check_choice, check_count, check_seconds, check_text
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -49,6 +49,7 @@ _UNITS = {
     "t": 1024**4, "tib": 1024**4, "tb": 1000**4,
 }
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*")
+_T = TypeVar("_T")
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
@@ -170,10 +171,22 @@ class _Checker:
         self.base = path.resolve().parent  # relative cwd/stdout/stderr are read from the file's folder
 
     def error(self, table: Sequence[str], key: str | None, message: str) -> ConfigError:
-        line = self.locator.line_of(table, key)
-        where = f"{self.path}:{line}" if line is not None else f"{self.path}"
         dotted = ".".join([*table, *([key] if key else [])])
-        return ConfigError(f"{where}: {dotted}: {message}" if dotted else f"{where}: {message}")
+        return ConfigError(f"{self.place(table, key)}: {dotted}: {message}" if dotted else f"{self.place(table, key)}: {message}")
+
+    def place(self, table: Sequence[str], key: str | None) -> str:
+        """The file, and the line when the locator finds it: ``asyncproc.toml:3``."""
+        line = self.locator.line_of(table, key)
+        return f"{self.path}:{line}" if line is not None else f"{self.path}"
+
+    def checked(self, table: Sequence[str], key: str, check: Callable[..., _T], value: object, **options: Any) -> _T:
+        """``check`` (from ``_validate``, the rules every public entry point uses) on the
+        value of ``table.key``, its message naming the dotted key; a ``ConfigError`` that
+        names the file and line when it fails."""
+        try:
+            return check(".".join([*table, key]), value, **options)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{self.place(table, key)}: {exc}") from None
 
     def table(self, value: object, where: Sequence[str], allowed: Sequence[str]) -> Mapping[str, Any]:
         if not isinstance(value, dict):
@@ -200,10 +213,8 @@ class _Checker:
     def supervisor(self, value: object) -> SupervisorOptions:
         where = ["supervisor"]
         spec = self.table(value, where, _SUPERVISOR_KEYS)
-        strategy = spec.get("strategy", "one_for_one")
-        if strategy not in STRATEGIES:
-            raise self.error(where, "strategy", f"expected one of {', '.join(STRATEGIES)}, got {strategy!r}")
-        max_restarts = self.integer(where, "max_restarts", spec.get("max_restarts", 3), minimum=0)
+        strategy = self.checked(where, "strategy", check_choice, spec.get("strategy", "one_for_one"), choices=STRATEGIES)
+        max_restarts = self.checked(where, "max_restarts", check_count, spec.get("max_restarts", 3))
         max_seconds = self.number(where, "max_seconds", spec.get("max_seconds", 5.0), positive=True)
         backoff_where = [*where, "backoff"]
         backoff = self.table(spec.get("backoff", {}), backoff_where, _BACKOFF_KEYS)
@@ -218,9 +229,7 @@ class _Checker:
         if "command" not in spec:
             raise self.error(where, None, "missing key 'command' (a list of arguments, or a string split like a shell)")
         argv = self.command(where, spec["command"])
-        restart = spec.get("restart", "permanent")
-        if restart not in RESTARTS:
-            raise self.error(where, "restart", f"expected one of {', '.join(RESTARTS)}, got {restart!r}")
+        restart = self.checked(where, "restart", check_choice, spec.get("restart", "permanent"), choices=RESTARTS)
         shutdown = self.number(where, "shutdown", spec.get("shutdown", 5.0))
         memory_limit = None
         if "memory_limit" in spec:
@@ -228,10 +237,10 @@ class _Checker:
                 memory_limit = parse_size(spec["memory_limit"])
             except ValueError as exc:
                 raise self.error(where, "memory_limit", str(exc)) from None
-        replicas = self.integer(where, "replicas", spec.get("replicas", 1), minimum=1)
+        replicas = self.checked(where, "replicas", check_count, spec.get("replicas", 1), minimum=1)
         numa = spec.get("numa")
-        if numa is not None and numa not in NUMA_MODES:
-            raise self.error(where, "numa", f"expected one of {', '.join(NUMA_MODES)}, got {numa!r}")
+        if numa is not None:
+            self.checked(where, "numa", check_choice, numa, choices=NUMA_MODES)
         env = self.env(where, spec.get("env", {}))
         cwd = self.path_value(where, "cwd", spec.get("cwd"))
         outputs = {k: self.path_value(where, k, spec.get(k)) for k in ("stdout", "stderr")}
@@ -279,23 +288,14 @@ class _Checker:
             out.append((key, str(v)))
         return tuple(out)
 
-    def integer(self, where: Sequence[str], key: str, value: object, *, minimum: int) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise self.error(where, key, f"expected a whole number >= {minimum}, got {value!r}")
-        return value
-
     def number(self, where: Sequence[str], key: str, value: object, *, positive: bool = False) -> float:
-        ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-        if not ok or value < 0 or (positive and value == 0):  # type: ignore[operator]
-            raise self.error(where, key, f"expected a number of seconds {'> 0' if positive else '>= 0'}, got {value!r}")
-        return float(value)  # type: ignore[arg-type]
+        return float(self.checked(where, key, check_seconds, value, positive=positive))
 
     def path_value(self, where: Sequence[str], key: str, value: object) -> str | None:
         if value is None:
             return None
-        if not isinstance(value, str) or not value:
-            raise self.error(where, key, f"expected a path, got {value!r}")
-        return str(self.base / os.path.expanduser(value))
+        path = self.checked(where, key, check_text, value)
+        return str(self.base / os.path.expanduser(path))
 
     def format_path(self, where: Sequence[str], key: str, value: str | None, name: str, replica: int) -> str | None:
         if value is None:

@@ -18,7 +18,7 @@ from rich.text import Text
 
 __all__ = ["table", "print_status", "LiveView", "human_duration", "human_bytes"]
 
-_STATE_STYLE = {"running": "green", "backoff": "yellow", "stopped": "dim", "ended": "red"}
+_STATE_STYLE = {"running": "green", "starting": "cyan", "backoff": "yellow", "stopped": "dim", "ended": "red"}
 COLUMNS = ("NAME", "PID", "STATE", "UPTIME", "RESTARTS", "CPU %", "RSS", "LAST EXIT")
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
-from ._exceptions import NumaBindingError
+from .._exceptions import NumaBindingError
 
 __all__ = [
     "Gpu",

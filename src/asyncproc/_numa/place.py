@@ -10,8 +10,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ._exceptions import NumaBindingError
-from ._numa_topology import Gpu, Topology, format_cpulist
+from .._exceptions import NumaBindingError
+from .topology import Gpu, Topology, format_cpulist
 
 __all__ = ["Slot", "cpus_in_mode", "slot_of", "slots", "visible_gpus"]
 

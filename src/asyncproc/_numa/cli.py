@@ -12,10 +12,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ._exceptions import NumaBindingError
-from ._numa_place import Slot, cpus_in_mode, slot_of, slots, visible_gpus
-from ._numa_topology import Topology, format_cpulist, parse_cpulist
-from .numa import AffinityMode
+from .._exceptions import NumaBindingError
+from ..numa import AffinityMode
+from .place import Slot, cpus_in_mode, slot_of, slots, visible_gpus
+from .topology import Topology, format_cpulist, parse_cpulist
 
 __all__ = ["cli", "configure_parser"]
 

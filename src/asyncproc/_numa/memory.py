@@ -15,7 +15,7 @@ import platform
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from ._proc import proctree as _proctree
+from .._proc import proctree as _proctree
 
 __all__ = ["MemoryPolicy", "bind", "current", "prefer", "restore"]
 
