@@ -48,7 +48,6 @@ _RESERVE_ENV, _RESERVE_DEFAULT = "ASYNCPROC_RESERVE", 12
 # A finished call's ctl waits for the server's report (then closing it wakes nobody) this
 # long at most, or this many at most; then it is closed anyway ("the caller is done").
 _FINISHED_BOUND_S, _FINISHED_MAX = 0.5, 64
-_HUNG_UP = select.POLLHUP | select.POLLRDHUP | select.POLLERR | select.POLLNVAL
 _PRELOAD_ENV = "ASYNCPROC_PRELOAD"
 
 
@@ -78,6 +77,20 @@ async def _room_on(chan: socket.socket | None) -> None:
         await anyio.wait_writable(chan)
     except anyio.BusyResourceError:
         await anyio.sleep(0.01)
+
+
+def _reported(ctl: socket.socket) -> bool:
+    """Whether the server's report on a call (or its end-of-stream) is in, reading what came
+    before it: the worker's HELLO, which a call that got its value never reads."""
+    while True:
+        try:
+            msg = _protocol.recv(ctl)
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+        if msg is None or msg.tag == _protocol.EXITED:
+            return True
 
 
 def _still_open(data: socket.socket) -> bool:
@@ -249,8 +262,10 @@ class ServerLink:
             log.debug("asyncproc: could not refill the worker reserve: %r", exc)
 
     def finished(self, ctl: socket.socket) -> None:
-        """A call has its value; its ``ctl`` is closed once the server has reported the
-        worker's exit: the server has then closed its end and is not woken by ours."""
+        """A call has its value; its ``ctl`` is closed once the server's report (EXITED) is
+        in: the server is not woken by that end-of-stream (it looks for it when it wants
+        the call's cgroup again), where closing at once would wake it to end a worker that
+        ends by itself."""
         self._finished.append((ctl, time.monotonic()))
 
     def _close_finished(self) -> None:
@@ -264,13 +279,11 @@ class ServerLink:
             except IndexError:
                 break
         for ctl, _ in waiting:
-            poller.register(ctl, select.POLLRDHUP)
-        # Not readability: the worker's HELLO is there, unread, from the start. The server
-        # closes its end (and the worker its copy) right after the report: a hang-up.
-        reported = {fd for fd, events in poller.poll(0) if events & _HUNG_UP}
+            poller.register(ctl, select.POLLIN)
+        ready = {fd for fd, _ in poller.poll(0)}
         late = time.monotonic() - _FINISHED_BOUND_S
         for i, (ctl, since) in enumerate(waiting):
-            if ctl.fileno() in reported or since < late or len(waiting) - i > _FINISHED_MAX:
+            if (ctl.fileno() in ready and _reported(ctl)) or since < late or len(waiting) - i > _FINISHED_MAX:
                 ctl.close()
             else:
                 self._finished.append((ctl, since))
