@@ -308,8 +308,9 @@ def test_calls_leave_no_cgroup_behind(tmp_path: Path) -> None:
     anyio.run(calls)
     assert link.cgroup is not None and link.pid is not None
     # While the server lives: one cgroup per idle worker, and the few empty ones it keeps to
-    # reuse, none per call.
+    # reuse, none per call. Those kept number SPARE_CGROUPS_MAX at most, and as many at most
+    # wait for their caller to close ctl (which it does once it has read the server's report).
     idle = {p.pid for p in psutil.Process(link.pid).children()}
-    assert len([n for n in os.listdir(link.cgroup) if n.isdigit()]) <= len(idle) + _server.SPARE_CGROUPS_MAX
+    assert len([n for n in os.listdir(link.cgroup) if n.isdigit()]) <= len(idle) + 2 * _server.SPARE_CGROUPS_MAX
     link.stop()
     assert [n for n in os.listdir(base) if n.startswith(f"asyncproc-{os.getpid()}-")] == []
