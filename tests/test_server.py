@@ -317,3 +317,25 @@ async def test_spawn_calls_keep_no_forked_workers_idle() -> None:
     assert len(link._reserve) == 0
     assert await Isolated().call(abs, -1) == 1
     assert len(link._reserve) > 0
+
+
+async def test_a_call_asked_of_a_dying_server_runs_on_a_new_one() -> None:
+    # With no worker in reserve, the call's request goes to the server just SIGKILLed: its
+    # sockets close a moment before its exit shows, and what it was asked then is lost.
+    # That call never ran: it is retried on a new server, never on the dying one again,
+    # and returns its value (it used to fail, now and then, as "died before the call
+    # reached a worker" when the retry reached the dying server too).
+    from asyncproc._isolated.link import link
+
+    for i in range(10):
+        assert await asyncproc.safe_call(add, i) == i
+        link._drop_reserve()
+        server = link.pid
+        assert server is not None
+        workers = psutil.Process(server).children()
+        os.kill(server, signal.SIGKILL)
+        assert await asyncproc.safe_call(add, i + 1) == i + 1
+        assert link.pid != server
+        # Its idle workers die with it; this test process is a subreaper: ours to reap.
+        workers += [p for p in psutil.Process().children() if p.pid != link.pid and _forked_by_a_server(p)]
+        psutil.wait_procs(workers, timeout=5)

@@ -38,6 +38,7 @@ log = logging.getLogger("asyncproc")
 T = TypeVar("T")
 
 START_METHODS = ("forkserver", "fork", "spawn")
+_ATTEMPTS = 3  # of a call whose fork server died before any worker got it
 
 
 # Set by a supervisor's Call child, in its own task: told the worker once the call has one
@@ -140,16 +141,18 @@ class Isolated:
         Raises what ``safe_call`` raises (see there), with this runner's options.
         """
         _check_callable(func, "Isolated.call()")
-        try:
-            return await self._call_once(func, args, kwargs)
-        except ServerLost:
-            # Safe to retry: no worker ever received the call. The link restarts the server.
-            # Raised as a plain AsyncprocError if it happens again.
-            log.warning("asyncproc: the fork server died before starting a call; retrying on a new one")
+        for attempt in range(1, _ATTEMPTS + 1):
             try:
                 return await self._call_once(func, args, kwargs)
-            except ServerLost as again:
-                raise AsyncprocError(str(again)) from None
+            except ServerLost as lost:
+                # Safe to retry: no worker ever received the call; the link has reaped the
+                # dead server and the next attempt starts a new one. A few attempts, not
+                # one: a server SIGKILLed again (the OOM killer, a test) must not fail a
+                # call that never ran, and one that dies at every start must not loop.
+                if attempt == _ATTEMPTS:
+                    raise AsyncprocError(f"{lost} ({_ATTEMPTS} times in a row)") from None
+                log.warning("asyncproc: the fork server died before starting a call; retrying on a new one")
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def _call_once(self, func: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any]) -> T:
         worker: Worker | None = None

@@ -120,10 +120,11 @@ class ServerWorker(Worker):
     Once the server has told us the worker's cgroup (HELLO), we can end and watch the
     worker's tree ourselves: a stopped, busy or dead server then delays nothing."""
 
-    def __init__(self, data: socket.socket, ctl: socket.socket, cgroup_root: str | None):
+    def __init__(self, data: socket.socket, ctl: socket.socket, cgroup_root: str | None, server_pid: int | None):
         super().__init__(data)  # both non-blocking already (the link made them so)
         self.ctl = ctl
         self.cgroup_root = cgroup_root
+        self.server_pid = server_pid
         self.cgroup: str | None = None
         self.exited: _protocol.Message | None = None
         self.server_gone = False  # end-of-stream on ctl
@@ -199,6 +200,8 @@ class ServerWorker(Worker):
         exited = self.exited
         if exited is None:
             if self.pid is None:
+                if self.server_gone:  # its server is dying: the retry must not ask it again
+                    await link.await_death(self.server_pid, KILL_BOUND_S)
                 return Exit(None, None, never_started=True)
             if not self.server_gone:
                 return Exit(self.pid, None, note=f"the asyncproc fork server did not report on worker {self.pid} in time")
@@ -360,7 +363,7 @@ async def _start_via_server(spec: _worker.CallSpec, job: _worker.Job, kind: byte
     await link.sync_context()
     for _ in range(3):
         data, ctl = await link.take(kind)
-        cgroup_root = link.cgroup  # of the server that gave us this worker
+        cgroup_root, server_pid = link.cgroup, link.pid  # of the server that gave us this worker
         try:
             _protocol.send(data, _protocol.CALL, call)
         except (BrokenPipeError, ConnectionResetError):
@@ -368,7 +371,7 @@ async def _start_via_server(spec: _worker.CallSpec, job: _worker.Job, kind: byte
             ctl.close()
             link.worker_died_idle()
             continue
-        worker = ServerWorker(data, ctl, cgroup_root)
+        worker = ServerWorker(data, ctl, cgroup_root, server_pid)
         # While the worker runs the call: off its critical path (the caller would only wait).
         # The reserve is of forked workers: a "spawn" call keeps none idle for itself.
         link.after_call_sent(refill=kind == _protocol.FORKED)

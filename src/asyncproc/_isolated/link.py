@@ -388,6 +388,22 @@ class ServerLink:
             self._stop_locked()
             return False
 
+    async def await_death(self, pid: int | None, bound: float) -> None:
+        """A call's worker vanished with no word from server ``pid``, its ctl closed: the
+        server is dying. A SIGKILL closes its sockets a moment before its exit shows on the
+        pidfd, and a request sent in that moment is lost too; so wait for that exit (at
+        most ``bound``), then reap it, and the retry starts a new server."""
+        with self._lock:
+            if pid is None or pid != self._pid or self._pidfd is None:
+                return  # already replaced
+            fd = os.dup(self._pidfd)  # ours: another task may stop the link meanwhile
+        try:
+            with anyio.move_on_after(bound):
+                await _proctree.wait_exit(pid, fd)
+        finally:
+            os.close(fd)
+        self.check_server()
+
     def stop(self) -> None:
         with self._lock:
             self._stop_locked()
