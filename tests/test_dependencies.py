@@ -7,6 +7,10 @@ somewhere else (or, worse, as a feature that silently stops working).
   a function comes back from a "fork" child as the same class, so ``except`` catches it.
 * the bytes ``b"cloudpickle"`` in the pickle of a function sent by value, and not in one
   sent by reference (``_isolated.handles._BY_VALUE_MARK``: when to preload cloudpickle).
+* CPython's ``_ctypes.dlopen``, ``_ctypes.dlsym`` and ``_ctypes.call_function``
+  (``_proc.proctree.libc_function``): how the fork server binds ``prctl`` for its workers
+  and calls ``malloc_trim`` without the ctypes package; without them, workers fall back to
+  ctypes' usual path, correct but slower.
 * ``os.environ._data`` (``_isolated.link``): the encoded environment, compared with one
   ``==`` per call to tell whether the fork server's copy is still current.
 """
@@ -55,3 +59,15 @@ def test_os_environ_data_is_the_encoded_environment() -> None:
     finally:
         del os.environ["ASYNCPROC_TEST_PRIVATE"]
     assert b"ASYNCPROC_TEST_PRIVATE" not in data
+
+
+def test_ctypes_private_calls_bind_a_libc_function() -> None:
+    import _ctypes
+
+    from asyncproc._proc import proctree
+
+    assert callable(_ctypes.dlopen) and callable(_ctypes.dlsym) and callable(_ctypes.call_function)
+    getpid = proctree.libc_function("getpid")
+    assert getpid is not None, "the fast path through _ctypes is gone: workers use ctypes' slow path"
+    assert getpid(()) == os.getpid()
+    assert proctree.libc_function("no_such_function_in_libc") is None

@@ -79,20 +79,6 @@ async def _room_on(chan: socket.socket | None) -> None:
         await anyio.sleep(0.01)
 
 
-def _reported(ctl: socket.socket) -> bool:
-    """Whether the server's report on a call (or its end-of-stream) is in, reading what came
-    before it: the worker's HELLO, which a call that got its value never reads."""
-    while True:
-        try:
-            msg = _protocol.recv(ctl)
-        except BlockingIOError:
-            return False
-        except OSError:
-            return True
-        if msg is None or msg.tag == _protocol.EXITED:
-            return True
-
-
 def _still_open(data: socket.socket) -> bool:
     # poll first: on the usual path (nothing queued) no BlockingIOError is built.
     poller = select.poll()
@@ -283,7 +269,8 @@ class ServerLink:
         ready = {fd for fd, _ in poller.poll(0)}
         late = time.monotonic() - _FINISHED_BOUND_S
         for i, (ctl, since) in enumerate(waiting):
-            if (ctl.fileno() in ready and _reported(ctl)) or since < late or len(waiting) - i > _FINISHED_MAX:
+            # The report comes after the worker's HELLO, which a call that got its value never read.
+            if (ctl.fileno() in ready and _protocol.read_until(ctl, _protocol.EXITED)) or since < late or len(waiting) - i > _FINISHED_MAX:
                 ctl.close()
             else:
                 self._finished.append((ctl, since))

@@ -20,7 +20,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     import socket
 
-__all__ = ["Message", "recv", "read_text", "send", "seqpacket_pair", "INLINE_MAX"]
+__all__ = ["Message", "recv", "read_text", "read_until", "send", "seqpacket_pair", "INLINE_MAX"]
 
 # Unix sockets buffer about 208 KiB per direction by default; a packet must fit in it.
 INLINE_MAX = 64 * 1024
@@ -106,6 +106,25 @@ def recv(sock: _socket.socket) -> Message | None:
     if flags & FLAG_MEMFD:
         body = _read_memfd(fds.pop())
     return Message(tag, body, fds)
+
+
+def read_until(sock: _socket.socket, stop: bytes | None) -> bool:
+    """Read what waits on non-blocking ``sock`` (closing any descriptors it carries) until
+    a message tagged ``stop`` or end-of-stream: True; False once nothing more waits.
+    ``stop=None``: only end-of-stream (the peer closed) counts."""
+    while True:
+        try:
+            msg = recv(sock)
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+        if msg is None:
+            return True
+        for fd in msg.fds:
+            os.close(fd)
+        if msg.tag == stop:
+            return True
 
 
 def _fds_from(ancillary: list[tuple[int, int, bytes]]) -> list[int]:

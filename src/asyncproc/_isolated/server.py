@@ -461,7 +461,7 @@ class Server:
         readable = {fd for fd, _ in poller.poll(0)}
         waiting = []
         for job in self.awaiting:
-            if job.ctl.fileno() in readable and _caller_gone(job.ctl):
+            if job.ctl.fileno() in readable and _protocol.read_until(job.ctl, None):
                 job.caller_done = True
                 self._keep_spare(job)
                 job.ctl.close()
@@ -629,18 +629,7 @@ def _release_free_memory() -> None:
         _malloc_trim((0,))
 
 
-def _bind_malloc_trim() -> Callable[[tuple[int]], object] | None:
-    address = _proctree.libc_address("malloc_trim")  # glibc only
-    try:
-        from _ctypes import call_function
-    except ImportError:  # pragma: no cover - not CPython
-        return None
-    if address is None:
-        return None
-    return lambda args: call_function(address, args)
-
-
-_malloc_trim = _bind_malloc_trim()
+_malloc_trim = _proctree.libc_function("malloc_trim")  # glibc only
 
 
 def _call_unread(data: _socket.socket) -> bool:
@@ -652,22 +641,6 @@ def _call_unread(data: _socket.socket) -> bool:
         return bool(data.recv(1, _socket.MSG_PEEK | _socket.MSG_DONTWAIT))
     except OSError:
         return False
-
-
-def _caller_gone(ctl: _socket.socket) -> bool:
-    """Whether the caller has closed its end of ``ctl`` (what it sent before is dropped:
-    its call is over)."""
-    while True:
-        try:
-            msg = _protocol.recv(ctl)
-        except BlockingIOError:
-            return False
-        except OSError:
-            return True
-        if msg is None:
-            return True
-        for fd in msg.fds:
-            os.close(fd)
 
 
 def _removed(cgroup: str) -> bool:

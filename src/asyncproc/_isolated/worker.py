@@ -473,9 +473,8 @@ def hello(pid: int, cgroup: str | None) -> bytes:
 # What a forked worker does before it can take a call is paid by every call, and in a fresh
 # fork every page written is a copy-on-write fault (2.5-4 us here): the cost is the pages
 # touched, not the syscalls. So the server works out ahead what the start-up needs (see
-# ForkedStart), and prctl goes through _ctypes.call_function on an address bound in the
-# server: ctypes' usual path (the CDLL lookup, argument objects, the errno swap) copies
-# some 40 pages per call in a fresh child, this about 10.
+# ForkedStart), and prctl is bound in the server (_proctree.libc_function: about 10
+# pages copied per call in a fresh child, where ctypes' usual path copies some 40).
 
 _PR_SET_PDEATHSIG, _PR_SET_NAME, _PR_SET_CHILD_SUBREAPER = 1, 15, 36
 if TYPE_CHECKING:
@@ -495,20 +494,9 @@ class ForkedStart:
 
 def bind_prctl() -> Callable[[_PrctlArgs], int]:
     """``prctl(*args)`` for workers, bound in the server before it forks them."""
-    address = _proctree.libc_address("prctl")
-    call_function: Callable[[int, tuple[Any, ...]], Any] | None
-    try:
-        from _ctypes import call_function  # undocumented, in CPython since 2.5
-    except ImportError:  # pragma: no cover - another implementation: ctypes' usual path
-        call_function = None
-    if call_function is None or address is None:  # pragma: no cover - see above
+    call = _proctree.libc_function("prctl")
+    if call is None:  # pragma: no cover - another implementation: ctypes' usual path
         return lambda args: int(_proctree.libc().prctl(*args))
-
-    def call(args: _PrctlArgs) -> int:
-        # Ints go as C ints, sign-extended to full registers (what prctl's unsigned longs
-        # read for our small values); bytes as a pointer to their NUL-terminated buffer.
-        return int(call_function(address, args))
-
     return call
 
 

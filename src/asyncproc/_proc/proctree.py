@@ -24,7 +24,7 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (and re) 
 
 if TYPE_CHECKING:  # imported where used: the fork server and its workers stay lean
     import ctypes
-    from collections.abc import Container, Iterable
+    from collections.abc import Callable, Container, Iterable
 
     import psutil
 
@@ -34,7 +34,7 @@ __all__ = [
     "KILL_BOUND_S",
     "Adopted",
     "libc",
-    "libc_address",
+    "libc_function",
     "pidfds_of",
     "descendants",
     "exitcode_of",
@@ -80,15 +80,22 @@ def libc() -> ctypes.CDLL:
     return _libc
 
 
-def libc_address(name: str) -> int | None:
-    """The address of the C library's function ``name``, or None. Through _ctypes: ctypes
-    itself would add its modules to the fork server."""
+def libc_function(name: str) -> Callable[[tuple[int | bytes, ...]], int] | None:
+    """The C library's function ``name`` as ``f(args_tuple) -> int``, or None (not CPython,
+    or no such symbol). Through _ctypes' undocumented ``dlsym``/``call_function`` (in
+    CPython since 2.5; pinned in tests/test_dependencies.py): the ctypes package would add
+    its modules to the fork server, and its usual call path (the CDLL lookup, argument
+    objects, the errno swap) copies some 40 pages per call in a freshly forked worker,
+    this about 10. Ints go as C ints, sign-extended to full registers (what unsigned long
+    parameters read for small values); bytes as a pointer to their NUL-terminated buffer."""
     try:
         import _ctypes
 
-        return int(_ctypes.dlsym(_ctypes.dlopen(None, os.RTLD_NOW), name))  # type: ignore[arg-type]  # None: the program
+        address = int(_ctypes.dlsym(_ctypes.dlopen(None, os.RTLD_NOW), name))  # type: ignore[arg-type]  # None: the program
+        call_function = _ctypes.call_function
     except (ImportError, OSError, AttributeError):
         return None
+    return lambda args: int(call_function(address, args))
 
 
 def _prctl(option: int, arg: int) -> None:
