@@ -20,11 +20,12 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     import socket
 
-__all__ = ["Message", "recv", "read_text", "read_until", "send", "seqpacket_pair", "INLINE_MAX"]
+__all__ = ["ANCILLARY_SPACE", "Message", "parse", "recv", "read_text", "read_until", "send", "seqpacket_pair", "INLINE_MAX"]
 
 # Unix sockets buffer about 208 KiB per direction by default; a packet must fit in it.
 INLINE_MAX = 64 * 1024
 _MAX_FDS = 4
+ANCILLARY_SPACE = _socket.CMSG_SPACE(_MAX_FDS * 4)
 FLAG_MEMFD = 1
 
 # tags
@@ -70,29 +71,31 @@ def _to_memfd(body: bytes | memoryview) -> int:
 
 def send(sock: _socket.socket, tag: bytes, body: bytes | memoryview = b"", fds: list[int] | tuple[int, ...] = ()) -> None:
     """Send one message; blocks only if the peer's buffer is full (never for our sizes)."""
-    fds = list(fds)
-    memfd = None
-    flags = 0
-    if len(body) > INLINE_MAX:
-        memfd = _to_memfd(body)
-        fds.append(memfd)
-        body, flags = b"", FLAG_MEMFD
+    if len(body) <= INLINE_MAX:  # the usual message: nothing built that need not be
+        head = tag + b"\0"
+        if fds:
+            sock.sendmsg((head, body), [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, array.array("i", fds))])
+        else:
+            sock.sendmsg((head, body))
+        return
+    memfd = _to_memfd(body)
     try:
-        head = tag + bytes((flags,))
-        ancillary = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
-        sock.sendmsg([head, body], ancillary)
+        sock.sendmsg((tag + bytes((FLAG_MEMFD,)), b""), [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, array.array("i", [*fds, memfd]))])
     finally:
-        if memfd is not None:
-            os.close(memfd)
+        os.close(memfd)
 
 
 def recv(sock: _socket.socket) -> Message | None:
     """Receive one message; None at end of stream. Received fds are the caller's to close."""
     # MSG_CMSG_CLOEXEC: a received descriptor must not leak into what the receiver execs
     # (a grandchild holding a worker's data socket would hide the worker's death).
-    data, ancillary, msg_flags, _ = sock.recvmsg(
-        INLINE_MAX + 2, _socket.CMSG_SPACE(_MAX_FDS * 4), _socket.MSG_CMSG_CLOEXEC
-    )
+    data, ancillary, msg_flags, _ = sock.recvmsg(INLINE_MAX + 2, ANCILLARY_SPACE, _socket.MSG_CMSG_CLOEXEC)
+    return parse(data, ancillary, msg_flags)
+
+
+def parse(data: bytes, ancillary: list[tuple[int, int, bytes]], msg_flags: int) -> Message | None:
+    """The message of one ``recvmsg(INLINE_MAX + 2, ANCILLARY_SPACE, MSG_CMSG_CLOEXEC)``
+    (what ``recv`` does, for a reader that looked at the packet first)."""
     fds = _fds_from(ancillary)
     if not data:
         for fd in fds:

@@ -127,6 +127,7 @@ class Server:
         self._watch(channel.fileno(), self._on_request)
         self._watch(wake_r, self._on_signal)
         _worker._prctl = _worker.bind_prctl()  # for every worker's start-up
+        _worker.close_serving_in_forks()  # here, once, not in every worker
 
     @property
     def stop_signal(self) -> int:
@@ -159,33 +160,16 @@ class Server:
             os.close(fault_fd)
             raise
         job = _Job(0, ctl, data, fault_fd, cgroup)
-        job.start = _worker.ForkedStart(cgroup)
+        job.start = _worker.ForkedStart(cgroup, (ctl.fileno(), data.fileno()), fault_fd, _FAULT_FD, _worker_nofile)
         return job
 
     def _run_worker(self, job: _Job) -> NoReturn:
         """In the child of a fork: become the job's worker, serve its call, exit."""
         try:
             assert job.start is not None
-            self._become_worker((job.ctl.fileno(), job.data.fileno()), job.fault_fd)
             _worker.forked_from_server(job.ctl, job.data, self.pid, job.start)
         finally:
             os._exit(70)
-
-    def _become_worker(self, keep: tuple[int, ...], fault_fd: int) -> None:
-        # Drop every descriptor of the server: the caller's lifeline, other calls' sockets,
-        # other workers' fault logs. A worker must hold nothing but its own.
-        _worker.reset_inherited_signals()
-        if _worker_nofile is not None:
-            resource.setrlimit(resource.RLIMIT_NOFILE, _worker_nofile)
-        # faulthandler, enabled in the server on _FAULT_FD, is inherited (its handlers, its
-        # stack): our fault log takes that descriptor's place, and enabling it anew in
-        # each worker (some 30 pages copied) is saved.
-        os.dup2(fault_fd, _FAULT_FD, inheritable=False)
-        low = 3
-        for fd in sorted((*keep, _FAULT_FD)):
-            os.closerange(low, fd)
-            low = fd + 1
-        os.closerange(low, 1 << 20)
 
     # -- requests -------------------------------------------------------------------------
 

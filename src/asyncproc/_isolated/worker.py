@@ -37,7 +37,7 @@ else:
     Job = tuple  # at run time too: __all__ names only what imports
 
 __all__ = ["CallSpec", "ForkedStart", "Job", "bind_prctl", "dumps", "encode_call", "prepare_process", "reset_inherited_signals",
-           "run_one", "spawn_main", "forked_from_server", "hello"]
+           "run_one", "spawn_main", "forked_from_server", "hello", "close_serving_in_forks"]
 
 _SPEC_LEN = _struct.Struct("<I")
 
@@ -233,7 +233,7 @@ def _apply(spec: CallSpec) -> None:
 def _limit_memory(spec: CallSpec) -> None:
     """Applied last, right before the call: the imports and arguments it needed to arrive
     are not the call's own allocations."""
-    if spec.memory_limit is not None:
+    if spec.memory_limit is not None:  # (checked by the caller too: the usual call skips the call)
         # RLIMIT_DATA counts heap and private writable mappings (kernel >= 4.7) but not
         # PROT_NONE reservations such as glibc's per-thread arenas, which make RLIMIT_AS
         # fail threaded programs long before they really use the memory. The limit is
@@ -343,15 +343,6 @@ def _exit_code(exc: SystemExit) -> int:
     return 1
 
 
-def _flush_stdio() -> None:
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            if stream is not None:
-                stream.flush()
-        except Exception:
-            pass
-
-
 def _has_children() -> bool:
     """Whether we have a child, alive or not (the usual answer: no). With no other thread
     alive, one read of our own thread's list, by a constant path: what listing every
@@ -368,22 +359,25 @@ def _has_children() -> bool:
         os.close(fd)
 
 
-def _end_descendants() -> None:
-    """Kill and reap whatever the call left running (we are its subreaper, so it is all
-    in our tree). SIGKILL: the call is over, nothing may outlive it."""
-    if not _has_children():  # most calls: one read, nothing else touched
-        return
-    _proctree.Adopted().end(_proctree.KILL_BOUND_S)
-
-
 def _finish(data: _socket.socket, tag: bytes, body: bytes, exitcode: int = 0) -> NoReturn:
-    _flush_stdio()  # before answering: the caller may SIGKILL us as soon as it has the value
+    # Before answering: the caller may SIGKILL us as soon as it has the value. (Inline, as
+    # below: in a forked worker each function called is pages copied.)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except Exception:
+            pass
     try:
         if tag:
             _protocol.send(data, tag, body)
     except OSError:
         pass  # the caller is gone; nothing to answer
-    _end_descendants()
+    # Kill and reap whatever the call left running (we are its subreaper, so it is all in
+    # our tree). SIGKILL: the call is over, nothing may outlive it. Most calls leave
+    # nothing: one read tells.
+    if _has_children():
+        _proctree.Adopted().end(_proctree.KILL_BOUND_S)
     os._exit(exitcode)
 
 
@@ -394,33 +388,75 @@ def _set_comm_running() -> None:
         _proctree.set_comm("asyncproc-run")
 
 
-def run_one(data: _socket.socket, job: Job | None = None, spec: CallSpec | None = None) -> NoReturn:
-    """Serve one call on ``data`` (receiving it first unless ``job`` is given) and exit."""
-    # The data socket must not be held by anything the call forks, or the caller would not
-    # see end-of-stream when we die.
-    os.register_at_fork(after_in_child=data.close)
+# The usual call: no options, inline (tag, flags 0, an empty options header).
+_PLAIN_CALL = _protocol.CALL + b"\0" + _SPEC_LEN.pack(0)
+_PLAIN_LEN = len(_PLAIN_CALL)
+
+# The data socket of the call this process serves. It must not be held by anything the
+# call forks, or the caller would not see end-of-stream when we die: an at-fork hook
+# closes it in every child. Registered once per process (the fork server registers it
+# before forking any worker): registering it anew in each forked worker copied some 17
+# pages per call.
+_serving: _socket.socket | None = None
+_hooked = False
+
+
+def _close_serving() -> None:
+    if _serving is not None:
+        _serving.close()
+
+
+def close_serving_in_forks() -> None:
+    """Have every child this process forks (and their forks) close the data socket of
+    the call it serves, if any."""
+    global _hooked
+    if not _hooked:
+        os.register_at_fork(after_in_child=_close_serving)
+        _hooked = True
+
+
+def run_one(data: _socket.socket, job: Job | None = None, spec: CallSpec = _NO_OPTIONS) -> NoReturn:
+    """Serve one call on ``data`` (receiving it first unless ``job`` is given) and exit.
+
+    In a forked worker every page written is a copy (see the end of this module): the
+    usual call (no options, inline) skips what only the others need."""
+    global _serving
+    _serving = data
+    if not _hooked:
+        close_serving_in_forks()
     try:
         if job is None:
-            msg = _protocol.recv(data)
-            if msg is None or msg.tag != _protocol.CALL:
-                os._exit(0)  # the caller gave up before sending the call
+            packet, ancillary, msg_flags, _ = data.recvmsg(_protocol.INLINE_MAX + 2, _protocol.ANCILLARY_SPACE, _socket.MSG_CMSG_CLOEXEC)
+            if ancillary or not packet.startswith(_PLAIN_CALL):
+                msg = _protocol.parse(packet, ancillary, msg_flags)
+                if msg is None or msg.tag != _protocol.CALL:
+                    os._exit(0)  # the caller gave up before sending the call
+                spec, payload = _decode_call(msg.body)
+            else:
+                payload = memoryview(packet)[_PLAIN_LEN:]
             _set_comm_running()
-            spec, payload = _decode_call(msg.body)
             if context_error is not None:
                 raise context_error
-            _apply(spec)
+            if spec is not _NO_OPTIONS:
+                _apply(spec)
             job = pickle.loads(payload)
         else:
             _set_comm_running()
-            spec = spec or CallSpec()
             _apply(spec)
         func, args, kwargs = job
-        _limit_memory(spec)
-        tag, body = _encode_value(func(*args, **kwargs))
+        if spec.memory_limit is not None:
+            _limit_memory(spec)
+        value = func(*args, **kwargs)
+        try:
+            tag, body = _protocol.VALUE, pickle.dumps(value, protocol=5)
+        except MemoryError:
+            raise  # out of memory while pickling: the memory limit's outcome, not "unpicklable"
+        except Exception:  # by value, or an UNPICKLABLE report
+            tag, body = _encode_value(value)
     except SystemExit as exc:
         _finish(data, b"", b"", _exit_code(exc))
     except MemoryError as exc:
-        limit = spec.memory_limit if spec is not None else None
+        limit = spec.memory_limit
         if limit is not None:
             job = None  # drop references to what filled the memory before encoding
             tag, body = _encode_memory_error(exc, limit)
@@ -449,7 +485,7 @@ def forked_main(data: _socket.socket, fault_fd: int, parent_pid: int, job: Job, 
             _proctree.set_parent_death_signal(_signal.SIGKILL)
             if os.getppid() != parent_pid:
                 os._exit(1)
-        run_one(data, job, spec)
+        run_one(data, job, spec or _NO_OPTIONS)
     finally:
         os._exit(70)  # never return into the caller's event loop
 
@@ -483,13 +519,25 @@ if TYPE_CHECKING:
 
 class ForkedStart:
     """Worked out in the server, once per worker before it forks: its cgroup's
-    ``cgroup.procs`` (bytes: no path joining in the child) and HELLO's cgroup part."""
+    ``cgroup.procs`` (bytes: no path joining in the child), HELLO's cgroup part, the
+    descriptor ranges to close (all of the server's but the worker's own three), and
+    where its fault log goes."""
 
-    __slots__ = ("procs", "leaf")
+    __slots__ = ("procs", "leaf", "fault_fd", "fault_target", "gaps", "nofile")
 
-    def __init__(self, cgroup: str | None):
+    def __init__(self, cgroup: str | None, keep: tuple[int, int], fault_fd: int, fault_target: int, nofile: tuple[int, int] | None):
         self.procs = os.fsencode(cgroup + "/cgroup.procs") if cgroup else b""
         self.leaf = os.fsencode(os.path.basename(cgroup)) if cgroup else b""
+        self.fault_fd = fault_fd
+        self.fault_target = fault_target
+        self.nofile = nofile  # the RLIMIT_NOFILE to restore (the server raised its own), if any
+        gaps = []
+        low = 3
+        for fd in sorted((*keep, fault_target)):
+            gaps.append((low, fd))
+            low = fd + 1
+        gaps.append((low, 1 << 20))
+        self.gaps = tuple(gaps)
 
 
 def bind_prctl() -> Callable[[_PrctlArgs], int]:
@@ -509,6 +557,17 @@ def forked_from_server(ctl: _socket.socket, data: _socket.socket, server_pid: in
     guarantees as ``prepare_process``, on the lean path."""
     prctl = _prctl
     assert prctl is not None  # bound by the server before forking
+    # Drop every descriptor of the server: the caller's lifeline, other calls' sockets,
+    # other workers' fault logs. A worker must hold nothing but its own.
+    reset_inherited_signals()
+    if start.nofile is not None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, start.nofile)
+    # faulthandler, enabled in the server on fault_target, is inherited (its handlers, its
+    # stack): our fault log takes that descriptor's place, and enabling it anew in each
+    # worker (some 30 pages copied) is saved.
+    os.dup2(start.fault_fd, start.fault_target, inheritable=False)
+    for low, high in start.gaps:
+        os.closerange(low, high)
     try:
         os.setsid()
     except PermissionError:  # pragma: no cover - a fork of the server never leads a group
