@@ -359,25 +359,31 @@ def _has_children() -> bool:
         os.close(fd)
 
 
-def _finish(data: _socket.socket, tag: bytes, body: bytes, exitcode: int = 0) -> NoReturn:
-    # Before answering: the caller may SIGKILL us as soon as it has the value. (Inline, as
-    # below: in a forked worker each function called is pages copied.)
+def _flush_stdio() -> None:
     for stream in (sys.stdout, sys.stderr):
         try:
             if stream is not None:
                 stream.flush()
         except Exception:
             pass
+
+
+def _end_descendants() -> None:
+    """Kill and reap whatever the call left running (we are its subreaper, so it is all
+    in our tree). SIGKILL: the call is over, nothing may outlive it."""
+    if not _has_children():  # most calls: one read, nothing else touched
+        return
+    _proctree.Adopted().end(_proctree.KILL_BOUND_S)
+
+
+def _finish(data: _socket.socket, tag: bytes, body: bytes, exitcode: int = 0) -> NoReturn:
+    _flush_stdio()  # before answering: the caller may SIGKILL us as soon as it has the value
     try:
         if tag:
             _protocol.send(data, tag, body)
     except OSError:
         pass  # the caller is gone; nothing to answer
-    # Kill and reap whatever the call left running (we are its subreaper, so it is all in
-    # our tree). SIGKILL: the call is over, nothing may outlive it. Most calls leave
-    # nothing: one read tells.
-    if _has_children():
-        _proctree.Adopted().end(_proctree.KILL_BOUND_S)
+    _end_descendants()
     os._exit(exitcode)
 
 
