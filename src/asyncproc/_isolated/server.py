@@ -160,7 +160,7 @@ class Server:
             os.close(fault_fd)
             raise
         job = _Job(0, ctl, data, fault_fd, cgroup)
-        job.start = _worker.ForkedStart(cgroup, (ctl.fileno(), data.fileno()), fault_fd, _FAULT_FD, _worker_nofile)
+        job.start = _worker.forked_start(cgroup, (ctl.fileno(), data.fileno()), fault_fd, _FAULT_FD, _worker_nofile)
         return job
 
     def _run_worker(self, job: _Job) -> NoReturn:
@@ -704,7 +704,11 @@ _FAULT_FD = -1  # where faulthandler writes: a copy of our stderr, a worker's ow
 
 
 def main() -> None:
-    """``python -c 'from asyncproc._isolated.server import main; main()' PRELOAD CGROUP``; fd 3 is the channel."""
+    """``python -c 'from asyncproc._isolated.server import main; main()' PRELOAD CGROUP DROP_BIND_NOW``;
+    fd 3 is the channel. DROP_BIND_NOW "1": $LD_BIND_NOW is the caller's doing, not its
+    user's (see link.py): gone before anything is forked or spawned."""
+    if sys.argv[3:4] == ["1"]:
+        os.environ.pop("LD_BIND_NOW", None)
     try:
         os.setsid()  # Ctrl-C at the terminal is the caller's to handle, not ours
     except PermissionError:  # already a session leader (posix_spawn setsid=True)

@@ -29,14 +29,14 @@ from . import protocol as _protocol
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (and re) at run time
 
 if TYPE_CHECKING:  # the fork server imports this module: no runtime typing, no dataclasses
-    from collections.abc import Callable
+    from collections.abc import Callable, Mapping
     from typing import Any, NoReturn
 
     Job = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]
 else:
     Job = tuple  # at run time too: __all__ names only what imports
 
-__all__ = ["CallSpec", "ForkedStart", "Job", "bind_prctl", "dumps", "encode_call", "prepare_process", "reset_inherited_signals",
+__all__ = ["CallSpec", "ForkedStart", "Job", "bind_prctl", "forked_start", "dumps", "encode_call", "prepare_process", "reset_inherited_signals",
            "run_one", "spawn_main", "forked_from_server", "hello", "close_serving_in_forks"]
 
 _SPEC_LEN = _struct.Struct("<I")
@@ -68,7 +68,7 @@ class CallSpec:
 def dumps(obj: Any) -> bytes:
     """Pickle by reference where that works (fast, keeps identity), else by value."""
     try:
-        return pickle.dumps(obj, protocol=5)
+        return _pickle_dumps(obj, 5)
     except Exception:
         return by_value_dumps(obj)  # lambdas, closures, classes of a __main__ we don't share
 
@@ -153,7 +153,7 @@ def _high_dup(fd: int) -> int:
     return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10)
 
 
-def spawn_python(code: str, argv: list[str], fds: dict[int, int]) -> int:
+def spawn_python(code: str, argv: list[str], fds: dict[int, int], env: Mapping[str, str] | None = None) -> int:
     """posix_spawn ``python -c code argv...`` in a new session, ``fds`` mapped target->source.
 
     posix_spawn keeps glibc's vfork-style fast path: the cost does not grow with our RSS.
@@ -164,7 +164,7 @@ def spawn_python(code: str, argv: list[str], fds: dict[int, int]) -> int:
         return os.posix_spawn(
             sys.executable,
             [sys.executable, "-c", _bootstrap(code), *argv],
-            os.environ,
+            os.environ if env is None else env,
             file_actions=actions,
             setsid=True,
         )
@@ -212,10 +212,10 @@ def reset_inherited_signals() -> None:
     server's), none of the parent's handlers."""
     # _signal, not signal: its wrappers turn every old handler into an enum member (or try
     # and raise), and in a freshly forked process each object touched is a page copied.
-    _signal.set_wakeup_fd(-1)
-    for sig in (_signal.SIGTERM, _signal.SIGCHLD, _signal.SIGHUP):
-        _signal.signal(sig, _signal.SIG_DFL)
-    _signal.signal(_signal.SIGINT, _signal.default_int_handler)
+    _set_wakeup_fd(-1)
+    for sig in _SERVER_SIGNALS:
+        _set_handler(sig, _SIG_DFL)
+    _set_handler(_SIGINT, _default_int_handler)
 
 
 def _apply(spec: CallSpec) -> None:
@@ -271,7 +271,7 @@ def _format(exc: BaseException) -> str:
 
 def _encode_value(value: Any) -> tuple[bytes, bytes]:
     try:
-        return _protocol.VALUE, dumps(value)
+        return _VALUE, dumps(value)
     except MemoryError:
         raise  # out of memory while pickling: the memory limit's outcome, not "unpicklable"
     except Exception as exc:
@@ -347,20 +347,20 @@ def _has_children() -> bool:
     """Whether we have a child, alive or not (the usual answer: no). With no other thread
     alive, one read of our own thread's list, by a constant path: what listing every
     thread costs (a directory read, a path built per thread) is pages copied per call."""
-    if _thread._count():  # another thread's children are on its own list
+    if _thread_count():  # another thread's children are on its own list
         return _proctree.own_children() != []
     try:
-        fd = os.open(b"/proc/thread-self/children", os.O_RDONLY | os.O_CLOEXEC)
+        fd = _open(b"/proc/thread-self/children", _O_RDONLY_CLOEXEC)
     except OSError:  # no CONFIG_PROC_CHILDREN: look the long way
         return _proctree.own_children() != []
     try:
-        return os.read(fd, 1) != b""
+        return _read(fd, 1) != b""
     finally:
-        os.close(fd)
+        _close(fd)
 
 
 def _flush_stdio() -> None:
-    for stream in (sys.stdout, sys.stderr):
+    for stream in (_sys_dict.get("stdout"), _sys_dict.get("stderr")):
         try:
             if stream is not None:
                 stream.flush()
@@ -380,16 +380,16 @@ def _finish(data: _socket.socket, tag: bytes, body: bytes, exitcode: int = 0) ->
     _flush_stdio()  # before answering: the caller may SIGKILL us as soon as it has the value
     try:
         if tag:
-            _protocol.send(data, tag, body)
+            _send(data, tag, body)
     except OSError:
         pass  # the caller is gone; nothing to answer
     _end_descendants()
-    os._exit(exitcode)
+    _exit(exitcode)
 
 
 def _set_comm_running() -> None:
     if _prctl is not None:  # forked by the server, which bound it
-        _prctl((_PR_SET_NAME, b"asyncproc-run", 0, 0, 0))
+        _prctl(_NAME_RUNNING)
     else:
         _proctree.set_comm("asyncproc-run")
 
@@ -421,56 +421,47 @@ def close_serving_in_forks() -> None:
         _hooked = True
 
 
-def run_one(data: _socket.socket, job: Job | None = None, spec: CallSpec = _NO_OPTIONS) -> NoReturn:
-    """Serve one call on ``data`` (receiving it first unless ``job`` is given) and exit.
-
-    In a forked worker every page written is a copy (see the end of this module): the
-    usual call (no options, inline) skips what only the others need."""
+def run_one(data: _socket.socket, job: Job | None = None, spec: CallSpec = _NO_OPTIONS,
+            received: tuple[bytes, list[tuple[int, int, bytes]], int] | None = None) -> NoReturn:
+    """Serve one call on ``data`` and exit: ``job`` if given, else the call received on
+    ``data`` (``received``: already read, as ``recvmsg`` returned it)."""
     global _serving
     _serving = data
     if not _hooked:
         close_serving_in_forks()
     try:
         if job is None:
-            packet, ancillary, msg_flags, _ = data.recvmsg(_protocol.INLINE_MAX + 2, _protocol.ANCILLARY_SPACE, _socket.MSG_CMSG_CLOEXEC)
-            if ancillary or not packet.startswith(_PLAIN_CALL):
-                msg = _protocol.parse(packet, ancillary, msg_flags)
-                if msg is None or msg.tag != _protocol.CALL:
-                    os._exit(0)  # the caller gave up before sending the call
-                spec, payload = _decode_call(msg.body)
-            else:
-                payload = memoryview(packet)[_PLAIN_LEN:]
+            if received is None:
+                packet, ancillary, msg_flags, _ = _recvmsg(data, _PACKET_MAX, _ANCILLARY_SPACE, _MSG_CMSG_CLOEXEC)
+                received = packet, ancillary, msg_flags
+            msg = _parse(*received)
+            if msg is None or msg.tag != _protocol.CALL:
+                os._exit(0)  # the caller gave up before sending the call
             _set_comm_running()
+            spec, payload = _decode_call(msg.body)
             if context_error is not None:
                 raise context_error
-            if spec is not _NO_OPTIONS:
-                _apply(spec)
+            _apply(spec)
             job = pickle.loads(payload)
         else:
             _set_comm_running()
             _apply(spec)
         func, args, kwargs = job
-        if spec.memory_limit is not None:
-            _limit_memory(spec)
-        value = func(*args, **kwargs)
-        try:
-            tag, body = _protocol.VALUE, pickle.dumps(value, protocol=5)
-        except MemoryError:
-            raise  # out of memory while pickling: the memory limit's outcome, not "unpicklable"
-        except Exception:  # by value, or an UNPICKLABLE report
-            tag, body = _encode_value(value)
-    except SystemExit as exc:
-        _finish(data, b"", b"", _exit_code(exc))
-    except MemoryError as exc:
-        limit = spec.memory_limit
-        if limit is not None:
-            job = None  # drop references to what filled the memory before encoding
-            tag, body = _encode_memory_error(exc, limit)
-        else:
-            tag, body = _encode_exception(exc)
+        _limit_memory(spec)
+        tag, body = _encode_value(func(*args, **kwargs))
     except BaseException as exc:
-        tag, body = _encode_exception(exc)
+        job = None  # drop references to what filled the memory (if it did) before encoding
+        _fail(data, exc, spec.memory_limit)
     _finish(data, tag, body)
+
+
+def _fail(data: _socket.socket, exc: BaseException, memory_limit: int | None) -> NoReturn:
+    """The call raised ``exc``: answer with it (or exit as SystemExit asks) and exit."""
+    if isinstance(exc, SystemExit):
+        _finish(data, b"", b"", _exit_code(exc))
+    if isinstance(exc, MemoryError) and memory_limit is not None:
+        _finish(data, *_encode_memory_error(exc, memory_limit))
+    _finish(data, *_encode_exception(exc))
 
 
 GUARDED = b"g"  # the body of a "fork" worker's go: the caller's guardian will end our tree
@@ -511,39 +502,59 @@ def hello(pid: int, cgroup: str | None) -> bytes:
     return f"{pid} {os.path.basename(cgroup) if cgroup else ''}".encode()
 
 
-# -- a worker forked by the fork server: its start-up, kept lean --------------------------
-# What a forked worker does before it can take a call is paid by every call, and in a fresh
-# fork every page written is a copy-on-write fault (2.5-4 us here): the cost is the pages
-# touched, not the syscalls. So the server works out ahead what the start-up needs (see
-# ForkedStart), and prctl is bound in the server (_proctree.libc_function: about 10
-# pages copied per call in a fresh child, where ctypes' usual path copies some 40).
+# -- a worker forked by the fork server: its start-up and the usual call, kept lean ------
+# What a forked worker does is paid by every call, and in a fresh fork every page written
+# is a copy-on-write fault (3-4 us here): the cost is the pages touched, not the system
+# calls. And a worker runs each of its functions once: CPython 3.11 never specializes
+# them, so every ``module.name`` and ``obj.attr`` takes the generic lookup, which writes
+# the name's refcount and the type's method cache: pages copied. Hence, on this path:
+# functions bound to module globals below (a global is a dict read), the start-up as a
+# tuple worked out in the server (ForkedStart), prctl bound in the server
+# (_proctree.libc_function: about 10 pages where ctypes' usual path copies some 40), and
+# the server started with LD_BIND_NOW (link.py), so no worker resolves a libc or
+# libpython symbol lazily either. Measured together: some 50 pages less per call.
 
 _PR_SET_PDEATHSIG, _PR_SET_NAME, _PR_SET_CHILD_SUBREAPER = 1, 15, 36
 if TYPE_CHECKING:
     _PrctlArgs = tuple[int, int | bytes, int, int, int]
+_PDEATHSIG_KILL: _PrctlArgs = (_PR_SET_PDEATHSIG, _signal.SIGKILL, 0, 0, 0)
+_SUBREAPER: _PrctlArgs = (_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+_NAME_IDLE: _PrctlArgs = (_PR_SET_NAME, b"asyncproc-idle", 0, 0, 0)
+_NAME_RUNNING: _PrctlArgs = (_PR_SET_NAME, b"asyncproc-run", 0, 0, 0)
+
+_open, _read, _write, _close, _exit = os.open, os.read, os.write, os.close, os._exit
+_dup2, _closerange, _setsid, _getpid, _getppid = os.dup2, os.closerange, os.setsid, os.getpid, os.getppid
+_O_RDONLY_CLOEXEC, _O_WRONLY_CLOEXEC = os.O_RDONLY | os.O_CLOEXEC, os.O_WRONLY | os.O_CLOEXEC
+_setrlimit, _RLIMIT_NOFILE = resource.setrlimit, resource.RLIMIT_NOFILE
+_set_wakeup_fd, _set_handler, _SIG_DFL = _signal.set_wakeup_fd, _signal.signal, _signal.SIG_DFL
+_SERVER_SIGNALS, _SIGINT, _default_int_handler = (_signal.SIGTERM, _signal.SIGCHLD, _signal.SIGHUP), _signal.SIGINT, _signal.default_int_handler
+_pickle_dumps, _pickle_loads = pickle.dumps, pickle.loads
+_thread_count = _thread._count
+_sys_dict = sys.__dict__  # sys.stdout as the call left it (it may replace it)
+_recvmsg, _send, _parse = _socket.socket.recvmsg, _protocol.send, _protocol.parse
+_VALUE, _HELLO_FORMAT = _protocol.VALUE, _protocol.HELLO + b"\0%d %s"  # protocol.send's frame, no fds
+_PACKET_MAX, _ANCILLARY_SPACE, _MSG_CMSG_CLOEXEC = _protocol.INLINE_MAX + 2, _protocol.ANCILLARY_SPACE, _socket.MSG_CMSG_CLOEXEC
+
+if TYPE_CHECKING:
+    # cgroup.procs (bytes: no path joining in the child), HELLO's cgroup part, the fault
+    # log and the descriptor it replaces, the descriptor ranges to close, the
+    # RLIMIT_NOFILE to restore (the server raised its own), if any.
+    ForkedStart = tuple[bytes, bytes, int, int, tuple[tuple[int, int], ...], tuple[int, int] | None]
+else:
+    ForkedStart = tuple
 
 
-class ForkedStart:
-    """Worked out in the server, once per worker before it forks: its cgroup's
-    ``cgroup.procs`` (bytes: no path joining in the child), HELLO's cgroup part, the
-    descriptor ranges to close (all of the server's but the worker's own three), and
-    where its fault log goes."""
-
-    __slots__ = ("procs", "leaf", "fault_fd", "fault_target", "gaps", "nofile")
-
-    def __init__(self, cgroup: str | None, keep: tuple[int, int], fault_fd: int, fault_target: int, nofile: tuple[int, int] | None):
-        self.procs = os.fsencode(cgroup + "/cgroup.procs") if cgroup else b""
-        self.leaf = os.fsencode(os.path.basename(cgroup)) if cgroup else b""
-        self.fault_fd = fault_fd
-        self.fault_target = fault_target
-        self.nofile = nofile  # the RLIMIT_NOFILE to restore (the server raised its own), if any
-        gaps = []
-        low = 3
-        for fd in sorted((*keep, fault_target)):
-            gaps.append((low, fd))
-            low = fd + 1
-        gaps.append((low, 1 << 20))
-        self.gaps = tuple(gaps)
+def forked_start(cgroup: str | None, keep: tuple[int, ...], fault_fd: int, fault_target: int, nofile: tuple[int, int] | None) -> ForkedStart:
+    """What a worker needs at start-up, worked out in the server before it forks: the
+    worker keeps ``keep`` and its fault log (moved onto ``fault_target``), nothing else."""
+    procs = os.fsencode(cgroup + "/cgroup.procs") if cgroup else b""
+    leaf = os.fsencode(os.path.basename(cgroup)) if cgroup else b""
+    gaps, low = [], 3
+    for fd in sorted((*keep, fault_target)):
+        gaps.append((low, fd))
+        low = fd + 1
+    gaps.append((low, 1 << 20))
+    return procs, leaf, fault_fd, fault_target, tuple(gaps), nofile
 
 
 def bind_prctl() -> Callable[[_PrctlArgs], int]:
@@ -558,46 +569,63 @@ _prctl: Callable[[_PrctlArgs], int] | None = None
 
 
 def forked_from_server(ctl: _socket.socket, data: _socket.socket, server_pid: int, start: ForkedStart) -> NoReturn:
-    """Entry of a worker forked by the server: set up, say who we are, wait for the call.
+    """Entry of a worker forked by the server: set up, say who we are, serve one call.
     faulthandler is the server's, inherited, already writing to our fault log. The same
     guarantees as ``prepare_process``, on the lean path."""
     prctl = _prctl
     assert prctl is not None  # bound by the server before forking
-    # Drop every descriptor of the server: the caller's lifeline, other calls' sockets,
-    # other workers' fault logs. A worker must hold nothing but its own.
+    procs, leaf, fault_fd, fault_target, gaps, nofile = start
     reset_inherited_signals()
-    if start.nofile is not None:
-        resource.setrlimit(resource.RLIMIT_NOFILE, start.nofile)
+    if nofile is not None:
+        _setrlimit(_RLIMIT_NOFILE, nofile)
     # faulthandler, enabled in the server on fault_target, is inherited (its handlers, its
     # stack): our fault log takes that descriptor's place, and enabling it anew in each
-    # worker (some 30 pages copied) is saved.
-    os.dup2(start.fault_fd, start.fault_target, inheritable=False)
-    for low, high in start.gaps:
-        os.closerange(low, high)
+    # worker (some 30 pages copied) is saved. Then every descriptor of the server goes:
+    # the caller's lifeline, other calls' sockets, other workers' fault logs.
+    _dup2(fault_fd, fault_target, False)
+    for low, high in gaps:
+        _closerange(low, high)
     try:
-        os.setsid()
+        _setsid()
     except PermissionError:  # pragma: no cover - a fork of the server never leads a group
         pass
-    if start.procs:  # before anything of the call runs: all it starts is born there
+    if procs:  # before anything of the call runs: all it starts is born there
         try:
-            fd = os.open(start.procs, os.O_WRONLY | os.O_CLOEXEC)
+            fd = _open(procs, _O_WRONLY_CLOEXEC)
             try:
-                os.write(fd, b"0")
+                _write(fd, b"0")
             finally:
-                os.close(fd)
+                _close(fd)
         except OSError:  # a racing removal: the scans still apply
             pass
-    if prctl((_PR_SET_PDEATHSIG, _signal.SIGKILL, 0, 0, 0)) != 0:
-        os._exit(1)
-    if os.getppid() != server_pid:  # the server died before the line above took effect
-        os._exit(1)
-    prctl((_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0))
-    prctl((_PR_SET_NAME, b"asyncproc-idle", 0, 0, 0))
+    if prctl(_PDEATHSIG_KILL) != 0:
+        _exit(1)
+    if _getppid() != server_pid:  # the server died before the line above took effect
+        _exit(1)
+    prctl(_SUBREAPER)
+    prctl(_NAME_IDLE)
     try:
         # Before we can read the call: from here on the caller knows the call may have run
         # and never retries it (a caller with no HELLO knows it never ran).
-        ctl.send(b"%s\0%d %s" % (_protocol.HELLO, os.getpid(), start.leaf))  # protocol.send's frame, no fds
+        ctl.send(_HELLO_FORMAT % (_getpid(), leaf))
     except OSError:
-        os._exit(0)  # the caller gave up on this call already
+        _exit(0)  # the caller gave up on this call already
     ctl.close()
-    run_one(data)
+    _serve_usual(data, prctl)
+
+
+def _serve_usual(data: _socket.socket, prctl: Callable[[_PrctlArgs], int]) -> NoReturn:
+    """Receive the call and serve it: the usual one (no options, inline) here, anything
+    else by ``run_one``."""
+    global _serving
+    _serving = data  # the server registered the hook (close_serving_in_forks)
+    packet, ancillary, msg_flags, _ = _recvmsg(data, _PACKET_MAX, _ANCILLARY_SPACE, _MSG_CMSG_CLOEXEC)
+    if ancillary or packet[:_PLAIN_LEN] != _PLAIN_CALL or context_error is not None:
+        run_one(data, received=(packet, ancillary, msg_flags))
+    prctl(_NAME_RUNNING)
+    try:
+        func, args, kwargs = _pickle_loads(memoryview(packet)[_PLAIN_LEN:])
+        tag, body = _encode_value(func(*args, **kwargs))
+    except BaseException as exc:
+        _fail(data, exc, None)
+    _finish(data, tag, body)
