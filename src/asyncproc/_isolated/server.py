@@ -160,14 +160,15 @@ class Server:
             os.close(fault_fd)
             raise
         job = _Job(0, ctl, data, fault_fd, cgroup)
-        job.start = _worker.forked_start(cgroup, (ctl.fileno(), data.fileno()), fault_fd, _FAULT_FD, _worker_nofile)
+        job.start = _worker.forked_start(ctl, data, self.pid, cgroup, fault_fd, _FAULT_FD, _worker_nofile)
         return job
 
     def _run_worker(self, job: _Job) -> NoReturn:
         """In the child of a fork: become the job's worker, serve its call, exit."""
         try:
-            assert job.start is not None
-            _worker.forked_from_server(job.ctl, job.data, self.pid, job.start)
+            start = job.start
+            assert start is not None
+            _forked_from_server(start)
         finally:
             os._exit(70)
 
@@ -263,6 +264,7 @@ class Server:
         # Objects that exist now move to the permanent generation: a collection in a
         # worker then never touches (and so never copies) the pages we share.
         gc.freeze()
+        _worker.warm_lookups()
         forked = 0
         try:
             for job in jobs:
@@ -700,6 +702,7 @@ def _raise_fd_limit() -> None:
 
 
 _worker_nofile: tuple[int, int] | None = None
+_forked_from_server = _worker.forked_from_server  # a global: no lookup in the child (see worker.py)
 _FAULT_FD = -1  # where faulthandler writes: a copy of our stderr, a worker's own log in it
 
 

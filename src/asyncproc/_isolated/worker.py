@@ -36,7 +36,7 @@ if TYPE_CHECKING:  # the fork server imports this module: no runtime typing, no 
 else:
     Job = tuple  # at run time too: __all__ names only what imports
 
-__all__ = ["CallSpec", "ForkedStart", "Job", "bind_prctl", "forked_start", "dumps", "encode_call", "prepare_process", "reset_inherited_signals",
+__all__ = ["CallSpec", "ForkedStart", "Job", "bind_prctl", "forked_start", "warm_lookups", "dumps", "encode_call", "prepare_process", "reset_inherited_signals",
            "run_one", "spawn_main", "forked_from_server", "hello", "close_serving_in_forks"]
 
 _SPEC_LEN = _struct.Struct("<I")
@@ -536,25 +536,28 @@ _VALUE, _HELLO_FORMAT = _protocol.VALUE, _protocol.HELLO + b"\0%d %s"  # protoco
 _PACKET_MAX, _ANCILLARY_SPACE, _MSG_CMSG_CLOEXEC = _protocol.INLINE_MAX + 2, _protocol.ANCILLARY_SPACE, _socket.MSG_CMSG_CLOEXEC
 
 if TYPE_CHECKING:
-    # cgroup.procs (bytes: no path joining in the child), HELLO's cgroup part, the fault
-    # log and the descriptor it replaces, the descriptor ranges to close, the
-    # RLIMIT_NOFILE to restore (the server raised its own), if any.
-    ForkedStart = tuple[bytes, bytes, int, int, tuple[tuple[int, int], ...], tuple[int, int] | None]
+    # The call's ctl and data sockets, the server's pid, cgroup.procs (bytes: no path
+    # joining in the child), HELLO's cgroup part, the fault log and the descriptor it
+    # replaces, the descriptor ranges to close, the RLIMIT_NOFILE to restore (the server
+    # raised its own), if any.
+    ForkedStart = tuple[_socket.socket, _socket.socket, int, bytes, bytes, int, int, tuple[tuple[int, int], ...], tuple[int, int] | None]
 else:
     ForkedStart = tuple
 
 
-def forked_start(cgroup: str | None, keep: tuple[int, ...], fault_fd: int, fault_target: int, nofile: tuple[int, int] | None) -> ForkedStart:
+def forked_start(ctl: _socket.socket, data: _socket.socket, server_pid: int, cgroup: str | None,
+                 fault_fd: int, fault_target: int, nofile: tuple[int, int] | None) -> ForkedStart:
     """What a worker needs at start-up, worked out in the server before it forks: the
-    worker keeps ``keep`` and its fault log (moved onto ``fault_target``), nothing else."""
+    worker keeps ``ctl``, ``data`` and its fault log (moved onto ``fault_target``), no
+    other descriptor of the server."""
     procs = os.fsencode(cgroup + "/cgroup.procs") if cgroup else b""
     leaf = os.fsencode(os.path.basename(cgroup)) if cgroup else b""
     gaps, low = [], 3
-    for fd in sorted((*keep, fault_target)):
+    for fd in sorted((ctl.fileno(), data.fileno(), fault_target)):
         gaps.append((low, fd))
         low = fd + 1
     gaps.append((low, 1 << 20))
-    return procs, leaf, fault_fd, fault_target, tuple(gaps), nofile
+    return ctl, data, server_pid, procs, leaf, fault_fd, fault_target, tuple(gaps), nofile
 
 
 def bind_prctl() -> Callable[[_PrctlArgs], int]:
@@ -568,13 +571,23 @@ def bind_prctl() -> Callable[[_PrctlArgs], int]:
 _prctl: Callable[[_PrctlArgs], int] | None = None
 
 
-def forked_from_server(ctl: _socket.socket, data: _socket.socket, server_pid: int, start: ForkedStart) -> NoReturn:
+def warm_lookups() -> None:
+    """In the server, right before it forks: look up by name what every worker will
+    (flushing stdio, by type). CPython caches such lookups by type and name; one that
+    misses in a worker writes the cache, a page copied per call (some 6, measured)."""
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            stream.flush  # noqa: B018 - the lookup is the point
+            getattr(stream, "buffer", stream).flush  # noqa: B018
+
+
+def forked_from_server(start: ForkedStart) -> NoReturn:
     """Entry of a worker forked by the server: set up, say who we are, serve one call.
     faulthandler is the server's, inherited, already writing to our fault log. The same
     guarantees as ``prepare_process``, on the lean path."""
     prctl = _prctl
     assert prctl is not None  # bound by the server before forking
-    procs, leaf, fault_fd, fault_target, gaps, nofile = start
+    ctl, data, server_pid, procs, leaf, fault_fd, fault_target, gaps, nofile = start
     reset_inherited_signals()
     if nofile is not None:
         _setrlimit(_RLIMIT_NOFILE, nofile)
