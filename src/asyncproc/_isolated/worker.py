@@ -347,6 +347,11 @@ def _has_children() -> bool:
     """Whether we have a child, alive or not (the usual answer: no). With no other thread
     alive, one read of our own thread's list, by a constant path: what listing every
     thread costs (a directory read, a path built per thread) is pages copied per call."""
+    if _waitid is not None:  # bound by the fork server (see bind_prctl)
+        # waitid(P_ALL, 0, NULL, WEXITED | WNOHANG | WNOWAIT): 0 while we have a child
+        # (exited or not, of any of our threads), -1 (ECHILD) once we have none. No path
+        # to walk, no exception built.
+        return _waitid(_ANY_CHILD) == 0
     if _thread_count():  # another thread's children are on its own list
         return _proctree.own_children() != []
     try:
@@ -561,7 +566,10 @@ def forked_start(ctl: _socket.socket, data: _socket.socket, server_pid: int, cgr
 
 
 def bind_prctl() -> Callable[[_PrctlArgs], int]:
-    """``prctl(*args)`` for workers, bound in the server before it forks them."""
+    """``prctl(*args)`` for workers, bound in the server before it forks them (with
+    ``waitid``, if the C library has it, for ``_has_children``)."""
+    global _waitid
+    _waitid = _proctree.libc_function("waitid")
     call = _proctree.libc_function("prctl")
     if call is None:  # pragma: no cover - another implementation: ctypes' usual path
         return lambda args: int(_proctree.libc().prctl(*args))
@@ -569,6 +577,8 @@ def bind_prctl() -> Callable[[_PrctlArgs], int]:
 
 
 _prctl: Callable[[_PrctlArgs], int] | None = None
+_waitid: Callable[[tuple[int, ...]], int] | None = None
+_ANY_CHILD = (os.P_ALL, 0, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
 
 
 def warm_lookups() -> None:

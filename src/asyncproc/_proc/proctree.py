@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import _signal as signal  # not signal (enum) nor ctypes at import: the fork server stays lean
 import _thread
+import functools
 import os
 import select
 import time
@@ -95,7 +96,8 @@ def libc_function(name: str) -> Callable[[tuple[int | bytes, ...]], int] | None:
         call_function = _ctypes.call_function
     except (ImportError, OSError, AttributeError):
         return None
-    return lambda args: int(call_function(address, args))
+    # A partial, not a lambda: no Python frame per call (a worker runs it unspecialized).
+    return functools.partial(call_function, address)
 
 
 def _prctl(option: int, arg: int) -> None:
