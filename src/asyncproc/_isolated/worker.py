@@ -570,7 +570,7 @@ def bind_prctl() -> Callable[[_PrctlArgs], int]:
     ``waitid``, if the C library has it, for ``_has_children``)."""
     global _waitid
     _waitid = _proctree.libc_function("waitid")
-    call = _proctree.libc_function("prctl")
+    call = _proctree.prctl_function()
     if call is None:  # pragma: no cover - another implementation: ctypes' usual path
         return lambda args: int(_proctree.libc().prctl(*args))
     return call

@@ -100,10 +100,27 @@ def libc_function(name: str) -> Callable[[tuple[int | bytes, ...]], int] | None:
     return functools.partial(call_function, address)
 
 
-def _prctl(option: int, arg: int) -> None:
+_prctl_call: Callable[[tuple[int | bytes, ...]], int] | None = None
+
+
+def prctl_function() -> Callable[[tuple[int | bytes, ...]], int] | None:
+    """``prctl`` as ``f(args_tuple) -> int`` (libc_function), bound once per process."""
+    global _prctl_call
+    if _prctl_call is None:
+        _prctl_call = libc_function("prctl")
+    return _prctl_call
+
+
+def _prctl(option: int, arg: int | bytes) -> None:
+    # Not the ctypes package (its classes would add some 300 KB to the fork server, which
+    # every fork copies the page tables of) unless a call fails: then again, for errno.
+    call = prctl_function()
+    if call is not None and call((option, arg, 0, 0, 0)) == 0:
+        return
     import ctypes
 
-    if libc().prctl(option, ctypes.c_ulong(arg), 0, 0, 0) != 0:
+    c_arg = ctypes.c_char_p(arg) if isinstance(arg, bytes) else ctypes.c_ulong(arg)
+    if libc().prctl(option, c_arg, 0, 0, 0) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
 
@@ -121,9 +138,7 @@ def make_subreaper() -> None:
 def set_comm(name: str) -> None:
     """Set the name ``ps`` and ``/proc/PID/comm`` show (15 bytes at most)."""
     # PR_SET_NAME: one syscall, where writing /proc/self/comm takes three.
-    import ctypes
-
-    libc().prctl(_PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
+    _prctl(_PR_SET_NAME, name.encode()[:15])
 
 
 def exitcode_of(wait_status: int) -> int:
