@@ -33,7 +33,7 @@ import textwrap
 _WRAP = {
     "asyncproc._isolated.server": ["Server._on_request", "Server._prepare_job", "Server._fork_batch", "Server._register", "Server._on_signal",
                           "Server._finish_job", "Server._drain", "Server._report", "Server._on_ctl",
-                          "Server._become_worker"],
+                          ],
     "asyncproc._isolated.worker": ["forked_from_server", "_decode_call", "_apply",
                           "_encode_value", "_flush_stdio", "_end_descendants", "run_one", "_finish"],
     "asyncproc._proc.proctree": ["set_parent_death_signal", "make_subreaper", "set_comm"],
