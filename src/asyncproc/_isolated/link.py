@@ -200,23 +200,37 @@ class ServerLink:
                     log.warning("asyncproc: the fork server (pid %s) died; starting a new one", self._pid)
                     self._stop_locked()
 
-    def _request(self, kind: bytes = _protocol.FORKED) -> tuple[socket.socket, socket.socket]:
-        """Ask the server for a worker; it will wait on the returned ``data`` for a call."""
-        data, data_far = _protocol.seqpacket_pair()
-        ctl, ctl_far = _protocol.seqpacket_pair()
+    def _request(self, kind: bytes = _protocol.FORKED, count: int = 1) -> list[tuple[socket.socket, socket.socket]]:
+        """Ask the server for ``count`` workers in one message (one wake-up of the server,
+        one system call); each will wait on its returned ``data`` for a call."""
+        ours: list[tuple[socket.socket, socket.socket]] = []
+        theirs: list[socket.socket] = []
+        fds: list[int] = []  # the server takes (ctl, data) pairs
         try:
-            self._send(_protocol.SPAWN, kind, [ctl_far.fileno(), data_far.fileno()])
+            for _ in range(count):
+                data, data_far = _protocol.seqpacket_pair()
+                theirs.append(data_far)
+                try:
+                    ctl, ctl_far = _protocol.seqpacket_pair()
+                except BaseException:
+                    data.close()
+                    raise
+                theirs.append(ctl_far)
+                fds += (ctl_far.fileno(), data_far.fileno())
+                ours.append((data, ctl))
+                # Here, ahead of the call, not when it starts: two system calls fewer on its way.
+                data.setblocking(False)
+                ctl.setblocking(False)
+            self._send(_protocol.SPAWN, kind, fds)
         except BaseException:
-            data.close()
-            ctl.close()
+            for pair in ours:
+                for sock in pair:
+                    sock.close()
             raise
         finally:
-            data_far.close()
-            ctl_far.close()
-        # Here, ahead of the call, not when it starts: two system calls fewer on its way.
-        data.setblocking(False)
-        ctl.setblocking(False)
-        return data, ctl
+            for sock in theirs:
+                sock.close()
+        return ours
 
     async def take(self, kind: bytes = _protocol.FORKED) -> tuple[socket.socket, socket.socket]:
         """A worker waiting for a call: ``(data, ctl)``; a forked one from the reserve when
@@ -233,7 +247,7 @@ class ServerLink:
             self.check_server()
         while True:
             try:
-                return self._request(kind)
+                return self._request(kind)[0]
             except BlockingIOError:  # the server is behind: wait for room, never block
                 await _room_on(self._chan)
 
@@ -285,13 +299,13 @@ class ServerLink:
     def top_up(self) -> None:
         """Refill the reserve; called after a call is on its way, off its critical path.
         Gives up quietly when the server is behind: the next call asks for itself."""
-        if len(self._reserve) > self._reserve_size // 6:
+        missing = self._reserve_size - len(self._reserve)
+        if len(self._reserve) > self._reserve_size // 6 or missing <= 0:
             return
-        while len(self._reserve) < self._reserve_size:
-            try:
-                self._reserve.append(self._request())
-            except BlockingIOError:
-                return
+        try:
+            self._reserve.extend(self._request(count=min(missing, _protocol.SPAWN_BATCH_MAX)))
+        except BlockingIOError:
+            pass
 
     def worker_died_idle(self) -> None:
         """A reserved worker refused its call: its server is likely ending (it shuts every

@@ -25,6 +25,11 @@ __all__ = ["Message", "recv", "read_text", "read_until", "send", "seqpacket_pair
 # Unix sockets buffer about 208 KiB per direction by default; a packet must fit in it.
 INLINE_MAX = 64 * 1024
 _MAX_FDS = 4
+# SPAWN carries a (ctl, data) pair per worker asked for: the reserve's refill sends a batch
+# in one message (one wake-up of the server, one system call). Linux takes at most 253
+# descriptors per SCM_RIGHTS message; a batch stays far below.
+SPAWN_BATCH_MAX = 32
+SERVER_MAX_FDS = 2 * SPAWN_BATCH_MAX + 1  # + a memfd body
 FLAG_MEMFD = 1
 
 # tags
@@ -33,7 +38,7 @@ VALUE = b"V"  # worker -> caller: the pickled return value
 RAISED = b"E"  # worker -> caller: the exception, pickled and as text
 UNPICKLABLE = b"U"  # worker -> caller: the return value could not be pickled
 MEMORY = b"M"  # worker -> caller: MemoryError under memory_limit
-SPAWN = b"S"  # caller -> server: give me a worker (ctl and data fds attached); body:
+SPAWN = b"S"  # caller -> server: give me a worker per (ctl, data) pair of fds attached; body:
 FORKED = b"f"  #   ... forked from the server ("forkserver")
 FRESH = b"s"  #   ... a fresh interpreter the server starts ("spawn")
 HELLO = b"H"  # worker or server -> caller: your call went to worker PID
@@ -86,12 +91,13 @@ def send(sock: _socket.socket, tag: bytes, body: bytes | memoryview = b"", fds: 
             os.close(memfd)
 
 
-def recv(sock: _socket.socket) -> Message | None:
-    """Receive one message; None at end of stream. Received fds are the caller's to close."""
+def recv(sock: _socket.socket, max_fds: int = _MAX_FDS) -> Message | None:
+    """Receive one message; None at end of stream. Received fds are the caller's to close.
+    A message with more than ``max_fds`` descriptors is refused (OSError), all of them closed."""
     # MSG_CMSG_CLOEXEC: a received descriptor must not leak into what the receiver execs
     # (a grandchild holding a worker's data socket would hide the worker's death).
     data, ancillary, msg_flags, _ = sock.recvmsg(
-        INLINE_MAX + 2, _socket.CMSG_SPACE(_MAX_FDS * 4), _socket.MSG_CMSG_CLOEXEC
+        INLINE_MAX + 2, _socket.CMSG_SPACE(max_fds * 4), _socket.MSG_CMSG_CLOEXEC
     )
     fds = _fds_from(ancillary)
     if not data:

@@ -3,8 +3,8 @@
 Started lazily by the first "forkserver" call as ``python -c`` (so the caller's
 ``__main__`` is never imported), with one SEQPACKET channel to the caller on fd 3. Per
 call the caller sends SPAWN with two fresh descriptors: ``ctl`` (server <-> caller) and
-``data`` (worker <-> caller). The server forks a worker that inherits both and keeps its
-own copy of ``data``. The caller asks ahead of demand (it keeps a reserve of workers that
+``data`` (worker <-> caller), or a pair per worker when it asks for a batch. The server
+forks a worker that inherits both and keeps its own copy of ``data``. The caller asks ahead of demand (it keeps a reserve of workers that
 wait for a call), so the fork is off the call's critical path, and a call wakes no process
 but its worker: there is no idle spare to hand the call to first.
 
@@ -204,7 +204,7 @@ class Server:
 
     def _take_request(self, forks: list[tuple[_socket.socket, _socket.socket]]) -> None:
         try:
-            msg = _protocol.recv(self.channel)
+            msg = _protocol.recv(self.channel, _protocol.SERVER_MAX_FDS)
         except (ConnectionResetError, BrokenPipeError):
             msg = None
         except OSError as exc:  # e.g. descriptors dropped (EMFILE): that request is lost, not us
@@ -213,14 +213,7 @@ class Server:
         if msg is None:
             raise SystemExit(0)  # lifeline cut: the caller is gone (raised in the loop, not a handler)
         if msg.tag == _protocol.SPAWN:
-            try:
-                kind = bytes(msg.body)
-                self._start_job(msg.fds, forks, fresh=kind[:1] == _protocol.FRESH, binding=kind[1:])
-            except Exception as exc:  # fork or memfd failed (EAGAIN, EMFILE, ENOMEM)
-                # Closing its sockets unanswered tells that caller its call never started.
-                for fd in msg.fds:
-                    _close_quietly(fd)
-                _complain("could not start a worker", exc)
+            self._take_spawn(bytes(msg.body), msg.fds, forks)
         elif msg.tag == _protocol.PRELOAD:
             self._preload(*_decode_preload(bytes(msg.body)))
         elif msg.tag == _protocol.CONTEXT:
@@ -228,6 +221,22 @@ class Server:
         else:  # pragma: no cover - a protocol bug, not a user error
             for fd in msg.fds:
                 os.close(fd)
+
+    def _take_spawn(self, kind: bytes, fds: list[int], forks: list[tuple[_socket.socket, _socket.socket]]) -> None:
+        """A worker per (ctl, data) pair in ``fds`` (the caller's reserve asks for a batch
+        at once). A pair we cannot serve is closed unanswered, which tells its caller that
+        its call never started; the other pairs are served all the same."""
+        fresh = kind[:1] == _protocol.FRESH
+        for i in range(0, len(fds), 2):
+            pair = fds[i : i + 2]
+            try:
+                if len(pair) != 2:  # pragma: no cover - a protocol bug, not a user error
+                    raise ValueError(f"a SPAWN request carried {len(fds)} descriptors, not pairs")
+                self._start_job(pair, forks, fresh=fresh, binding=kind[1:])
+            except Exception as exc:  # fork or memfd failed (EAGAIN, EMFILE, ENOMEM)
+                for fd in pair:
+                    _close_quietly(fd)
+                _complain("could not start a worker", exc)
 
     def _start_job(self, fds: list[int], forks: list[tuple[_socket.socket, _socket.socket]], fresh: bool = False, binding: bytes = b"") -> None:
         ctl = _socket.socket(fileno=fds[0])
