@@ -16,10 +16,6 @@ import array
 import mmap
 import os
 
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    import socket
-
 __all__ = ["Message", "recv", "read_text", "read_until", "send", "seqpacket_pair", "INLINE_MAX"]
 
 # Unix sockets buffer about 208 KiB per direction by default; a packet must fit in it.
@@ -58,10 +54,11 @@ class Message:
         self.fds = fds
 
 
-def seqpacket_pair() -> tuple[socket.socket, socket.socket]:
-    import socket  # the caller's: the fork server and workers never make pairs
-
-    return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+def seqpacket_pair() -> tuple[_socket.socket, _socket.socket]:
+    # Not socket.socketpair: its socket.socket wrappers cost a getsockname() and a Python
+    # __init__ each, and a call takes two pairs. What the wrapper adds (makefile, "with")
+    # no caller of this needs.
+    return _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
 
 
 def _to_memfd(body: bytes | memoryview) -> int:
@@ -120,16 +117,16 @@ def read_until(sock: _socket.socket, stop: bytes | None) -> bool:
     ``stop=None``: only end-of-stream (the peer closed) counts."""
     while True:
         try:
-            msg = recv(sock)
+            # The tag alone: a SEQPACKET read drops the rest of the message, so no buffer
+            # for a whole message is made and unmade per read (two to four per call).
+            tag, ancillary, _, _ = sock.recvmsg(1, _socket.CMSG_SPACE(_MAX_FDS * 4), _socket.MSG_CMSG_CLOEXEC)
         except BlockingIOError:
             return False
         except OSError:
             return True
-        if msg is None:
-            return True
-        for fd in msg.fds:
+        for fd in _fds_from(ancillary):
             os.close(fd)
-        if msg.tag == stop:
+        if not tag or tag == stop:
             return True
 
 
