@@ -228,20 +228,27 @@ class Server:
         its call never started; the other pairs are served all the same."""
         fresh = kind[:1] == _protocol.FRESH
         for i in range(0, len(fds), 2):
-            pair = fds[i : i + 2]
             try:
-                if len(pair) != 2:  # pragma: no cover - a protocol bug, not a user error
-                    raise ValueError(f"a SPAWN request carried {len(fds)} descriptors, not pairs")
-                self._start_job(pair, forks, fresh=fresh, binding=kind[1:])
-            except Exception as exc:  # fork or memfd failed (EAGAIN, EMFILE, ENOMEM)
-                for fd in pair:
-                    _close_quietly(fd)
+                ctl, data = _adopt_pair(fds[i : i + 2])
+            except Exception as exc:  # not a pair of sockets: a protocol bug, or EMFILE
+                _complain("could not start a worker", exc)
+                continue
+            try:
+                self._start_job(ctl, data, forks, fresh=fresh, binding=kind[1:])
+            except Exception as exc:  # spawn or memfd failed (EAGAIN, EMFILE, ENOMEM)
+                ctl.close()
+                data.close()
                 _complain("could not start a worker", exc)
 
-    def _start_job(self, fds: list[int], forks: list[tuple[_socket.socket, _socket.socket]], fresh: bool = False, binding: bytes = b"") -> None:
-        ctl = _socket.socket(fileno=fds[0])
+    def _start_job(
+        self,
+        ctl: _socket.socket,
+        data: _socket.socket,
+        forks: list[tuple[_socket.socket, _socket.socket]],
+        fresh: bool = False,
+        binding: bytes = b"",
+    ) -> None:
         ctl.setblocking(False)  # a stale readiness event must never block the server
-        data = _socket.socket(fileno=fds[1])
         if _hung_up(ctl):  # the caller gave up while this request waited: fork nothing
             ctl.close()
             data.close()
@@ -668,6 +675,24 @@ def _remove_cgroup(cgroup: str | None) -> None:
     if cgroup is not None:
         _cgroup.kill(cgroup)
         _cgroup.remove(cgroup)
+
+
+def _adopt_pair(fds: list[int]) -> tuple[_socket.socket, _socket.socket]:
+    """A request's (ctl, data) descriptors as sockets, ours to close from now on. On
+    failure none is left open (and none is closed twice: a socket closes its own)."""
+    socks: list[_socket.socket] = []
+    try:
+        if len(fds) != 2:
+            raise ValueError(f"a SPAWN request's descriptors come in pairs, one was left over: {fds}")
+        for fd in fds:
+            socks.append(_socket.socket(fileno=fd))  # ENOTSOCK: not a socket
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        for fd in fds[len(socks) :]:
+            _close_quietly(fd)
+        raise
+    return socks[0], socks[1]
 
 
 def _hung_up(sock: _socket.socket) -> bool:
