@@ -54,11 +54,13 @@ class Message:
         self.fds = fds
 
 
-def seqpacket_pair() -> tuple[_socket.socket, _socket.socket]:
+def seqpacket_pair(nonblocking: bool = False) -> tuple[_socket.socket, _socket.socket]:
+    """``nonblocking``: both ends (they share nothing else), without a system call each."""
     # Not socket.socketpair: its socket.socket wrappers cost a getsockname() and a Python
     # __init__ each, and a call takes two pairs. What the wrapper adds (makefile, "with")
     # no caller of this needs.
-    return _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
+    flags = _socket.SOCK_NONBLOCK if nonblocking else 0
+    return _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET | flags)
 
 
 def _to_memfd(body: bytes | memoryview) -> int:

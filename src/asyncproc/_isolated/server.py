@@ -227,11 +227,17 @@ class Server:
         at once). A pair we cannot serve is closed unanswered, which tells its caller that
         its call never started; the other pairs are served all the same."""
         fresh = kind[:1] == _protocol.FRESH
+        pairs = []
         for i in range(0, len(fds), 2):
             try:
-                ctl, data = _adopt_pair(fds[i : i + 2])
+                pairs.append(_adopt_pair(fds[i : i + 2]))
             except Exception as exc:  # not a pair of sockets: a protocol bug, or EMFILE
                 _complain("could not start a worker", exc)
+        gave_up = _hung_up([ctl for ctl, _ in pairs])  # while this request waited: fork nothing
+        for ctl, data in pairs:
+            if ctl.fileno() in gave_up:
+                ctl.close()
+                data.close()
                 continue
             try:
                 self._start_job(ctl, data, forks, fresh=fresh, binding=kind[1:])
@@ -249,10 +255,6 @@ class Server:
         binding: bytes = b"",
     ) -> None:
         ctl.setblocking(False)  # a stale readiness event must never block the server
-        if _hung_up(ctl):  # the caller gave up while this request waited: fork nothing
-            ctl.close()
-            data.close()
-            return
         if fresh:
             self._start_fresh(ctl, data, _pickle.loads(binding) if binding else None)
             return
@@ -685,7 +687,8 @@ def _adopt_pair(fds: list[int]) -> tuple[_socket.socket, _socket.socket]:
         if len(fds) != 2:
             raise ValueError(f"a SPAWN request's descriptors come in pairs, one was left over: {fds}")
         for fd in fds:
-            socks.append(_socket.socket(fileno=fd))  # ENOTSOCK: not a socket
+            # Family and type named: two getsockopt() less each (getsockname still checks it).
+            socks.append(_socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET, 0, fd))  # ENOTSOCK: not a socket
     except BaseException:
         for sock in socks:
             sock.close()
@@ -695,19 +698,25 @@ def _adopt_pair(fds: list[int]) -> tuple[_socket.socket, _socket.socket]:
     return socks[0], socks[1]
 
 
-def _hung_up(sock: _socket.socket) -> bool:
+def _hung_up(socks: list[_socket.socket]) -> set[int]:
+    """The descriptors among ``socks`` whose peer has closed: one poll for them all."""
     # poll first: on the usual path (nothing queued) no BlockingIOError is built. (Not
     # select(): with a thousand calls in flight descriptors pass FD_SETSIZE.)
     poller = select.poll()
-    poller.register(sock, select.POLLIN)
-    if not poller.poll(0):
-        return False
-    try:
-        return sock.recv(1, _socket.MSG_PEEK | _socket.MSG_DONTWAIT) == b""
-    except BlockingIOError:
-        return False
-    except OSError:
-        return True
+    by_fd = {}
+    for sock in socks:
+        poller.register(sock, select.POLLIN)
+        by_fd[sock.fileno()] = sock
+    gone = set()
+    for fd, _ in poller.poll(0):
+        try:
+            if by_fd[fd].recv(1, _socket.MSG_PEEK | _socket.MSG_DONTWAIT) == b"":
+                gone.add(fd)
+        except BlockingIOError:
+            pass
+        except OSError:
+            gone.add(fd)
+    return gone
 
 
 def _complain(what: str, exc: BaseException) -> None:
