@@ -11,6 +11,7 @@ import textwrap
 import threading
 import time
 import traceback
+import types
 from pathlib import Path
 
 import anyio
@@ -63,6 +64,23 @@ async def test_returns_value_of_lambda_closure_and_kwargs(method: str) -> None:
     assert await run.call(lambda: 1 + 1) == 2
     assert await run.call(lambda x: x + offset, 5) == 15
     assert await run.call(add, 1, b=2, timeout=3) == 6  # a func kwarg named like an option
+
+
+async def test_what_the_child_cannot_import_by_name_goes_by_value(method: str) -> None:
+    # A module made at run time, registered with cloudpickle to go by value: pickle alone
+    # would send its function and its class by name, which the child could never import.
+    import cloudpickle
+
+    made = types.ModuleType("asyncproc_made_at_run_time")
+    exec("class Point:\n    def __init__(self, x):\n        self.x = x\n\ndef norm(p):\n    return abs(p.x)\n", made.__dict__)
+    sys.modules[made.__name__] = made
+    cloudpickle.register_pickle_by_value(made)
+    try:
+        assert await runner(method).call(made.norm, made.Point(-3)) == 3
+        assert await runner(method).call(vars, made.Point(-3)) == {"x": -3}
+    finally:
+        cloudpickle.unregister_pickle_by_value(made)
+        del sys.modules[made.__name__]
 
 
 async def test_runs_in_another_process(method: str) -> None:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+from contextlib import closing
 
 from asyncproc._isolated import protocol as _protocol
 
 
 def test_small_and_large_messages_arrive_whole() -> None:
     a, b = _protocol.seqpacket_pair()
-    with a, b:
+    with closing(a), closing(b):
         _protocol.send(a, _protocol.VALUE, b"small")
         big = os.urandom(3 * _protocol.INLINE_MAX + 5)
         _protocol.send(a, _protocol.VALUE, big)
@@ -21,7 +22,7 @@ def test_small_and_large_messages_arrive_whole() -> None:
 def test_descriptors_ride_along() -> None:
     a, b = _protocol.seqpacket_pair()
     r, w = os.pipe()
-    with a, b:
+    with closing(a), closing(b):
         _protocol.send(a, _protocol.SPAWN, _protocol.FORKED, [w])
         os.close(w)
         msg = _protocol.recv(b)
@@ -35,7 +36,7 @@ def test_descriptors_ride_along() -> None:
 def test_end_of_stream_is_none() -> None:
     a, b = _protocol.seqpacket_pair()
     a.close()
-    with b:
+    with closing(b):
         assert _protocol.recv(b) is None
 
 

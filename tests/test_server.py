@@ -4,6 +4,7 @@ never a reason for a caller to hang, and the subreaper that catches escaped proc
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -364,3 +365,46 @@ def test_the_servers_ld_bind_now_reaches_no_call(start_method: str, callers: str
     assert out.returncode == 0, out.stderr
     expected = callers or "unset"
     assert out.stdout.split() == [expected] * 4
+
+
+def test_one_spawn_request_for_a_batch_serves_every_pair_it_can(capfd: pytest.CaptureFixture[str]) -> None:
+    # The reserve asks for its workers in one SPAWN message, a (ctl, data) pair per worker.
+    # A pair the server cannot use (here: not sockets) or whose caller gave up already is
+    # closed unanswered, and the pairs around it still get their workers.
+    from asyncproc._isolated import protocol as _protocol
+    from asyncproc._isolated import worker as _worker
+    from asyncproc._isolated.link import link
+
+    link.reset()  # a server of this test's own: its stderr is captured
+    try:
+        assert asyncproc.safe_call_sync(add, 1) == 1
+        good = [(_protocol.seqpacket_pair(), _protocol.seqpacket_pair()) for _ in range(2)]
+        gave_up_data, gave_up_data_far = _protocol.seqpacket_pair()
+        gave_up_ctl, gave_up_ctl_far = _protocol.seqpacket_pair()
+        gave_up_data.close()
+        gave_up_ctl.close()
+        pipe_r, pipe_w = os.pipe()
+        (data0, data0_far), (ctl0, ctl0_far) = good[0]
+        (data1, data1_far), (ctl1, ctl1_far) = good[1]
+        far = [ctl0_far, data0_far, gave_up_ctl_far, gave_up_data_far, ctl1_far, data1_far]
+        fds = [s.fileno() for s in far[:2]] + [pipe_r, pipe_w] + [s.fileno() for s in far[2:]]
+        link._send(_protocol.SPAWN, _protocol.FORKED, fds)
+        for sock in far:
+            sock.close()
+        os.close(pipe_r)
+        os.close(pipe_w)
+        for i, (data, ctl) in enumerate([(data0, ctl0), (data1, ctl1)]):
+            data.settimeout(10)
+            ctl.settimeout(10)
+            _protocol.send(data, _protocol.CALL, _worker.encode_call(_worker.CallSpec(), (add, (i,), {})))
+            answer = _protocol.recv(data)
+            assert answer is not None and answer.tag == _protocol.VALUE and pickle.loads(answer.body) == i
+            hello, exited = _protocol.recv(ctl), _protocol.recv(ctl)
+            assert hello is not None and hello.tag == _protocol.HELLO
+            assert exited is not None and exited.tag == _protocol.EXITED
+            data.close()
+            ctl.close()
+        assert asyncproc.safe_call_sync(add, 7) == 7  # and the server serves on
+        assert "could not start a worker" in capfd.readouterr().err
+    finally:
+        link.reset()

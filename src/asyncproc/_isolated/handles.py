@@ -6,13 +6,13 @@ wait until it is gone, how it exited.
 
 from __future__ import annotations
 
+import _socket
 import itertools
 import logging
 import math
 import os
 import pickle
 import signal
-import socket
 import sys
 import threading
 import weakref
@@ -49,21 +49,22 @@ class Exit:
 
 # -- worker handles: one per start method, same four operations ---------------------------
 
-# The caller's ends of every call in flight. A forked child of the caller (ours or the
-# user's) closes its copies: the server takes end-of-stream on a call's ctl to mean "the
-# caller is done", which a copy in some child would postpone.
-_IN_FLIGHT: weakref.WeakSet[socket.socket] = weakref.WeakSet()
+# Every call in flight. A forked child of the caller (ours or the user's) closes its copies
+# of their sockets: the server takes end-of-stream on a call's ctl to mean "the caller is
+# done", which a copy in some child would postpone. (The workers, not their sockets: a
+# bare _socket.socket takes no weak reference.)
+_IN_FLIGHT: weakref.WeakSet[Worker] = weakref.WeakSet()
 
 
 def _close_in_flight_copies() -> None:
-    for sock in list(_IN_FLIGHT):
-        sock.close()
+    for worker in list(_IN_FLIGHT):
+        worker.close_sockets()
 
 
 os.register_at_fork(after_in_child=_close_in_flight_copies)
 
 
-async def _recv(sock: socket.socket, wait_first: bool = False) -> _protocol.Message | None:
+async def _recv(sock: _socket.socket, wait_first: bool = False) -> _protocol.Message | None:
     """The next message on a non-blocking socket; None at end-of-stream. ``wait_first``
     when nothing can be there yet (the call was just sent): no read that fails first."""
     if wait_first:
@@ -82,10 +83,10 @@ class Worker:
 
     pid: int | None = None
 
-    def __init__(self, data: socket.socket):
+    def __init__(self, data: _socket.socket):
         self.data = data  # non-blocking
         self.ended = False  # end-of-stream seen on data
-        _IN_FLIGHT.add(data)
+        _IN_FLIGHT.add(self)
 
     async def next_message(self, first: bool = False) -> _protocol.Message | None:
         """The worker's next message, or None at end-of-stream (it is gone). ``first``:
@@ -113,6 +114,10 @@ class Worker:
     def close(self) -> None:
         self.data.close()
 
+    def close_sockets(self) -> None:
+        """In a forked child of the caller: drop its copies of this call's sockets."""
+        self.data.close()
+
 
 class ServerWorker(Worker):
     """A worker forked by the fork server, which reaps it and reports on ``ctl``.
@@ -120,7 +125,7 @@ class ServerWorker(Worker):
     Once the server has told us the worker's cgroup (HELLO), we can end and watch the
     worker's tree ourselves: a stopped, busy or dead server then delays nothing."""
 
-    def __init__(self, data: socket.socket, ctl: socket.socket, cgroup_root: str | None, server_pid: int | None):
+    def __init__(self, data: _socket.socket, ctl: _socket.socket, cgroup_root: str | None, server_pid: int | None):
         super().__init__(data)  # both non-blocking already (the link made them so)
         self.ctl = ctl
         self.cgroup_root = cgroup_root
@@ -128,7 +133,6 @@ class ServerWorker(Worker):
         self.cgroup: str | None = None
         self.exited: _protocol.Message | None = None
         self.server_gone = False  # end-of-stream on ctl
-        _IN_FLIGHT.add(ctl)
 
     def _on_ctl(self, msg: _protocol.Message | None) -> None:
         if msg is None:
@@ -241,6 +245,9 @@ class ServerWorker(Worker):
         link.finished(self.ctl)
 
     def close(self) -> None:
+        self.close_sockets()
+
+    def close_sockets(self) -> None:
         self.data.close()
         self.ctl.close()
 
@@ -250,7 +257,7 @@ class OwnWorker(Worker):
 
     pid: int  # always known: we forked or spawned it ourselves
 
-    def __init__(self, data: socket.socket, pid: int, fault_fd: int, cgroup: str | None, guarded: bool):
+    def __init__(self, data: _socket.socket, pid: int, fault_fd: int, cgroup: str | None, guarded: bool):
         data.setblocking(False)
         super().__init__(data)
         self.pid = pid

@@ -7,13 +7,13 @@ so the only lock guards starting and restarting.
 
 from __future__ import annotations
 
+import _socket
 import atexit
 import collections
 import logging
 import os
 import pickle
 import select
-import socket
 import sys
 import threading
 import time
@@ -48,6 +48,12 @@ _RESERVE_ENV, _RESERVE_DEFAULT = "ASYNCPROC_RESERVE", 12
 # A finished call's ctl waits for the server's report (then closing it wakes nobody) this
 # long at most, or this many at most; then it is closed anyway ("the caller is done").
 _FINISHED_BOUND_S, _FINISHED_MAX = 0.5, 64
+# Finished calls' ctl are looked at together, not at every call: when the reserve is
+# refilled (just before: the server then finds their cgroups free for the new workers; it
+# keeps at most 16 reported calls' cgroups waiting for their callers), after a "spawn" call,
+# once this many wait, or once the oldest has waited _FINISHED_BOUND_S. A report comes some
+# 2 to 15 calls after its call's value (measured): a look at every call mostly found none.
+_FINISHED_SWEEP = 16
 _PRELOAD_ENV = "ASYNCPROC_PRELOAD"
 
 
@@ -67,7 +73,7 @@ def _env_preloads() -> list[str]:
     return [m for m in os.environ.get(_PRELOAD_ENV, "").split(",") if m]
 
 
-async def _room_on(chan: socket.socket | None) -> None:
+async def _room_on(chan: _socket.socket | None) -> None:
     """Until ``chan`` can take a message. Only reached while the server is behind (stalled
     or stopped); anyio lets one task at a time wait on a descriptor, so the others (every
     thread and event loop shares this channel) check again every 10 ms."""
@@ -79,24 +85,10 @@ async def _room_on(chan: socket.socket | None) -> None:
         await anyio.sleep(0.01)
 
 
-def _still_open(data: socket.socket) -> bool:
-    # poll first: on the usual path (nothing queued) no BlockingIOError is built.
-    poller = select.poll()
-    poller.register(data, select.POLLIN)
-    if not poller.poll(0):
-        return True  # nothing to read and no end-of-stream: the worker is waiting
-    try:
-        return data.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
-    except BlockingIOError:
-        return True  # nothing to read and no end-of-stream: the worker is waiting
-    except OSError:
-        return False
-
-
 class ServerLink:
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._chan: socket.socket | None = None
+        self._chan: _socket.socket | None = None
         self._pid: int | None = None
         self._pidfd: int | None = None
         self._cgroup: str | None = None  # the server's workers each get a cgroup below it
@@ -105,8 +97,8 @@ class ServerLink:
         self._context: tuple[tuple[str, ...], str, dict[bytes, bytes]] | None = None  # what the server has
         self._preloads = _env_preloads()
         self._reserve_size = _RESERVE_DEFAULT  # from the environment when the server starts
-        self._reserve: collections.deque[tuple[socket.socket, socket.socket]] = collections.deque()
-        self._finished: collections.deque[tuple[socket.socket, float]] = collections.deque()
+        self._reserve: collections.deque[tuple[_socket.socket, _socket.socket]] = collections.deque()
+        self._finished: collections.deque[tuple[_socket.socket, float]] = collections.deque()
 
     @property
     def pid(self) -> int | None:
@@ -207,40 +199,52 @@ class ServerLink:
                     log.warning("asyncproc: the fork server (pid %s) died; starting a new one", self._pid)
                     self._stop_locked()
 
-    def _request(self, kind: bytes = _protocol.FORKED) -> tuple[socket.socket, socket.socket]:
-        """Ask the server for a worker; it will wait on the returned ``data`` for a call."""
-        data, data_far = _protocol.seqpacket_pair()
-        ctl, ctl_far = _protocol.seqpacket_pair()
+    def _request(self, kind: bytes = _protocol.FORKED, count: int = 1) -> list[tuple[_socket.socket, _socket.socket]]:
+        """Ask the server for ``count`` workers in one message (one wake-up of the server,
+        one system call); each will wait on its returned ``data`` for a call."""
+        ours: list[tuple[_socket.socket, _socket.socket]] = []
+        theirs: list[_socket.socket] = []
+        fds: list[int] = []  # the server takes (ctl, data) pairs
         try:
-            self._send(_protocol.SPAWN, kind, [ctl_far.fileno(), data_far.fileno()])
+            for _ in range(count):
+                data, data_far = _protocol.seqpacket_pair()
+                theirs.append(data_far)
+                try:
+                    # Non-blocking at both ends: the server makes its end so anyway.
+                    ctl, ctl_far = _protocol.seqpacket_pair(nonblocking=True)
+                except BaseException:
+                    data.close()
+                    raise
+                theirs.append(ctl_far)
+                fds += (ctl_far.fileno(), data_far.fileno())
+                ours.append((data, ctl))
+                # Here, ahead of the call, not when it starts: a system call less on its way.
+                # (Not the far end: the worker waits for its call on it.)
+                data.setblocking(False)
+            self._send(_protocol.SPAWN, kind, fds)
         except BaseException:
-            data.close()
-            ctl.close()
+            for pair in ours:
+                for sock in pair:
+                    sock.close()
             raise
         finally:
-            data_far.close()
-            ctl_far.close()
-        # Here, ahead of the call, not when it starts: two system calls fewer on its way.
-        data.setblocking(False)
-        ctl.setblocking(False)
-        return data, ctl
+            for sock in theirs:
+                sock.close()
+        return ours
 
-    async def take(self, kind: bytes = _protocol.FORKED) -> tuple[socket.socket, socket.socket]:
+    async def take(self, kind: bytes = _protocol.FORKED) -> tuple[_socket.socket, _socket.socket]:
         """A worker waiting for a call: ``(data, ctl)``; a forked one from the reserve when
         it has one, a fresh interpreter (``_protocol.FRESH``) always on request."""
-        while kind == _protocol.FORKED and self._reserve:  # FRESH requests may carry more
+        if kind == _protocol.FORKED and self._reserve:  # FRESH requests may carry more
             try:
-                data, ctl = self._reserve.popleft()
+                # One that died idle (killed, or its server died) refuses the call: see
+                # worker_died_idle. Not looked at here: a system call less per call.
+                return self._reserve.popleft()
             except IndexError:  # another thread took the last one
-                break
-            if _still_open(data):
-                return data, ctl
-            data.close()  # died idle (killed, or its server died): its call never started
-            ctl.close()
-            self.check_server()
+                pass
         while True:
             try:
-                return self._request(kind)
+                return self._request(kind)[0]
             except BlockingIOError:  # the server is behind: wait for room, never block
                 await _room_on(self._chan)
 
@@ -248,27 +252,35 @@ class ServerLink:
         """A call is on its way: its worker runs it now, on another CPU, while its caller
         would only wait. Close finished calls' ctl, refill the reserve. Never raises."""
         try:
-            self._close_finished()
-            if refill:
+            due = refill and self._refill_due()
+            self._close_finished(sweep=due or not refill)
+            if due:
                 self.top_up()
         except Exception as exc:  # refilling the reserve must never fail a call
             log.debug("asyncproc: could not refill the worker reserve: %r", exc)
 
-    def finished(self, ctl: socket.socket) -> None:
+    def finished(self, ctl: _socket.socket) -> None:
         """A call has its value; its ``ctl`` is closed once the server's report (EXITED) is
         in: the server is not woken by that end-of-stream (it looks for it when it wants
         the call's cgroup again), where closing at once would wake it to end a worker that
         ends by itself."""
         self._finished.append((ctl, time.monotonic()))
 
-    def _close_finished(self) -> None:
-        if not self._finished:
+    def _close_finished(self, sweep: bool) -> None:
+        finished = self._finished
+        if not finished:
             return
+        if not sweep and len(finished) < _FINISHED_SWEEP:
+            try:
+                if finished[0][1] >= time.monotonic() - _FINISHED_BOUND_S:
+                    return
+            except IndexError:  # another thread swept meanwhile
+                return
         poller = select.poll()  # one system call for all of them
         waiting = []
-        while self._finished:  # popped one at a time: other threads may sweep at once
+        while finished:  # popped one at a time: other threads may sweep at once
             try:
-                waiting.append(self._finished.popleft())
+                waiting.append(finished.popleft())
             except IndexError:
                 break
         for ctl, _ in waiting:
@@ -280,7 +292,7 @@ class ServerLink:
             if (ctl.fileno() in ready and _protocol.read_until(ctl, _protocol.EXITED)) or since < late or len(waiting) - i > _FINISHED_MAX:
                 ctl.close()
             else:
-                self._finished.append((ctl, since))
+                finished.append((ctl, since))
 
     def _close_all_finished(self) -> None:
         while self._finished:
@@ -289,16 +301,20 @@ class ServerLink:
             except IndexError:
                 break
 
+    def _refill_due(self) -> bool:
+        """Refilled once five sixths are used (see _RESERVE_ENV)."""
+        return len(self._reserve) <= self._reserve_size // 6
+
     def top_up(self) -> None:
         """Refill the reserve; called after a call is on its way, off its critical path.
         Gives up quietly when the server is behind: the next call asks for itself."""
-        if len(self._reserve) > self._reserve_size // 6:
+        missing = self._reserve_size - len(self._reserve)
+        if not self._refill_due() or missing <= 0:
             return
-        while len(self._reserve) < self._reserve_size:
-            try:
-                self._reserve.append(self._request())
-            except BlockingIOError:
-                return
+        try:
+            self._reserve.extend(self._request(count=min(missing, _protocol.SPAWN_BATCH_MAX)))
+        except BlockingIOError:
+            pass
 
     def worker_died_idle(self) -> None:
         """A reserved worker refused its call: its server is likely ending (it shuts every

@@ -16,16 +16,17 @@ import array
 import mmap
 import os
 
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    import socket
-
 __all__ = ["ANCILLARY_SPACE", "Message", "parse", "recv", "read_text", "read_until", "send", "seqpacket_pair", "INLINE_MAX"]
 
 # Unix sockets buffer about 208 KiB per direction by default; a packet must fit in it.
 INLINE_MAX = 64 * 1024
 _MAX_FDS = 4
 ANCILLARY_SPACE = _socket.CMSG_SPACE(_MAX_FDS * 4)
+# SPAWN carries a (ctl, data) pair per worker asked for: the reserve's refill sends a batch
+# in one message (one wake-up of the server, one system call). Linux takes at most 253
+# descriptors per SCM_RIGHTS message; a batch stays far below.
+SPAWN_BATCH_MAX = 32
+SERVER_MAX_FDS = 2 * SPAWN_BATCH_MAX + 1  # + a memfd body
 FLAG_MEMFD = 1
 
 # tags
@@ -34,7 +35,7 @@ VALUE = b"V"  # worker -> caller: the pickled return value
 RAISED = b"E"  # worker -> caller: the exception, pickled and as text
 UNPICKLABLE = b"U"  # worker -> caller: the return value could not be pickled
 MEMORY = b"M"  # worker -> caller: MemoryError under memory_limit
-SPAWN = b"S"  # caller -> server: give me a worker (ctl and data fds attached); body:
+SPAWN = b"S"  # caller -> server: give me a worker per (ctl, data) pair of fds attached; body:
 FORKED = b"f"  #   ... forked from the server ("forkserver")
 FRESH = b"s"  #   ... a fresh interpreter the server starts ("spawn")
 HELLO = b"H"  # worker or server -> caller: your call went to worker PID
@@ -54,10 +55,13 @@ class Message:
         self.fds = fds
 
 
-def seqpacket_pair() -> tuple[socket.socket, socket.socket]:
-    import socket  # the caller's: the fork server and workers never make pairs
-
-    return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+def seqpacket_pair(nonblocking: bool = False) -> tuple[_socket.socket, _socket.socket]:
+    """``nonblocking``: both ends (they share nothing else), without a system call each."""
+    # Not socket.socketpair: its socket.socket wrappers cost a getsockname() and a Python
+    # __init__ each, and a call takes two pairs. What the wrapper adds (makefile, "with")
+    # no caller of this needs.
+    flags = _socket.SOCK_NONBLOCK if nonblocking else 0
+    return _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET | flags)
 
 
 def _to_memfd(body: bytes | memoryview) -> int:
@@ -85,11 +89,13 @@ def send(sock: _socket.socket, tag: bytes, body: bytes | memoryview = b"", fds: 
         os.close(memfd)
 
 
-def recv(sock: _socket.socket) -> Message | None:
-    """Receive one message; None at end of stream. Received fds are the caller's to close."""
+def recv(sock: _socket.socket, max_fds: int = _MAX_FDS) -> Message | None:
+    """Receive one message; None at end of stream. Received fds are the caller's to close.
+    A message with more than ``max_fds`` descriptors is refused (OSError), all of them closed."""
     # MSG_CMSG_CLOEXEC: a received descriptor must not leak into what the receiver execs
     # (a grandchild holding a worker's data socket would hide the worker's death).
-    data, ancillary, msg_flags, _ = sock.recvmsg(INLINE_MAX + 2, ANCILLARY_SPACE, _socket.MSG_CMSG_CLOEXEC)
+    space = ANCILLARY_SPACE if max_fds == _MAX_FDS else _socket.CMSG_SPACE(max_fds * 4)
+    data, ancillary, msg_flags, _ = sock.recvmsg(INLINE_MAX + 2, space, _socket.MSG_CMSG_CLOEXEC)
     return parse(data, ancillary, msg_flags)
 
 
@@ -117,16 +123,16 @@ def read_until(sock: _socket.socket, stop: bytes | None) -> bool:
     ``stop=None``: only end-of-stream (the peer closed) counts."""
     while True:
         try:
-            msg = recv(sock)
+            # The tag alone: a SEQPACKET read drops the rest of the message, so no buffer
+            # for a whole message is made and unmade per read (two to four per call).
+            tag, ancillary, _, _ = sock.recvmsg(1, _socket.CMSG_SPACE(_MAX_FDS * 4), _socket.MSG_CMSG_CLOEXEC)
         except BlockingIOError:
             return False
         except OSError:
             return True
-        if msg is None:
-            return True
-        for fd in msg.fds:
+        for fd in _fds_from(ancillary):
             os.close(fd)
-        if msg.tag == stop:
+        if not tag or tag == stop:
             return True
 
 

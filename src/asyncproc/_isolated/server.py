@@ -3,8 +3,8 @@
 Started lazily by the first "forkserver" call as ``python -c`` (so the caller's
 ``__main__`` is never imported), with one SEQPACKET channel to the caller on fd 3. Per
 call the caller sends SPAWN with two fresh descriptors: ``ctl`` (server <-> caller) and
-``data`` (worker <-> caller). The server forks a worker that inherits both and keeps its
-own copy of ``data``. The caller asks ahead of demand (it keeps a reserve of workers that
+``data`` (worker <-> caller), or a pair per worker when it asks for a batch. The server
+forks a worker that inherits both and keeps its own copy of ``data``. The caller asks ahead of demand (it keeps a reserve of workers that
 wait for a call), so the fork is off the call's critical path, and a call wakes no process
 but its worker: there is no idle spare to hand the call to first.
 
@@ -189,7 +189,7 @@ class Server:
 
     def _take_request(self, forks: list[tuple[_socket.socket, _socket.socket]]) -> None:
         try:
-            msg = _protocol.recv(self.channel)
+            msg = _protocol.recv(self.channel, _protocol.SERVER_MAX_FDS)
         except (ConnectionResetError, BrokenPipeError):
             msg = None
         except OSError as exc:  # e.g. descriptors dropped (EMFILE): that request is lost, not us
@@ -198,14 +198,7 @@ class Server:
         if msg is None:
             raise SystemExit(0)  # lifeline cut: the caller is gone (raised in the loop, not a handler)
         if msg.tag == _protocol.SPAWN:
-            try:
-                kind = bytes(msg.body)
-                self._start_job(msg.fds, forks, fresh=kind[:1] == _protocol.FRESH, binding=kind[1:])
-            except Exception as exc:  # fork or memfd failed (EAGAIN, EMFILE, ENOMEM)
-                # Closing its sockets unanswered tells that caller its call never started.
-                for fd in msg.fds:
-                    _close_quietly(fd)
-                _complain("could not start a worker", exc)
+            self._take_spawn(bytes(msg.body), msg.fds, forks)
         elif msg.tag == _protocol.PRELOAD:
             self._preload(*_decode_preload(bytes(msg.body)))
         elif msg.tag == _protocol.CONTEXT:
@@ -214,14 +207,39 @@ class Server:
             for fd in msg.fds:
                 os.close(fd)
 
-    def _start_job(self, fds: list[int], forks: list[tuple[_socket.socket, _socket.socket]], fresh: bool = False, binding: bytes = b"") -> None:
-        ctl = _socket.socket(fileno=fds[0])
+    def _take_spawn(self, kind: bytes, fds: list[int], forks: list[tuple[_socket.socket, _socket.socket]]) -> None:
+        """A worker per (ctl, data) pair in ``fds`` (the caller's reserve asks for a batch
+        at once). A pair we cannot serve is closed unanswered, which tells its caller that
+        its call never started; the other pairs are served all the same."""
+        fresh = kind[:1] == _protocol.FRESH
+        pairs = []
+        for i in range(0, len(fds), 2):
+            try:
+                pairs.append(_adopt_pair(fds[i : i + 2]))
+            except Exception as exc:  # not a pair of sockets: a protocol bug, or EMFILE
+                _complain("could not start a worker", exc)
+        gave_up = _hung_up([ctl for ctl, _ in pairs])  # while this request waited: fork nothing
+        for ctl, data in pairs:
+            if ctl.fileno() in gave_up:
+                ctl.close()
+                data.close()
+                continue
+            try:
+                self._start_job(ctl, data, forks, fresh=fresh, binding=kind[1:])
+            except Exception as exc:  # spawn or memfd failed (EAGAIN, EMFILE, ENOMEM)
+                ctl.close()
+                data.close()
+                _complain("could not start a worker", exc)
+
+    def _start_job(
+        self,
+        ctl: _socket.socket,
+        data: _socket.socket,
+        forks: list[tuple[_socket.socket, _socket.socket]],
+        fresh: bool = False,
+        binding: bytes = b"",
+    ) -> None:
         ctl.setblocking(False)  # a stale readiness event must never block the server
-        data = _socket.socket(fileno=fds[1])
-        if _hung_up(ctl):  # the caller gave up while this request waited: fork nothing
-            ctl.close()
-            data.close()
-            return
         if fresh:
             self._start_fresh(ctl, data, _pickle.loads(binding) if binding else None)
             return
@@ -647,19 +665,44 @@ def _remove_cgroup(cgroup: str | None) -> None:
         _cgroup.remove(cgroup)
 
 
-def _hung_up(sock: _socket.socket) -> bool:
+def _adopt_pair(fds: list[int]) -> tuple[_socket.socket, _socket.socket]:
+    """A request's (ctl, data) descriptors as sockets, ours to close from now on. On
+    failure none is left open (and none is closed twice: a socket closes its own)."""
+    socks: list[_socket.socket] = []
+    try:
+        if len(fds) != 2:
+            raise ValueError(f"a SPAWN request's descriptors come in pairs, one was left over: {fds}")
+        for fd in fds:
+            # Family and type named: two getsockopt() less each (getsockname still checks it).
+            socks.append(_socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET, 0, fd))  # ENOTSOCK: not a socket
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        for fd in fds[len(socks) :]:
+            _close_quietly(fd)
+        raise
+    return socks[0], socks[1]
+
+
+def _hung_up(socks: list[_socket.socket]) -> set[int]:
+    """The descriptors among ``socks`` whose peer has closed: one poll for them all."""
     # poll first: on the usual path (nothing queued) no BlockingIOError is built. (Not
     # select(): with a thousand calls in flight descriptors pass FD_SETSIZE.)
     poller = select.poll()
-    poller.register(sock, select.POLLIN)
-    if not poller.poll(0):
-        return False
-    try:
-        return sock.recv(1, _socket.MSG_PEEK | _socket.MSG_DONTWAIT) == b""
-    except BlockingIOError:
-        return False
-    except OSError:
-        return True
+    by_fd = {}
+    for sock in socks:
+        poller.register(sock, select.POLLIN)
+        by_fd[sock.fileno()] = sock
+    gone = set()
+    for fd, _ in poller.poll(0):
+        try:
+            if by_fd[fd].recv(1, _socket.MSG_PEEK | _socket.MSG_DONTWAIT) == b"":
+                gone.add(fd)
+        except BlockingIOError:
+            pass
+        except OSError:
+            gone.add(fd)
+    return gone
 
 
 def _complain(what: str, exc: BaseException) -> None:

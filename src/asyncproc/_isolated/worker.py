@@ -77,10 +77,62 @@ def encode_call(spec: CallSpec, job: Job) -> bytes:
     # No options (the usual call): no header to unpickle, a class to look up less.
     empty = spec.memory_limit is None and spec.binding is None and spec.sys_path is None and spec.cwd is None and spec.env is None
     head = b"" if empty else pickle.dumps(spec, protocol=5)
-    return _SPEC_LEN.pack(len(head)) + head + by_value_dumps(job)
+    return _SPEC_LEN.pack(len(head)) + head + _call_dumps(job)
 
 
 _pickler_class: Any = None
+_by_reference_class: Any = None
+
+
+def _call_dumps(job: Job) -> bytes:
+    """What ``by_value_dumps`` makes of the call, by the C pickler alone when nothing in it
+    is pickled by value (the usual call: a function of a module, plain data): each
+    cloudpickle Pickler runs Python code per object and looks each type up through two
+    ChainMaps, several times the cost of the whole pickle here."""
+    global _by_reference_class
+    import io
+
+    if _by_reference_class is None:
+        _by_reference_class = _make_by_reference_class()
+    buf = io.BytesIO()
+    try:
+        _by_reference_class(buf, protocol=5).dump(job)
+    except Exception:  # NeedsValue; or a lambda, a local class: the C pickler refuses them
+        return by_value_dumps(job)
+    return buf.getvalue()
+
+
+def _make_by_reference_class() -> Any:
+    """A C pickler that gives up (NeedsValue) on whatever cloudpickle would pickle other
+    than by reference: functions and classes it pickles by value (of ``__main__``, of a
+    module made at run time or registered by value), and the types it has reducers for
+    (code, cells, modules, bound methods, ...). Everything else pickles the same either way."""
+    import types
+
+    import cloudpickle
+    from cloudpickle import cloudpickle as cp
+
+    class NeedsValue(Exception):  # here, not at module level: the fork server imports us
+        """Something in the call is pickled by value: cloudpickle's work."""
+
+    by_reference = getattr(cp, "_should_pickle_by_reference", None)
+    own_reducers = getattr(cloudpickle.Pickler, "_dispatch_table", None)
+    if by_reference is None or not isinstance(own_reducers, dict):  # pragma: no cover - another cloudpickle
+
+        def always_by_value(self: Any, obj: object) -> Any:
+            raise NeedsValue
+
+        return type("_ByValueOnly", (pickle.Pickler,), {"reducer_override": always_by_value})
+    reducers: dict[type, Any] = own_reducers
+    by_ref: Callable[[object], bool] = by_reference
+
+    class ByReference(pickle.Pickler):
+        def reducer_override(self, obj: object) -> Any:
+            if type(obj) in reducers or (isinstance(obj, (types.FunctionType, type)) and not by_ref(obj)):
+                raise NeedsValue
+            return NotImplemented
+
+    return ByReference
 
 
 def by_value_dumps(obj: Any) -> bytes:
