@@ -4,9 +4,10 @@ Started lazily by the first "forkserver" call as ``python -c`` (so the caller's
 ``__main__`` is never imported), with one SEQPACKET channel to the caller on fd 3. Per
 call the caller sends SPAWN with two fresh descriptors: ``ctl`` (server <-> caller) and
 ``data`` (worker <-> caller), or a pair per worker when it asks for a batch. The server
-forks a worker that inherits both and keeps its own copy of ``data``. The caller asks ahead of demand (it keeps a reserve of workers that
-wait for a call), so the fork is off the call's critical path, and a call wakes no process
-but its worker: there is no idle spare to hand the call to first.
+forks a worker that inherits both and keeps its own copy of ``data``. The caller asks
+ahead of demand (it keeps a reserve of workers that wait for a call), so the fork is off
+the call's critical path, and a call wakes no process but its worker: there is no idle
+spare to hand the call to first.
 
 The worker sends HELLO with its pid on ``ctl`` before it reads a call: a caller that got
 no HELLO knows its call never ran and can retry it, should the server die.

@@ -41,6 +41,22 @@ __all__ = ["CallSpec", "ForkedStart", "Job", "bind_prctl", "forked_start", "warm
 
 _SPEC_LEN = _struct.Struct("<I")
 
+# What a worker calls on its way, bound to globals here, once, in the fork server: a
+# forked worker runs its code unspecialized, and each ``module.attr`` there is a generic
+# lookup that writes pages (see "a worker forked by the fork server" below).
+_open, _read, _write, _close, _exit = os.open, os.read, os.write, os.close, os._exit
+_dup2, _closerange, _setsid, _getpid, _getppid = os.dup2, os.closerange, os.setsid, os.getpid, os.getppid
+_O_RDONLY_CLOEXEC, _O_WRONLY_CLOEXEC = os.O_RDONLY | os.O_CLOEXEC, os.O_WRONLY | os.O_CLOEXEC
+_setrlimit, _RLIMIT_NOFILE = resource.setrlimit, resource.RLIMIT_NOFILE
+_set_wakeup_fd, _set_handler, _SIG_DFL = _signal.set_wakeup_fd, _signal.signal, _signal.SIG_DFL
+_SERVER_SIGNALS, _SIGINT, _default_int_handler = (_signal.SIGTERM, _signal.SIGCHLD, _signal.SIGHUP), _signal.SIGINT, _signal.default_int_handler
+_pickle_dumps, _pickle_loads = pickle.dumps, pickle.loads
+_thread_count = _thread._count
+_sys_dict = sys.__dict__  # sys.stdout as the call left it (it may replace it)
+_recvmsg, _send, _parse = _socket.socket.recvmsg, _protocol.send, _protocol.parse
+_VALUE, _HELLO_FORMAT = _protocol.VALUE, _protocol.HELLO + b"\0%d %s"  # protocol.send's frame, no fds
+_PACKET_MAX, _ANCILLARY_SPACE, _MSG_CMSG_CLOEXEC = _protocol.INLINE_MAX + 2, _protocol.ANCILLARY_SPACE, _socket.MSG_CMSG_CLOEXEC
+
 
 class CallSpec:
     """What the child needs besides the call itself: limits and the caller's context."""
@@ -396,14 +412,14 @@ def _exit_code(exc: SystemExit) -> int:
 
 
 def _has_children() -> bool:
-    """Whether we have a child, alive or not (the usual answer: no). With no other thread
-    alive, one read of our own thread's list, by a constant path: what listing every
-    thread costs (a directory read, a path built per thread) is pages copied per call."""
+    """Whether we have a child, alive or not (the usual answer: no)."""
     if _waitid is not None:  # bound by the fork server (see bind_prctl)
         # waitid(P_ALL, 0, NULL, WEXITED | WNOHANG | WNOWAIT): 0 while we have a child
         # (exited or not, of any of our threads), -1 (ECHILD) once we have none. No path
         # to walk, no exception built.
         return _waitid(_ANY_CHILD) == 0
+    # Else, with no other thread alive, one read of our own thread's list, by a constant
+    # path: listing every thread (a directory read, a path built per thread) costs more.
     if _thread_count():  # another thread's children are on its own list
         return _proctree.own_children() != []
     try:
@@ -570,6 +586,7 @@ def hello(pid: int, cgroup: str | None) -> bytes:
 # (_proctree.libc_function: about 10 pages where ctypes' usual path copies some 40), and
 # the server started with LD_BIND_NOW (link.py), so no worker resolves a libc or
 # libpython symbol lazily either. Measured together: some 50 pages less per call.
+# (The functions bound to globals are at the top of this module.)
 
 _PR_SET_PDEATHSIG, _PR_SET_NAME, _PR_SET_CHILD_SUBREAPER = 1, 15, 36
 if TYPE_CHECKING:
@@ -579,18 +596,6 @@ _SUBREAPER: _PrctlArgs = (_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 _NAME_IDLE: _PrctlArgs = (_PR_SET_NAME, b"asyncproc-idle", 0, 0, 0)
 _NAME_RUNNING: _PrctlArgs = (_PR_SET_NAME, b"asyncproc-run", 0, 0, 0)
 
-_open, _read, _write, _close, _exit = os.open, os.read, os.write, os.close, os._exit
-_dup2, _closerange, _setsid, _getpid, _getppid = os.dup2, os.closerange, os.setsid, os.getpid, os.getppid
-_O_RDONLY_CLOEXEC, _O_WRONLY_CLOEXEC = os.O_RDONLY | os.O_CLOEXEC, os.O_WRONLY | os.O_CLOEXEC
-_setrlimit, _RLIMIT_NOFILE = resource.setrlimit, resource.RLIMIT_NOFILE
-_set_wakeup_fd, _set_handler, _SIG_DFL = _signal.set_wakeup_fd, _signal.signal, _signal.SIG_DFL
-_SERVER_SIGNALS, _SIGINT, _default_int_handler = (_signal.SIGTERM, _signal.SIGCHLD, _signal.SIGHUP), _signal.SIGINT, _signal.default_int_handler
-_pickle_dumps, _pickle_loads = pickle.dumps, pickle.loads
-_thread_count = _thread._count
-_sys_dict = sys.__dict__  # sys.stdout as the call left it (it may replace it)
-_recvmsg, _send, _parse = _socket.socket.recvmsg, _protocol.send, _protocol.parse
-_VALUE, _HELLO_FORMAT = _protocol.VALUE, _protocol.HELLO + b"\0%d %s"  # protocol.send's frame, no fds
-_PACKET_MAX, _ANCILLARY_SPACE, _MSG_CMSG_CLOEXEC = _protocol.INLINE_MAX + 2, _protocol.ANCILLARY_SPACE, _socket.MSG_CMSG_CLOEXEC
 
 if TYPE_CHECKING:
     # The call's ctl and data sockets, the server's pid, cgroup.procs (bytes: no path
