@@ -342,31 +342,6 @@ async def test_a_call_asked_of_a_dying_server_runs_on_a_new_one() -> None:
         psutil.wait_procs(workers, timeout=5)
 
 
-@pytest.mark.parametrize("start_method", ["forkserver", "spawn"])
-@pytest.mark.parametrize("callers", [None, "1"])
-def test_the_servers_ld_bind_now_reaches_no_call(start_method: str, callers: str | None) -> None:
-    # The fork server starts with $LD_BIND_NOW (its workers then resolve no symbol lazily)
-    # and drops it before forking: a call, and what it runs, see the caller's environment.
-    code = (
-        "import anyio, asyncproc, os, subprocess\n"
-        "def seen():\n"
-        "    shell = subprocess.run(['sh', '-c', 'echo ${LD_BIND_NOW-unset}'], capture_output=True, text=True).stdout\n"
-        "    return os.environ.get('LD_BIND_NOW', 'unset'), shell.strip()\n"
-        "from asyncproc._isolated.link import link\n"
-        f"call = asyncproc.Isolated(start_method={start_method!r}).call\n"
-        "print(*anyio.run(call, seen))\n"
-        "link.stop()  # a server started again is told no environment: it has the one it started with\n"
-        "print(*anyio.run(call, seen))\n"
-    )
-    env = {k: v for k, v in os.environ.items() if k != "LD_BIND_NOW"}
-    if callers is not None:
-        env["LD_BIND_NOW"] = callers
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
-    assert out.returncode == 0, out.stderr
-    expected = callers or "unset"
-    assert out.stdout.split() == [expected] * 4
-
-
 def test_one_spawn_request_for_a_batch_serves_every_pair_it_can(capfd: pytest.CaptureFixture[str]) -> None:
     # The reserve asks for its workers in one SPAWN message, a (ctl, data) pair per worker.
     # A pair the server cannot use (here: not sockets) or whose caller gave up already is

@@ -128,14 +128,7 @@ class ServerLink:
         self._cgroup = _cgroup.create(f"srv{self._starts}")
         try:
             preload = encode_preload(self._preloads, sys.path).decode() if self._preloads else ""
-            # LD_BIND_NOW: the server resolves every libc and libpython symbol once, at its
-            # start, where each worker would resolve the ones it calls lazily (a page
-            # written per symbol, per call). The server drops the variable before it forks
-            # anything: no worker, and nothing a call runs, sees it.
-            ours_to_drop = "LD_BIND_NOW" not in os.environ
-            env = {**os.environ, "LD_BIND_NOW": "1"} if ours_to_drop else None
-            argv = [preload, self._cgroup or "", "1" if ours_to_drop else ""]
-            self._pid = spawn_python(code, argv, {3: theirs.fileno()}, env)
+            self._pid = spawn_python(code, [preload, self._cgroup or ""], {3: theirs.fileno()})
         except BaseException:
             self._end_cgroup()
             raise

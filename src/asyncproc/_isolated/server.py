@@ -751,11 +751,7 @@ _FAULT_FD = -1  # where faulthandler writes: a copy of our stderr, a worker's ow
 
 
 def main() -> None:
-    """``python -c 'from asyncproc._isolated.server import main; main()' PRELOAD CGROUP DROP_BIND_NOW``;
-    fd 3 is the channel. DROP_BIND_NOW "1": $LD_BIND_NOW is the caller's doing, not its
-    user's (see link.py): gone before anything is forked or spawned."""
-    if sys.argv[3:4] == ["1"]:
-        os.environ.pop("LD_BIND_NOW", None)
+    """``python -c 'from asyncproc._isolated.server import main; main()' PRELOAD CGROUP``; fd 3 is the channel."""
     try:
         os.setsid()  # Ctrl-C at the terminal is the caller's to handle, not ours
     except PermissionError:  # already a session leader (posix_spawn setsid=True)

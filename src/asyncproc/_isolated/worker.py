@@ -29,7 +29,7 @@ from . import protocol as _protocol
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (and re) at run time
 
 if TYPE_CHECKING:  # the fork server imports this module: no runtime typing, no dataclasses
-    from collections.abc import Callable, Mapping
+    from collections.abc import Callable
     from typing import Any, NoReturn
 
     Job = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]
@@ -221,7 +221,7 @@ def _high_dup(fd: int) -> int:
     return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10)
 
 
-def spawn_python(code: str, argv: list[str], fds: dict[int, int], env: Mapping[str, str] | None = None) -> int:
+def spawn_python(code: str, argv: list[str], fds: dict[int, int]) -> int:
     """posix_spawn ``python -c code argv...`` in a new session, ``fds`` mapped target->source.
 
     posix_spawn keeps glibc's vfork-style fast path: the cost does not grow with our RSS.
@@ -232,7 +232,7 @@ def spawn_python(code: str, argv: list[str], fds: dict[int, int], env: Mapping[s
         return os.posix_spawn(
             sys.executable,
             [sys.executable, "-c", _bootstrap(code), *argv],
-            os.environ if env is None else env,
+            os.environ,
             file_actions=actions,
             setsid=True,
         )
@@ -414,7 +414,7 @@ def _exit_code(exc: SystemExit) -> int:
 def _has_children() -> bool:
     """Whether we have a child, alive or not (the usual answer: no)."""
     if _waitid is not None:  # bound by the fork server (see bind_prctl)
-        # waitid(P_ALL, 0, NULL, WEXITED | WNOHANG | WNOWAIT): 0 while we have a child
+        # waitid(P_ALL, 0, NULL, WEXITED | WNOHANG | WNOWAIT | __WALL): 0 while we have a child
         # (exited or not, of any of our threads), -1 (ECHILD) once we have none. No path
         # to walk, no exception built.
         return _waitid(_ANY_CHILD) == 0
@@ -583,10 +583,11 @@ def hello(pid: int, cgroup: str | None) -> bytes:
 # the name's refcount and the type's method cache: pages copied. Hence, on this path:
 # functions bound to module globals below (a global is a dict read), the start-up as a
 # tuple worked out in the server (ForkedStart), prctl bound in the server
-# (_proctree.libc_function: about 10 pages where ctypes' usual path copies some 40), and
-# the server started with LD_BIND_NOW (link.py), so no worker resolves a libc or
-# libpython symbol lazily either. Measured together: some 50 pages less per call.
-# (The functions bound to globals are at the top of this module.)
+# (_proctree.libc_function: about 10 pages where ctypes' usual path copies some 40).
+# Measured together: some 60 pages less per call. (The functions bound to globals are at
+# the top of this module.) Not LD_BIND_NOW for the server, though it saved 15 more: the
+# dynamic linker reads it once, at exec, so every worker would have bound eagerly, and
+# a library loaded with RTLD_LAZY that names a symbol it never calls would fail to load.
 
 _PR_SET_PDEATHSIG, _PR_SET_NAME, _PR_SET_CHILD_SUBREAPER = 1, 15, 36
 if TYPE_CHECKING:
@@ -635,7 +636,8 @@ def bind_prctl() -> Callable[[_PrctlArgs], int]:
 
 _prctl: Callable[[_PrctlArgs], int] | None = None
 _waitid: Callable[[tuple[int, ...]], int] | None = None
-_ANY_CHILD = (os.P_ALL, 0, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+# __WALL: also a child made by clone() with an exit signal other than SIGCHLD.
+_ANY_CHILD = (os.P_ALL, 0, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT | 0x40000000)
 
 
 def warm_lookups() -> None:
@@ -699,11 +701,11 @@ def _serve_usual(data: _socket.socket, prctl: Callable[[_PrctlArgs], int]) -> No
     else by ``run_one``."""
     global _serving
     _serving = data  # the server registered the hook (close_serving_in_forks)
-    packet, ancillary, msg_flags, _ = _recvmsg(data, _PACKET_MAX, _ANCILLARY_SPACE, _MSG_CMSG_CLOEXEC)
-    if ancillary or packet[:_PLAIN_LEN] != _PLAIN_CALL or context_error is not None:
-        run_one(data, received=(packet, ancillary, msg_flags))
-    prctl(_NAME_RUNNING)
-    try:
+    try:  # as in run_one: whatever is raised while we wait (a SIGINT) is the answer
+        packet, ancillary, msg_flags, _ = _recvmsg(data, _PACKET_MAX, _ANCILLARY_SPACE, _MSG_CMSG_CLOEXEC)
+        if ancillary or packet[:_PLAIN_LEN] != _PLAIN_CALL or context_error is not None:
+            run_one(data, received=(packet, ancillary, msg_flags))
+        prctl(_NAME_RUNNING)
         func, args, kwargs = _pickle_loads(memoryview(packet)[_PLAIN_LEN:])
         tag, body = _encode_value(func(*args, **kwargs))
     except BaseException as exc:
