@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -163,3 +164,25 @@ def test_an_isolated_call_leaves_no_part_of_a_setsid_chain(method: str) -> None:
     out = subprocess.run([sys.executable, "-c", WORKER_CHAIN, method], capture_output=True, text=True, timeout=90, env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]", "part of the chain was left behind"
+
+
+def test_own_children_is_not_confused_by_threads_that_end() -> None:
+    # A thread that ends between the listing of /proc/self/task and the read of its
+    # children file is no sign that the kernel lists none (seen when anyio.run returned on
+    # asyncio, its worker threads ending meanwhile): the answer stays a list.
+    stop = threading.Event()
+
+    def churn() -> None:
+        while not stop.is_set():
+            t = threading.Thread(target=int)
+            t.start()
+            t.join()
+
+    churner = threading.Thread(target=churn)
+    churner.start()
+    try:
+        answers = [_proctree.own_children() for _ in range(3000)]
+    finally:
+        stop.set()
+        churner.join()
+    assert None not in answers

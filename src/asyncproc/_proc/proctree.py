@@ -408,7 +408,16 @@ def _task_children(pid: str) -> list[int]:
     # call, and in a freshly forked process each object touched is a copy-on-write fault.
     pids: list[int] = []
     for tid in os.listdir(f"/proc/{pid}/task"):
-        fd = os.open(f"/proc/{pid}/task/{tid}/children", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            fd = os.open(f"/proc/{pid}/task/{tid}/children", os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            # A thread that ended since the listing (asyncio.run's executor shutdown
+            # thread, say: its task directory is gone too) has no children to list. The
+            # file missing from a live thread says the kernel lists none (no
+            # CONFIG_PROC_CHILDREN).
+            if os.path.exists(f"/proc/{pid}/task/{tid}"):
+                raise
+            continue
         text = b""
         try:
             while chunk := os.read(fd, 65536):
