@@ -151,7 +151,7 @@ class Isolated:
                 # call that never ran, and one that dies at every start must not loop.
                 if attempt == _ATTEMPTS:
                     raise AsyncprocError(f"{lost} ({_ATTEMPTS} times in a row)") from None
-                log.warning("asyncproc: the fork server died before starting a call; retrying on a new one")
+                log.warning("asyncproc: a call never started (its worker or the fork server died first); retrying it")
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _call_once(self, func: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any]) -> T:

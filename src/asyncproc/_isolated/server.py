@@ -411,7 +411,7 @@ class Server:
         job.exitcode = info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
         # Killed (by us, at shutdown, or by the OOM killer) before it read its call: the call
         # never ran and is safe to retry. One that exited by itself failed to start: a crash.
-        job.unstarted = job.exitcode == -_signal.SIGKILL and _call_unread(job.data)
+        job.unstarted = job.exitcode == -_signal.SIGKILL and (_call_unread(job.data) or _still_idle(job.pid))
         os.waitpid(job.pid, 0)
         job.deadline = time.monotonic() + _KILL_BOUND_S
         self.draining.append(job)
@@ -644,6 +644,19 @@ def _call_unread(data: _socket.socket) -> bool:
     try:
         data.shutdown(_socket.SHUT_RD)
         return bool(data.recv(1, _socket.MSG_PEEK | _socket.MSG_DONTWAIT))
+    except OSError:
+        return False
+
+
+def _still_idle(pid: int) -> bool:
+    """After the worker died, before it is reaped (we look with WNOWAIT): whether it still
+    had its idle name. A worker takes the running name as soon as its call is in, before
+    any of it runs, so a worker that died idle never ran its call, even one it took: a
+    SIGKILL that reaches a worker blocked in recvmsg as the call arrives lets the kernel
+    hand it the call, and the worker never returns to user space."""
+    try:
+        with open(f"/proc/{pid}/comm", "rb") as f:
+            return f.read().rstrip(b"\n") == _worker.IDLE_NAME
     except OSError:
         return False
 

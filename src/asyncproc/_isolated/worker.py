@@ -36,8 +36,9 @@ if TYPE_CHECKING:  # the fork server imports this module: no runtime typing, no 
 else:
     Job = tuple  # at run time too: __all__ names only what imports
 
-__all__ = ["CallSpec", "ForkedStart", "Job", "bind_prctl", "forked_start", "warm_lookups", "dumps", "encode_call", "prepare_process", "reset_inherited_signals",
-           "run_one", "spawn_main", "forked_from_server", "hello", "close_serving_in_forks"]
+__all__ = ["CallSpec", "ForkedStart", "IDLE_NAME", "Job", "bind_prctl", "close_serving_in_forks", "dumps", "encode_call",
+           "forked_from_server", "forked_start", "hello", "prepare_process", "reset_inherited_signals", "run_one", "spawn_main",
+           "warm_lookups"]
 
 _SPEC_LEN = _struct.Struct("<I")
 
@@ -594,7 +595,8 @@ if TYPE_CHECKING:
     _PrctlArgs = tuple[int, int | bytes, int, int, int]
 _PDEATHSIG_KILL: _PrctlArgs = (_PR_SET_PDEATHSIG, _signal.SIGKILL, 0, 0, 0)
 _SUBREAPER: _PrctlArgs = (_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-_NAME_IDLE: _PrctlArgs = (_PR_SET_NAME, b"asyncproc-idle", 0, 0, 0)
+IDLE_NAME = b"asyncproc-idle"  # until the call is in (the server's _still_idle)
+_NAME_IDLE: _PrctlArgs = (_PR_SET_NAME, IDLE_NAME, 0, 0, 0)
 _NAME_RUNNING: _PrctlArgs = (_PR_SET_NAME, b"asyncproc-run", 0, 0, 0)
 
 
