@@ -112,10 +112,10 @@ class Worker:
         self.close()
 
     def close(self) -> None:
-        self.data.close()
+        self.close_sockets()
 
     def close_sockets(self) -> None:
-        """In a forked child of the caller: drop its copies of this call's sockets."""
+        """Close this call's sockets (also, in a forked child of the caller, its copies)."""
         self.data.close()
 
 
@@ -243,9 +243,6 @@ class ServerWorker(Worker):
         # closes it once the server has reported the exit (or at the latest later on).
         self.data.close()
         link.finished(self.ctl)
-
-    def close(self) -> None:
-        self.close_sockets()
 
     def close_sockets(self) -> None:
         self.data.close()

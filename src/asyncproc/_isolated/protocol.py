@@ -125,7 +125,7 @@ def read_until(sock: _socket.socket, stop: bytes | None) -> bool:
         try:
             # The tag alone: a SEQPACKET read drops the rest of the message, so no buffer
             # for a whole message is made and unmade per read (two to four per call).
-            tag, ancillary, _, _ = sock.recvmsg(1, _socket.CMSG_SPACE(_MAX_FDS * 4), _socket.MSG_CMSG_CLOEXEC)
+            tag, ancillary, _, _ = sock.recvmsg(1, ANCILLARY_SPACE, _socket.MSG_CMSG_CLOEXEC)
         except BlockingIOError:
             return False
         except OSError:

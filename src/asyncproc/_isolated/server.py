@@ -82,7 +82,7 @@ SPARE_CGROUPS_MAX = 16
 
 
 class _Job:
-    __slots__ = ("pid", "ctl", "data", "fault_fd", "cgroup", "exitcode", "unstarted", "deadline", "spare", "caller_done", "reported",
+    __slots__ = ("pid", "ctl", "data", "fault_fd", "cgroup", "exitcode", "unstarted", "deadline", "spare", "caller_done",
                  "start")
 
     def __init__(self, pid: int, ctl: _socket.socket, data: _socket.socket, fault_fd: int, cgroup: str | None):
@@ -95,7 +95,6 @@ class _Job:
         self.unstarted = False  # the worker died with the call unread: safe to retry
         self.spare: str | None = None  # its cgroup, found empty: another worker's once the caller lets go
         self.caller_done = False  # end-of-stream on ctl: the caller holds the cgroup's name no more
-        self.reported = False
         self.start: _worker.ForkedStart | None = None  # what a forked worker needs at start-up
         self.deadline = 0.0  # while draining: report by then, whatever is left
 
@@ -127,7 +126,7 @@ class Server:
             _signal.signal(sig, _note_signal)
         self._watch(channel.fileno(), self._on_request)
         self._watch(wake_r, self._on_signal)
-        _worker._prctl = _worker.bind_prctl()  # for every worker's start-up
+        _worker.bind_libc()  # for every worker's start-up
         _worker.close_serving_in_forks()  # here, once, not in every worker
 
     @property
@@ -494,7 +493,6 @@ class Server:
             pass
         job.data.close()
         self.by_ctl.pop(job.ctl.fileno(), None)
-        job.reported = True
         self._unwatch(job.ctl.fileno())
         if job.spare is None or job.caller_done:
             job.ctl.close()

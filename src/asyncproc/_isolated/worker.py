@@ -36,7 +36,7 @@ if TYPE_CHECKING:  # the fork server imports this module: no runtime typing, no 
 else:
     Job = tuple  # at run time too: __all__ names only what imports
 
-__all__ = ["CallSpec", "ForkedStart", "IDLE_NAME", "Job", "bind_prctl", "close_serving_in_forks", "dumps", "encode_call",
+__all__ = ["CallSpec", "ForkedStart", "IDLE_NAME", "Job", "bind_libc", "close_serving_in_forks", "dumps", "encode_call",
            "forked_from_server", "forked_start", "hello", "prepare_process", "reset_inherited_signals", "run_one", "spawn_main",
            "warm_lookups"]
 
@@ -302,7 +302,7 @@ def _apply(spec: CallSpec) -> None:
 def _limit_memory(spec: CallSpec) -> None:
     """Applied last, right before the call: the imports and arguments it needed to arrive
     are not the call's own allocations."""
-    if spec.memory_limit is not None:  # (checked by the caller too: the usual call skips the call)
+    if spec.memory_limit is not None:
         # RLIMIT_DATA counts heap and private writable mappings (kernel >= 4.7) but not
         # PROT_NONE reservations such as glibc's per-thread arenas, which make RLIMIT_AS
         # fail threaded programs long before they really use the memory. The limit is
@@ -414,7 +414,7 @@ def _exit_code(exc: SystemExit) -> int:
 
 def _has_children() -> bool:
     """Whether we have a child, alive or not (the usual answer: no)."""
-    if _waitid is not None:  # bound by the fork server (see bind_prctl)
+    if _waitid is not None:  # bound by the fork server (bind_libc)
         # waitid(P_ALL, 0, NULL, WEXITED | WNOHANG | WNOWAIT | __WALL): 0 while we have a child
         # (exited or not, of any of our threads), -1 (ECHILD) once we have none. No path
         # to walk, no exception built.
@@ -501,14 +501,10 @@ def run_one(data: _socket.socket, job: Job | None = None, spec: CallSpec = _NO_O
     ``data`` (``received``: already read, as ``recvmsg`` returned it)."""
     global _serving
     _serving = data
-    if not _hooked:
-        close_serving_in_forks()
+    close_serving_in_forks()
     try:
         if job is None:
-            if received is None:
-                packet, ancillary, msg_flags, _ = _recvmsg(data, _PACKET_MAX, _ANCILLARY_SPACE, _MSG_CMSG_CLOEXEC)
-                received = packet, ancillary, msg_flags
-            msg = _parse(*received)
+            msg = _protocol.recv(data) if received is None else _parse(*received)
             if msg is None or msg.tag != _protocol.CALL:
                 os._exit(0)  # the caller gave up before sending the call
             _set_comm_running()
@@ -625,15 +621,15 @@ def forked_start(ctl: _socket.socket, data: _socket.socket, server_pid: int, cgr
     return ctl, data, server_pid, procs, leaf, fault_fd, fault_target, tuple(gaps), nofile
 
 
-def bind_prctl() -> Callable[[_PrctlArgs], int]:
-    """``prctl(*args)`` for workers, bound in the server before it forks them (with
-    ``waitid``, if the C library has it, for ``_has_children``)."""
-    global _waitid
+def bind_libc() -> None:
+    """In the server, before it forks workers: bind ``prctl`` for their start-up and
+    ``waitid`` (if the C library has it) for ``_has_children``."""
+    global _prctl, _waitid
     _waitid = _proctree.libc_function("waitid")
     call = _proctree.prctl_function()
     if call is None:  # pragma: no cover - another implementation: ctypes' usual path
-        return lambda args: int(_proctree.libc().prctl(*args))
-    return call
+        call = lambda args: int(_proctree.libc().prctl(*args))  # noqa: E731
+    _prctl = call
 
 
 _prctl: Callable[[_PrctlArgs], int] | None = None
